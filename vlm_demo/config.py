@@ -1,0 +1,143 @@
+"""Model configuration as dataclasses, plus the named presets.
+
+A checkpoint folder stores ``ModelConfig.to_dict()`` in its ``config.json``, so
+one folder is all that is needed to rebuild a model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    image_size: int = 112  # input side in pixels; images are resized (not cropped) to a square
+    patch_size: int = 8  # side of one patch; 112 / 8 gives a 14x14 grid, the grid of ViT-B/16 at 224 px
+    width: int = 128  # token dimension C of the ViT
+    depth: int = 6  # number of transformer blocks
+    heads: int = 4  # attention heads; width must divide by heads
+    mlp_ratio: float = 4.0  # MLP hidden size = mlp_ratio * width
+
+    @property
+    def grid(self) -> int:
+        """Patches per side."""
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        """Patch tokens, without the CLS token."""
+        return self.grid**2
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    vocab_size: int = 512  # rows of the token embedding; set from the tokenizer's vocabulary when training
+    context_length: int = 32  # tokens per caption including the leading <cls>; longer captions are truncated
+    width: int = 128  # token dimension of the text transformer
+    depth: int = 3  # number of transformer blocks
+    heads: int = 4  # attention heads
+    mlp_ratio: float = 4.0  # MLP hidden size = mlp_ratio * width
+
+
+@dataclass(frozen=True)
+class PruningConfig:
+    stages: tuple[int, ...] = (1, 3)  # block indices that a pruning stage runs *before*; after block 0, the
+    # tokens have context, and pruning early is where the cost goes down (most MACs sit in the blocks)
+    predictor_hidden: int = 64  # hidden size of the learned (DynamicViT-style) keep-score MLP, one per stage
+    gumbel_tau: float = 1.0  # temperature of the Gumbel noise and of the straight-through soft mask in training
+    fuse_dropped: bool = False  # cls_attention only: fuse the dropped tokens into one extra token (EViT option)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)  # the image encoder
+    text: TextConfig = field(default_factory=TextConfig)  # the text encoder
+    pruning: PruningConfig = field(default_factory=PruningConfig)  # where and how tokens are pruned
+    embed_dim: int = 128  # size of the shared, L2-normalised embedding space
+    init_logit_scale: float = 2.6592  # log(1 / 0.07), as in CLIP
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict; `from_dict` inverts it."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        """Rebuild a config from `to_dict` output; unknown keys raise."""
+        d = dict(d)
+        pruning = dict(d.pop("pruning", {}))
+        if "stages" in pruning:
+            pruning["stages"] = tuple(pruning["stages"])
+        return cls(
+            vision=VisionConfig(**d.pop("vision", {})),
+            text=TextConfig(**d.pop("text", {})),
+            pruning=PruningConfig(**pruning),
+            **d,
+        )
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = 128  # contrastive batch; more negatives help retrieval
+    baseline_epochs: int = 10  # epochs of contrastive training from scratch
+    pruned_epochs: int = 3  # epochs of fine-tuning with learned pruning, initialised from the baseline
+    lr: float = 1e-3  # peak AdamW learning rate for the baseline
+    pruned_lr: float = 3e-4  # peak learning rate for the pruned fine-tune
+    weight_decay: float = 0.05  # AdamW weight decay (not on norms, biases, embeddings)
+    warmup_steps: int = 200  # linear warm-up before cosine decay
+    distill_weight: float = 1.0  # weight of the cosine distillation to the frozen baseline's embeddings
+    keep_ratio_range: tuple[float, float] = (0.1, 1.0)  # keep ratios sampled per batch in the pruned fine-tune
+    num_images: int = 8000  # images in the generated synthetic dataset
+    eval_images: int = 1000  # test images scored by the evaluation (the Flickr8k protocol uses 1,000)
+    num_workers: int = 0  # DataLoader workers; 0 keeps CPU runs deterministic and light
+
+
+@dataclass(frozen=True)
+class Preset:
+    model: ModelConfig  # architecture
+    train: TrainConfig  # schedule and data size
+
+
+PRESETS: dict[str, Preset] = {
+    # The shipped model: trains in about half an hour on 2 CPU cores.
+    "default": Preset(model=ModelConfig(), train=TrainConfig()),
+    # For tests: trains end to end in seconds.
+    "tiny": Preset(
+        model=ModelConfig(
+            vision=VisionConfig(image_size=32, patch_size=8, width=32, depth=4, heads=2),
+            text=TextConfig(context_length=16, width=32, depth=1, heads=2),
+            pruning=PruningConfig(stages=(1, 2), predictor_hidden=16),
+            embed_dim=32,
+        ),
+        train=TrainConfig(
+            batch_size=16,
+            baseline_epochs=2,
+            pruned_epochs=1,
+            warmup_steps=2,
+            num_images=64,
+            eval_images=16,
+        ),
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    """Return a named preset.
+
+    Args:
+        name: one of `PRESETS`.
+
+    Returns:
+        The preset.
+
+    Raises:
+        ValueError: for an unknown name.
+    """
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(PRESETS)}.") from None

@@ -1,0 +1,399 @@
+"""Visual token pruning: one registry of pure functions, plus the trace they leave.
+
+Shape legend: B batch, n patch tokens entering a stage, k patch tokens leaving
+it, P patches of the full grid, C token width, d head width. Token tensors are
+``(B, 1 + n, C)`` with the CLS token first; the CLS token is never pruned.
+
+**Keep ratio** (defined here, once): the fraction ``r`` in (0, 1] of the P
+patch tokens that are still tokens after the *last* pruning stage. With S
+stages the schedule is geometric, so stage ``s`` (1-based) leaves
+``round(P * r ** (s / S))`` patch tokens (at least 1). Every sample of a batch
+keeps the same count. ``r = 1`` is the identity for every method. See
+`keep_counts`.
+
+Each method maps the tokens of one stage and a keep count ``k`` to a
+`Reduction`. Dropping methods keep the top-k patches by a per-patch score;
+``tome`` merges instead of dropping (bipartite soft matching).
+
+| name | score | anchor |
+| --- | --- | --- |
+| none | - (identity) | baseline |
+| learned | trained MLP predictor (`KeepPredictor`) | DynamicViT, NeurIPS 2021 |
+| cls_attention | CLS attention, mean over heads; optional fusion of the rest | EViT, ICLR 2022 |
+| text_guided | cosine of each patch (through the image head) with the caption embedding | FastV / SparseVLM idea |
+| tome | merges most similar pairs (keys), size-weighted, proportional attention | ToMe, ICLR 2023 |
+| random | seeded uniform scores: the control | - |
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+METHODS = ("none", "learned", "cls_attention", "text_guided", "tome", "random")
+
+
+@dataclass(frozen=True)
+class PruneSpec:
+    """What to prune in one forward pass.
+
+    Args:
+        method: a name from `METHODS`.
+        keep_ratio: see the module docstring; in (0, 1].
+        text: (B, E) or (1, E) caption embeddings, needed by ``text_guided``.
+        seed: seed of ``random``; the same seed keeps the same patches.
+        fuse: ``cls_attention`` only: fuse the dropped tokens into one extra token (EViT).
+    """
+
+    method: str = "none"
+    keep_ratio: float = 1.0
+    text: torch.Tensor | None = None
+    seed: int = 0
+    fuse: bool = False
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"Unknown pruning method {self.method!r}; choose one of {', '.join(METHODS)}.")
+        if not (isinstance(self.keep_ratio, (int, float)) and 0.0 < self.keep_ratio <= 1.0):
+            raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio!r}.")
+        if self.method == "text_guided" and self.text is None:
+            raise ValueError("text_guided pruning needs a caption embedding (PruneSpec.text).")
+
+    @property
+    def active(self) -> bool:
+        """False when the pass is the unpruned model."""
+        return self.method != "none" and self.keep_ratio < 1.0
+
+
+def keep_counts(num_patches: int, keep_ratio: float, num_stages: int) -> list[int]:
+    """Patch tokens left after each stage: ``round(P * r ** (s / S))``, at least 1.
+
+    Args:
+        num_patches: P, the patches of the full grid.
+        keep_ratio: r in (0, 1].
+        num_stages: S.
+
+    Returns:
+        S non-increasing counts; the last is ``round(P * r)``.
+    """
+    if not 0.0 < keep_ratio <= 1.0:
+        raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio!r}.")
+    return [max(1, round(num_patches * keep_ratio ** (s / num_stages))) for s in range(1, num_stages + 1)]
+
+
+@dataclass
+class Signals:
+    """What a stage may score with; each method reads only its own field.
+
+    Attributes:
+        cls_attn: (B, n) previous block's CLS attention to each patch, mean over heads.
+        keys: (B, n, d) previous block's keys of the patch tokens, mean over heads (ToMe metric).
+        learned: (B, n) keep logits of the learned predictor.
+        text: (B, n) cosine of each patch with the caption embedding.
+        size: (B, 1 + n) tokens' sizes (patches merged into each), for ToMe.
+        generator: the seeded generator of ``random``.
+        fuse: fuse the dropped tokens into one (``cls_attention``).
+    """
+
+    cls_attn: torch.Tensor | None = None
+    keys: torch.Tensor | None = None
+    learned: torch.Tensor | None = None
+    text: torch.Tensor | None = None
+    size: torch.Tensor | None = None
+    generator: torch.Generator | None = None
+    fuse: bool = False
+
+
+@dataclass
+class Reduction:
+    """The result of one stage.
+
+    Attributes:
+        x: (B, 1 + k', C) new tokens, CLS first (k' = k, or k + 1 with a fused token).
+        source: (B, n) new patch-token index (0..k'-1) each old patch token went to, -1 if dropped.
+        rep: (B, k') old patch-token index that represents each new token, -1 for a fused token.
+        size: (B, 1 + k') new tokens' sizes (ToMe), else None.
+        scores: (B, n) importance of the old patch tokens (higher keeps), else None.
+    """
+
+    x: torch.Tensor
+    source: torch.Tensor
+    rep: torch.Tensor
+    size: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
+
+
+@dataclass
+class Stage:
+    """One pruning stage, in original patch positions (0..P-1, row-major).
+
+    Attributes:
+        block: index of the block the stage runs before.
+        kept: (B, k') original positions of the surviving patch tokens; -1 marks a fused token.
+        groups: (B, P) token (0..k'-1) each original patch now belongs to, -1 if dropped.
+        scores: (B, P) importance at this stage; NaN where the patch was already gone; None if the method has none.
+    """
+
+    block: int
+    kept: torch.Tensor
+    groups: torch.Tensor
+    scores: torch.Tensor | None = None
+
+
+@dataclass
+class Trace:
+    """What pruning did in one forward pass; overlays and tests read only this."""
+
+    method: str
+    keep_ratio: float
+    grid: int
+    stage_blocks: tuple[int, ...] = ()  # the blocks the model's stages run before, pruning or not
+    stages: list[Stage] = field(default_factory=list)  # the stages that pruned (none at keep ratio 1)
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid * self.grid
+
+    def tokens_per_stage(self) -> list[int]:
+        """Patch tokens (CLS excluded, a fused token included) seen by each group of blocks."""
+        pruned = [int(s.kept.shape[1]) for s in self.stages]
+        return [self.num_patches] + (pruned or [self.num_patches] * len(self.stage_blocks))
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _prefix(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return x[:, :1], x[:, 1:]
+
+
+def _identity(x: torch.Tensor) -> Reduction:
+    B, N, _ = x.shape
+    idx = torch.arange(N - 1, device=x.device).expand(B, -1)
+    return Reduction(x=x, source=idx, rep=idx)
+
+
+def topk_keep(x: torch.Tensor, scores: torch.Tensor, k: int, fuse_weights: torch.Tensor | None = None) -> Reduction:
+    """Keep the k patch tokens with the highest scores, in their original order.
+
+    Args:
+        x: (B, 1 + n, C) tokens.
+        scores: (B, n) patch scores.
+        k: patch tokens to keep; ``k >= n`` returns the tokens unchanged.
+        fuse_weights: (B, n) non-negative weights; if given, the dropped tokens are
+            fused into one extra token, their weighted mean (EViT).
+
+    Returns:
+        The `Reduction`.
+    """
+    B, N, C = x.shape
+    n = N - 1
+    if k >= n:
+        return Reduction(x=x, source=_identity(x).source, rep=_identity(x).rep, scores=scores)
+    cls, patches = _prefix(x)
+    keep = scores.topk(k, dim=1).indices.sort(dim=1).values  # (B, k)
+    kept = patches.gather(1, keep.unsqueeze(-1).expand(-1, -1, C))  # (B, k, C)
+    source = torch.full((B, n), -1, dtype=torch.long, device=x.device)
+    source.scatter_(1, keep, torch.arange(k, device=x.device).expand(B, -1))
+    rep = keep
+    parts = [cls, kept]
+    if fuse_weights is not None:
+        dropped = source < 0  # (B, n)
+        w = fuse_weights * dropped  # (B, n)
+        fused = (w.unsqueeze(-1) * patches).sum(1, keepdim=True) / w.sum(1).clamp_min(1e-12)[:, None, None]
+        parts.append(fused)  # (B, 1, C)
+        source = torch.where(dropped, torch.full_like(source, k), source)
+        rep = torch.cat([keep, torch.full((B, 1), -1, dtype=torch.long, device=x.device)], dim=1)
+    return Reduction(x=torch.cat(parts, dim=1), source=source, rep=rep, scores=scores)
+
+
+def _need(value: torch.Tensor | None, method: str, what: str) -> torch.Tensor:
+    if value is None:
+        raise ValueError(f"{method} pruning needs {what}.")
+    return value
+
+
+# ----------------------------------------------------------------------------- methods
+
+
+def none(x: torch.Tensor, k: int, sig: Signals) -> Reduction:
+    """The identity: every token stays."""
+    return _identity(x)
+
+
+def learned(x: torch.Tensor, k: int, sig: Signals) -> Reduction:
+    """DynamicViT at inference: top-k of the trained predictor's logits."""
+    return topk_keep(x, _need(sig.learned, "learned", "predictor logits"), k)
+
+
+def cls_attention(x: torch.Tensor, k: int, sig: Signals) -> Reduction:
+    """EViT: top-k by CLS attention; with ``sig.fuse`` the rest become one token."""
+    attn = _need(sig.cls_attn, "cls_attention", "the CLS attention of the previous block")
+    return topk_keep(x, attn, k, fuse_weights=attn if sig.fuse else None)
+
+
+def text_guided(x: torch.Tensor, k: int, sig: Signals) -> Reduction:
+    """Query-aware: top-k by similarity to the caption, so the caption moves the kept patches."""
+    return topk_keep(x, _need(sig.text, "text_guided", "a caption embedding"), k)
+
+
+def random(x: torch.Tensor, k: int, sig: Signals) -> Reduction:
+    """The control: seeded uniform scores."""
+    B, N, _ = x.shape
+    scores = torch.rand(B, N - 1, generator=sig.generator, device=x.device)
+    return topk_keep(x, scores, k)
+
+
+def bipartite_merge(
+    x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, r: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One round of ToMe's bipartite soft matching over the patch tokens.
+
+    Patches alternate into sets A (even) and B (odd); each A token links to its most
+    similar B token, and the r strongest links merge (size-weighted mean of both
+    tokens and metrics). The CLS token is not matched.
+
+    Args:
+        x: (B, 1 + n, C) tokens.
+        metric: (B, n, d) similarity features of the patch tokens.
+        size: (B, 1 + n) sizes.
+        r: merges, at most ceil(n / 2).
+
+    Returns:
+        (x, metric, size, source, rep) after the round; the new patch tokens are the
+        unmerged A tokens in their order, then the B tokens.
+    """
+    B, N, C = x.shape
+    n = N - 1
+    cls, patches = _prefix(x)
+    m = F.normalize(metric, dim=-1)
+    a_pos = torch.arange(0, n, 2, device=x.device)
+    b_pos = torch.arange(1, n, 2, device=x.device)
+    sim = m[:, a_pos] @ m[:, b_pos].transpose(1, 2)  # (B, na, nb)
+    node_max, node_idx = sim.max(dim=-1)  # (B, na)
+    order = node_max.argsort(dim=-1, descending=True)
+    src = order[:, :r]  # A indices that merge
+    unm = order[:, r:].sort(dim=1).values  # A indices that stay, in their order
+    dst = node_idx.gather(1, src)  # B index each merging A token joins
+    nu, nb = unm.shape[1], b_pos.numel()
+
+    def merge(t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        # Size-weighted mean of each B token and the A tokens that join it.
+        D = t.shape[-1]
+        ta, tb = t[:, a_pos] * w[:, a_pos, None], t[:, b_pos] * w[:, b_pos, None]
+        tb = tb.scatter_add(1, dst.unsqueeze(-1).expand(-1, -1, D), ta.gather(1, src.unsqueeze(-1).expand(-1, -1, D)))
+        wb = w[:, b_pos].scatter_add(1, dst, w[:, a_pos].gather(1, src))
+        keep_a = ta.gather(1, unm.unsqueeze(-1).expand(-1, -1, D)) / w[:, a_pos].gather(1, unm)[..., None]
+        return torch.cat([keep_a, tb / wb[..., None]], dim=1)
+
+    w = size[:, 1:]  # (B, n)
+    new_patches = merge(patches, w)
+    new_metric = merge(metric, w)
+    new_w = torch.cat([w[:, a_pos].gather(1, unm), w[:, b_pos].scatter_add(1, dst, w[:, a_pos].gather(1, src))], 1)
+    source = torch.empty((B, n), dtype=torch.long, device=x.device)
+    source[:, b_pos] = nu + torch.arange(nb, device=x.device)
+    a_source = torch.empty((B, a_pos.numel()), dtype=torch.long, device=x.device)
+    a_source.scatter_(1, unm, torch.arange(nu, device=x.device).expand(B, -1))
+    a_source.scatter_(1, src, nu + dst)
+    source[:, a_pos] = a_source
+    rep = torch.cat([a_pos[unm], b_pos.expand(B, -1)], dim=1)
+    return torch.cat([cls, new_patches], 1), new_metric, torch.cat([size[:, :1], new_w], 1), source, rep
+
+
+def tome(x: torch.Tensor, k: int, sig: Signals) -> Reduction:
+    """ToMe: merge patch tokens down to k with bipartite soft matching (several rounds if k < n / 2)."""
+    B, N, _ = x.shape
+    n = N - 1
+    size = sig.size if sig.size is not None else torch.ones(B, N, dtype=x.dtype, device=x.device)
+    if k >= n:
+        return Reduction(x=x, source=_identity(x).source, rep=_identity(x).rep, size=size)
+    metric = _need(sig.keys, "tome", "the keys of the previous block")
+    source = torch.arange(n, device=x.device).expand(B, -1)
+    rep = source
+    while x.shape[1] - 1 > k:
+        cur = x.shape[1] - 1
+        r = min(cur - k, (cur + 1) // 2)
+        x, metric, size, step_source, step_rep = bipartite_merge(x, metric, size, r)
+        source = step_source.gather(1, source)
+        rep = rep.gather(1, step_rep)
+    return Reduction(x=x, source=source, rep=rep, size=size)
+
+
+Method = Callable[[torch.Tensor, int, Signals], Reduction]
+
+REGISTRY: dict[str, Method] = {
+    "none": none,
+    "learned": learned,
+    "cls_attention": cls_attention,
+    "text_guided": text_guided,
+    "tome": tome,
+    "random": random,
+}
+assert tuple(REGISTRY) == METHODS
+
+
+# ----------------------------------------------------------------------------- the learned scorer
+
+
+class KeepPredictor(nn.Module):
+    """DynamicViT's score predictor: an MLP on each token's local and global features.
+
+    Args:
+        width: token width C.
+        hidden: hidden width.
+    """
+
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.local = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, hidden), nn.GELU())
+        self.head = nn.Sequential(nn.Linear(2 * hidden, hidden), nn.GELU(), nn.Linear(hidden, 1))
+
+    def forward(self, patches: torch.Tensor, policy: torch.Tensor | None = None) -> torch.Tensor:
+        """Keep logits.
+
+        Args:
+            patches: (B, n, C) patch tokens.
+            policy: (B, n) soft keep mask of the tokens still alive (training), or None.
+
+        Returns:
+            (B, n) logits; higher keeps.
+        """
+        h = self.local(patches)  # (B, n, H)
+        if policy is None:
+            g = h.mean(1, keepdim=True)
+        else:
+            g = (h * policy[..., None]).sum(1, keepdim=True) / policy.sum(1).clamp_min(1e-6)[:, None, None]
+        return self.head(torch.cat([h, g.expand_as(h)], dim=-1)).squeeze(-1)
+
+
+def gumbel_topk_mask(
+    logits: torch.Tensor, k: int, tau: float, alive: torch.Tensor | None = None, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """A hard top-k keep mask whose gradient flows to `logits` (straight-through).
+
+    Gumbel noise explores during training; the forward value is exactly k ones per
+    row, so training sees the same token budget as inference, and the backward pass
+    uses the gradient of ``sigmoid(logits / tau)``.
+
+    Args:
+        logits: (B, n) keep logits.
+        k: tokens to keep per row.
+        tau: temperature.
+        alive: (B, n) bool, tokens still present; dead ones are never chosen.
+        generator: seeded generator for the noise.
+
+    Returns:
+        (B, n) float mask: values in {0, 1}, gradients of the soft mask.
+    """
+    u = torch.rand(logits.shape, generator=generator, device=logits.device).clamp(1e-6, 1 - 1e-6)
+    noisy = logits.detach() - torch.log(-torch.log(u)) * tau
+    if alive is not None:
+        noisy = noisy.masked_fill(~alive, -math.inf)
+    hard = torch.zeros_like(logits).scatter_(1, noisy.topk(k, dim=1).indices, 1.0)
+    soft = torch.sigmoid(logits / tau)
+    return hard + soft - soft.detach()
