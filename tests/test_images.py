@@ -429,3 +429,20 @@ def test_result_is_independent_of_the_file(tmp_path):
     result = load_image(path)
     path.unlink()
     assert_colour(result.resize((4, 4)).getpixel((1, 1)), BLUE)
+
+
+def test_big_jpeg_is_decoded_at_reduced_scale(monkeypatch):
+    from PIL import JpegImagePlugin
+
+    decoded_sizes = []
+    original_draft = JpegImagePlugin.JpegImageFile.draft
+
+    def spy(self, mode, size):
+        result = original_draft(self, mode, size)
+        decoded_sizes.append(self.size)
+        return result
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    result = load_image(encode(Image.new("RGB", (4096, 3072), GREEN), "JPEG"))
+    assert decoded_sizes == [(1024, 768)]  # libjpeg decoded at 1/4 scale, not 4096x3072
+    assert result.size == (1024, 768)

@@ -315,10 +315,11 @@ def _captions(rng: np.random.Generator, objects: list[dict[str, Any]]) -> list[s
     """`CAPTIONS_PER_IMAGE` distinct captions, each within `MAX_CAPTION_WORDS` words."""
     templates = [int(t) for t in rng.permutation(_NUM_TEMPLATES)]
     captions: list[str] = []
-    for _ in range(200):
+    for attempt in range(200):
         if len(captions) == CAPTIONS_PER_IMAGE:
             break
-        template = templates[len(captions) % _NUM_TEMPLATES] if _ < 50 else int(rng.integers(_NUM_TEMPLATES))
+        # Distinct templates first; later attempts (a too long caption) draw any template.
+        template = templates[len(captions)] if attempt < 50 else int(rng.integers(_NUM_TEMPLATES))
         text = _caption(rng, objects, template)
         if _words(text) <= MAX_CAPTION_WORDS and text not in captions:
             captions.append(text)

@@ -6,10 +6,12 @@ full grid, C width, h heads, d head width, L caption length, E embedding size.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -304,6 +306,12 @@ class DualEncoder(nn.Module, PyTorchModelHubMixin):
         """The JSON config that rebuilds this model (written to config.json)."""
         return self.cfg.to_dict()
 
+    def forward(
+        self, pixels: torch.Tensor, ids: torch.Tensor | None = None, prune: PruneSpec | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The training entry point (what DDP wraps): normalised image and, if `ids`, text embeddings."""
+        return self.encode_image(pixels, prune), None if ids is None else self.encode_text(ids)
+
     def encode_image(
         self, pixels: torch.Tensor, prune: PruneSpec | None = None, normalize: bool = True
     ) -> torch.Tensor:
@@ -332,31 +340,19 @@ def _init_weights(m: nn.Module) -> None:
         nn.init.normal_(m.weight, std=0.02)
 
 
-def save_checkpoint(model: DualEncoder, tokenizer: Tokenizer, folder: str | os.PathLike, **extra: Any) -> Path:
-    """Write config.json, model.safetensors and vocab.json atomically.
+@contextlib.contextmanager
+def atomic_folder(folder: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling folder that replaces `folder` only if the block succeeds.
 
-    The files go to a temporary sibling folder first, which then replaces `folder`,
-    so an interrupted save never leaves a half-written checkpoint.
-
-    Args:
-        model: the model.
-        tokenizer: its tokenizer (the vocabulary must match ``config.text.vocab_size``).
-        folder: destination.
-        **extra: JSON-serialisable facts stored in ``training.json`` (e.g. epochs, metrics).
-
-    Returns:
-        The folder.
+    An interrupted writer (even SIGKILL) leaves either the old folder or the new one,
+    never a half-written mix; a stale temporary folder starts with a dot.
     """
     folder = Path(folder)
-    if len(tokenizer) > model.cfg.text.vocab_size:
-        raise ValueError(f"Tokenizer has {len(tokenizer)} words but the model only {model.cfg.text.vocab_size}.")
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint is meant to be shared
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save(tmp)
-        if extra:
-            (tmp / "training.json").write_text(json.dumps(extra, indent=2))
+        yield tmp
         old = folder.with_name(f".{folder.name}.old")
         if old.exists():
             shutil.rmtree(old)
@@ -366,7 +362,28 @@ def save_checkpoint(model: DualEncoder, tokenizer: Tokenizer, folder: str | os.P
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+
+
+def save_checkpoint(model: DualEncoder, tokenizer: Tokenizer, folder: str | os.PathLike, **extra: Any) -> Path:
+    """Write config.json, model.safetensors and vocab.json atomically (see `atomic_folder`).
+
+    Args:
+        model: the model.
+        tokenizer: its tokenizer (the vocabulary must fit ``config.text.vocab_size``).
+        folder: destination.
+        **extra: JSON-serialisable facts stored in ``training.json`` (e.g. epochs, timings).
+
+    Returns:
+        The folder.
+    """
+    if len(tokenizer) > model.cfg.text.vocab_size:
+        raise ValueError(f"Tokenizer has {len(tokenizer)} words but the model only {model.cfg.text.vocab_size}.")
+    with atomic_folder(folder) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save(tmp)
+        if extra:
+            (tmp / "training.json").write_text(json.dumps(extra, indent=2))
+    return Path(folder)
 
 
 def load_checkpoint(folder: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[DualEncoder, Tokenizer]:

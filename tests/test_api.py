@@ -1,0 +1,112 @@
+"""The inference entry point `vlm_demo.api`, on tiny checkpoints saved the real way."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vlm_demo import api
+from vlm_demo.pruning import keep_counts
+
+
+@pytest.fixture(scope="module")
+def session(tiny_checkpoints):
+    return api.load(tiny_checkpoints)
+
+
+@pytest.fixture()
+def image():
+    return Image.new("RGB", (64, 48), (200, 30, 30))
+
+
+def test_load_a_missing_folder_says_what_to_do(tmp_path):
+    with pytest.raises(ValueError, match="python -m training.train"):
+        api.load(tmp_path / "nope")
+    with pytest.raises(ValueError, match="no baseline"):
+        api.load(tmp_path)
+
+
+def test_learned_uses_the_pruned_checkpoint(session):
+    assert session.model_for("learned") is session.pruned
+    for m in ("none", "cls_attention", "tome", "random", "text_guided"):
+        assert session.model_for(m) is session.baseline
+
+
+def test_embeddings_are_normalised(session, image):
+    img = session.embed_images([image, image], method="tome", keep_ratio=0.5)
+    txt = session.embed_texts(["a red circle", "a blue square", "unseen words"])
+    assert img.shape == (2, 32) and txt.shape == (3, 32)
+    np.testing.assert_allclose(np.linalg.norm(img, axis=1), 1, rtol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(txt, axis=1), 1, rtol=1e-5)
+    with pytest.raises(ValueError, match="caption"):
+        session.embed_images([image], method="text_guided")
+
+
+def test_full_keep_embeds_like_the_baseline(session, image):
+    base = session.embed_images([image])
+    for m in ("cls_attention", "tome", "random"):
+        np.testing.assert_array_equal(session.embed_images([image], method=m, keep_ratio=1.0), base)
+
+
+@pytest.mark.parametrize("method", ["learned", "cls_attention", "text_guided", "tome", "random"])
+def test_analyze_contract(session, image, method):
+    a = session.analyze(image, "a red circle", method=method, keep_ratio=0.3, latency_repeats=2)
+    d = a.to_dict()
+    assert d["method"] == method and d["keep_ratio"] == 0.3
+    for side in ("baseline", "pruned"):
+        assert {"score", "tokens", "gmacs", "latency_ms", "tokens_per_stage"} <= set(d[side])
+        assert -1 <= d[side]["score"] <= 1 and d[side]["latency_ms"] > 0
+    assert d["pruned"]["gmacs"] < d["baseline"]["gmacs"]
+    assert d["baseline"]["tokens_per_stage"] == [16, 16, 16]
+    assert d["pruned"]["tokens_per_stage"] == [16, *keep_counts(16, 0.3, 2)]
+    assert d["pruned"]["tokens"] == round(16 * 0.3)
+    assert d["score_delta"] == pytest.approx(d["pruned"]["score"] - d["baseline"]["score"], abs=1e-5)
+    for name, im in a.overlays.items():
+        assert im.size == image.size, name
+    assert ("groups" in a.overlays) == (method == "tome")
+    assert ("heatmap" in a.overlays) == (method != "tome")
+    assert len(d["baseline"]["top_captions"]) == 3
+
+
+@pytest.mark.parametrize("method", ["cls_attention", "tome", "random"])
+def test_training_free_methods_at_full_keep_score_like_the_baseline(session, image, method):
+    d = session.analyze(image, "a red circle", method=method, keep_ratio=1.0, latency_repeats=1).to_dict()
+    assert d["pruned"]["score"] == d["baseline"]["score"]
+    assert d["pruned"]["gmacs"] == d["baseline"]["gmacs"]
+
+
+@pytest.mark.parametrize(
+    "caption, message",
+    [("", "Enter a caption"), ("   \n", "Enter a caption"), ("x" * 10_001, "under 10,000"), ("🙂🙂", "no words")],
+)
+def test_bad_captions(session, image, caption, message):
+    with pytest.raises(ValueError, match=message):
+        session.analyze(image, caption, latency_repeats=1)
+
+
+def test_odd_but_valid_captions(session, image):
+    a = session.analyze(image, "<script>alert(1)</script> a red 🙂 circle " * 20, latency_repeats=1)
+    assert a.caption_truncated
+    assert np.isfinite(a.pruned.score)
+
+
+def test_bad_inputs(session, image):
+    with pytest.raises(ValueError):
+        session.analyze(b"not an image", "a red circle")
+    with pytest.raises(ValueError, match="Unknown method"):
+        session.analyze(image, "a red circle", method="magic")
+    with pytest.raises(ValueError, match="keep_ratio"):
+        session.analyze(image, "a red circle", keep_ratio=0)
+    with pytest.raises(ValueError, match="style"):
+        session.analyze(image, "a red circle", style="neon")
+
+
+def test_compare_every_method(session, image):
+    rows = session.compare(image, "a red circle", keep_ratio=0.5)
+    assert [r.method for r in rows] == ["learned", "cls_attention", "text_guided", "tome", "random"]
+    assert all(r.overlay.size == image.size and r.tokens_per_stage[-1] == 8 for r in rows)
+    assert "overlay" not in rows[0].to_dict()
+
+
+def test_batch32_latency_is_optional(session, image):
+    d = session.analyze(image, "a red circle", method="random", keep_ratio=0.5, latency_repeats=1, batch32=True)
+    assert set(d.to_dict()["latency_bs32_ms"]) == {"baseline", "pruned"}

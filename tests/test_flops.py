@@ -1,0 +1,65 @@
+"""Cost accounting: fvcore with every op handled, equal to the closed form, falling with the keep ratio."""
+
+import pytest
+import torch
+
+from vlm_demo import flops
+from vlm_demo.config import get_preset
+from vlm_demo.model import DualEncoder
+from vlm_demo.pruning import METHODS, PruneSpec
+
+RATIOS = (1.0, 0.7, 0.5, 0.3, 0.2, 0.1)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "default"])
+@pytest.mark.parametrize("method", METHODS)
+def test_fvcore_matches_closed_form_and_falls_with_keep_ratio(preset, method):
+    cfg = get_preset(preset).model
+    counted = [flops.gmacs(cfg, method, r) for r in RATIOS]
+    for r, g in zip(RATIOS, counted):
+        assert g == pytest.approx(flops.closed_form_gmacs(cfg, method, r), rel=0.02), (method, r)
+    if method == "none":
+        assert len(set(counted)) == 1
+    else:
+        assert all(a > b for a, b in zip(counted, counted[1:])), counted
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_operator_is_handled(method):
+    cfg = get_preset("default").model
+    model = DualEncoder(cfg)
+    text = torch.nn.functional.normalize(torch.ones(1, cfg.embed_dim), dim=-1)
+    spec = PruneSpec(method, 0.3, text=text if method == "text_guided" else None, fuse=method == "cls_attention")
+    fca = flops.analysis(model, spec)
+    assert dict(fca.unsupported_ops()) == {}
+    ops = fca.by_operator()
+    assert ops["scaled_dot_product_attention"] > 0  # fvcore alone would count 0 here
+
+
+def test_attention_is_counted_exactly():
+    cfg = get_preset("default").model
+    v = cfg.vision
+    fca = flops.analysis(DualEncoder(cfg), PruneSpec())
+    n = 1 + v.num_patches
+    assert fca.by_operator()["scaled_dot_product_attention"] == v.depth * 2 * n * n * v.width
+
+
+def test_batch_scales_linearly_and_fusion_adds_a_token():
+    cfg = get_preset("tiny").model
+    assert flops.gmacs(cfg, "tome", 0.5, batch=4) == pytest.approx(4 * flops.gmacs(cfg, "tome", 0.5))
+    fused = flops.gmacs(cfg, "cls_attention", 0.5, fuse=True)
+    assert fused > flops.gmacs(cfg, "cls_attention", 0.5)
+    assert fused == pytest.approx(flops.closed_form_gmacs(cfg, "cls_attention", 0.5, fuse=True), rel=0.02)
+
+
+def test_results_are_cached():
+    cfg = get_preset("tiny").model
+    flops.gmacs(cfg, "random", 0.45)
+    hits = flops._cached_gmacs.cache_info().hits
+    flops.gmacs(cfg, "random", 0.45)
+    assert flops._cached_gmacs.cache_info().hits == hits + 1
+
+
+def test_unknown_method():
+    with pytest.raises(ValueError, match="Unknown pruning method"):
+        flops.gmacs(get_preset("tiny").model, "magic", 0.5)

@@ -1,0 +1,111 @@
+"""The dual encoder: shapes, normalisation, checkpoints that round-trip bit for bit."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from vlm_demo.config import ModelConfig, get_preset
+from vlm_demo.model import DualEncoder, load_checkpoint, save_checkpoint
+from vlm_demo.pruning import PruneSpec
+from vlm_demo.tokenizer import Tokenizer
+
+
+def test_encoders_are_normalised_and_pool_any_token_count():
+    torch.manual_seed(0)
+    model = DualEncoder(get_preset("tiny").model).eval()
+    img = model.encode_image(torch.randn(3, 3, 32, 32))
+    txt = model.encode_text(torch.randint(3, 40, (5, 16)))
+    assert img.shape == (3, 32) and txt.shape == (5, 32)
+    assert torch.allclose(img.norm(dim=-1), torch.ones(3)) and torch.allclose(txt.norm(dim=-1), torch.ones(5))
+    assert model.logit_scale.item() == pytest.approx(2.6592)
+    for n in (1, 5, 17):
+        assert model.visual.forward_head(torch.randn(2, n, 32)).shape == (2, 32)
+
+
+def test_text_padding_does_not_change_the_embedding():
+    torch.manual_seed(0)
+    model = DualEncoder(get_preset("tiny").model).eval()
+    ids = torch.tensor([[2, 5, 6, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]])
+    with torch.inference_mode():
+        a = model.encode_text(ids)
+        b = model.text(ids[:, :3])
+    assert torch.allclose(a, torch.nn.functional.normalize(b, dim=-1), atol=1e-6)
+
+
+def test_config_round_trip():
+    cfg = get_preset("default").model
+    assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_stage_outside_the_blocks_is_rejected():
+    cfg = get_preset("tiny").model
+    bad = cfg.replace(pruning=cfg.pruning.__class__(stages=(0, 2)))
+    with pytest.raises(ValueError, match="between blocks"):
+        DualEncoder(bad)
+
+
+@pytest.mark.parametrize("method", ["none", "learned", "tome", "cls_attention"])
+def test_save_load_is_bitwise_identical(tmp_path, method):
+    torch.manual_seed(0)
+    model = DualEncoder(get_preset("tiny").model).eval()
+    tok = Tokenizer.build(["a red circle"], context_length=16)
+    save_checkpoint(model, tok, tmp_path / "ck", epochs=1)
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir() if p.suffix != ".md") == [
+        "config.json", "model.safetensors", "training.json", "vocab.json"
+    ]  # fmt: skip
+    assert not list(tmp_path.glob(".ck*"))  # no temporary folder left behind
+    loaded, tok2 = load_checkpoint(tmp_path / "ck")
+    pixels, ids = torch.randn(2, 3, 32, 32), tok.encode_batch(["a red circle", "a blue square"])
+    spec = PruneSpec(method, 0.4)
+    with torch.inference_mode():
+        assert torch.equal(model.encode_image(pixels, spec), loaded.encode_image(pixels, spec))
+        assert torch.equal(model.encode_text(ids), loaded.encode_text(tok2.encode_batch(["a red circle", "a blue square"])))
+
+
+def test_save_replaces_an_existing_checkpoint(tmp_path):
+    tok = Tokenizer.build(["a"], context_length=16)
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = DualEncoder(get_preset("tiny").model)
+        save_checkpoint(model, tok, tmp_path / "ck")
+    loaded, _ = load_checkpoint(tmp_path / "ck")
+    assert torch.equal(loaded.logit_scale, model.logit_scale)
+    assert torch.equal(loaded.visual.pos_embed, model.visual.pos_embed)
+
+
+def test_load_rejects_a_folder_that_is_not_a_checkpoint(tmp_path):
+    with pytest.raises(ValueError, match="not a checkpoint folder"):
+        load_checkpoint(tmp_path)
+
+
+def test_loading_a_local_folder_makes_no_network_call(tiny_checkpoints):
+    # With every socket refused, a Hub call would fail; a local load must not try one.
+    code = (
+        "import socket\n"
+        "def refuse(*a, **k): raise RuntimeError('network used')\n"
+        "socket.socket.connect = refuse\n"
+        "socket.create_connection = refuse\n"
+        "socket.getaddrinfo = refuse\n"
+        "from vlm_demo.api import load\n"
+        f"s = load({str(tiny_checkpoints)!r})\n"
+        "print(s.embed_texts(['a red circle']).shape)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "(1, 32)" in out.stdout
+
+
+def test_no_pickle_is_ever_loaded():
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    for path in [*root.glob("vlm_demo/*.py"), *root.glob("training/*.py"), root / "app.py"]:
+        if path.exists():
+            text = path.read_text()
+            assert "torch.load(" not in text, path
+            assert "import torchvision" not in text and "from torchvision" not in text, path

@@ -1,0 +1,188 @@
+"""Pruning methods: hand-worked examples, the common rules, and the learned scorer's gradients."""
+
+import pytest
+import torch
+
+from vlm_demo import pruning
+from vlm_demo.config import get_preset
+from vlm_demo.model import DualEncoder
+from vlm_demo.pruning import METHODS, PruneSpec, Signals, keep_counts
+
+
+def tokens(n: int = 6, c: int = 3) -> torch.Tensor:
+    """(1, 1 + n, c): CLS = -1s, patch i = i + 1 in every channel, easy to follow."""
+    patches = torch.arange(1, n + 1, dtype=torch.float32)[:, None].expand(n, c)
+    return torch.cat([-torch.ones(1, c), patches])[None]
+
+
+def test_keep_counts_schedule():
+    assert keep_counts(196, 1.0, 2) == [196, 196]
+    assert keep_counts(196, 0.25, 2) == [98, 49]  # sqrt(0.25) = 0.5 after stage 1, 0.25 after stage 2
+    assert keep_counts(196, 0.3, 3)[-1] == round(196 * 0.3)
+    assert keep_counts(10, 0.01, 2) == [1, 1]  # never below one patch
+    with pytest.raises(ValueError, match="keep_ratio"):
+        keep_counts(196, 0.0, 2)
+
+
+def test_cls_attention_keeps_top_attention_in_order():
+    x = tokens()
+    attn = torch.tensor([[0.10, 0.50, 0.05, 0.30, 0.02, 0.03]])
+    red = pruning.cls_attention(x, 2, Signals(cls_attn=attn))
+    # Patches 1 and 3 (values 2 and 4) have the most attention; they stay in original order.
+    assert torch.equal(red.x, torch.tensor([[[-1.0] * 3, [2.0] * 3, [4.0] * 3]]))
+    assert red.source.tolist() == [[-1, 0, -1, 1, -1, -1]]
+    assert red.rep.tolist() == [[1, 3]]
+
+
+def test_cls_attention_fuses_the_inattentive_tokens():
+    x = tokens()
+    attn = torch.tensor([[0.10, 0.50, 0.05, 0.30, 0.02, 0.03]])
+    red = pruning.cls_attention(x, 2, Signals(cls_attn=attn, fuse=True))
+    # Dropped patches 0, 2, 4, 5 (values 1, 3, 5, 6) weighted 0.10, 0.05, 0.02, 0.03 -> 2.35 / 0.20.
+    assert red.x.shape == (1, 4, 3)
+    assert torch.allclose(red.x[0, 3], torch.full((3,), (0.10 * 1 + 0.05 * 3 + 0.02 * 5 + 0.03 * 6) / 0.20))
+    assert red.source.tolist() == [[2, 0, 2, 1, 2, 2]]
+    assert red.rep.tolist() == [[1, 3, -1]]
+
+
+def test_random_is_seeded_and_keeps_exact_rows():
+    x = torch.randn(3, 9, 4)
+    runs = [pruning.random(x, 3, Signals(generator=torch.Generator().manual_seed(s))) for s in (7, 7, 8)]
+    assert torch.equal(runs[0].rep, runs[1].rep)  # same seed, same patches
+    assert not torch.equal(runs[0].rep, runs[2].rep)
+    red = runs[0]
+    assert red.rep.shape == (3, 3)  # the same k for every sample
+    assert torch.equal(red.rep, red.rep.sort(dim=1).values)
+    for b in range(3):
+        assert torch.equal(red.x[b, 0], x[b, 0])  # CLS first, untouched
+        assert torch.equal(red.x[b, 1:], x[b, 1 + red.rep[b]])
+
+
+def tome_example():
+    # Similarity metric: A = patches 0, 2, 4; B = patches 1, 3, 5.
+    # 0 ~ 1 exactly (cos 1), 4 ~ 3 closely (cos 0.99), 2 is far from everything.
+    e = torch.eye(4)
+    metric = torch.stack([e[0], e[0], e[1], e[2], 0.99 * e[2] + 0.14 * e[3], e[3]])[None]
+    return tokens(), metric
+
+
+def test_tome_merges_the_most_similar_pair():
+    x, metric = tome_example()
+    red = pruning.tome(x, 5, Signals(keys=metric))
+    # Patch 0 merges into patch 1: (1 + 2) / 2 = 1.5. Output: unmerged A (2, 4), then B (1, 3, 5).
+    expected = torch.tensor([-1.0, 3.0, 5.0, 1.5, 4.0, 6.0])[:, None].expand(6, 3)
+    assert torch.equal(red.x[0], expected)
+    assert red.size.tolist() == [[1, 1, 1, 2, 1, 1]]
+    assert red.source.tolist() == [[2, 2, 0, 3, 1, 4]]  # the patch-to-group map the overlay draws
+    assert red.rep.tolist() == [[2, 4, 1, 3, 5]]
+
+
+def test_tome_second_merge_and_size_weighting():
+    x, metric = tome_example()
+    red = pruning.tome(x, 4, Signals(keys=metric))
+    # Also patch 4 -> patch 3: (4 + 5) / 2.
+    assert red.x[0, :, 0].tolist() == [-1.0, 3.0, 1.5, 4.5, 6.0]
+    assert red.source.tolist() == [[1, 1, 0, 2, 2, 3]]
+    # Sizes weight the mean: patch 0 already stands for 3 patches.
+    size = torch.tensor([[1.0, 3.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
+    red = pruning.tome(x, 5, Signals(keys=metric, size=size))
+    assert red.x[0, 3, 0].item() == pytest.approx((3 * 1 + 1 * 2) / 4)
+    assert red.size[0, 3].item() == 4
+
+
+def test_tome_several_rounds_reach_k():
+    x = torch.randn(2, 1 + 16, 8)
+    red = pruning.tome(x, 3, Signals(keys=torch.randn(2, 16, 4)))
+    assert red.x.shape == (2, 4, 8)
+    assert red.size[:, 1:].sum(1).tolist() == [16.0, 16.0]  # every patch is in exactly one group
+    assert set(red.source[0].tolist()) == {0, 1, 2}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_is_identity_at_full_keep(method):
+    x = torch.randn(2, 1 + 8, 4)
+    sig = Signals(
+        cls_attn=torch.rand(2, 8), keys=torch.randn(2, 8, 4), learned=torch.randn(2, 8), text=torch.randn(2, 8),
+        generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    red = pruning.REGISTRY[method](x, 8, sig)
+    assert torch.equal(red.x, x)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_keep_ratio_one_gives_the_baseline_output(method):
+    torch.manual_seed(0)
+    model = DualEncoder(get_preset("tiny").model).eval()
+    pixels = torch.randn(3, 3, 32, 32)
+    text = torch.nn.functional.normalize(torch.randn(1, model.cfg.embed_dim), dim=-1)
+    with torch.inference_mode():
+        base = model.encode_image(pixels)
+        out = model.encode_image(pixels, PruneSpec(method, 1.0, text=text if method == "text_guided" else None))
+    assert torch.equal(out, base)
+
+
+@pytest.mark.parametrize("method", METHODS[1:])
+def test_pruned_forward_keeps_cls_and_the_schedule(method):
+    torch.manual_seed(0)
+    model = DualEncoder(get_preset("default").model).eval()
+    pixels = torch.randn(2, 3, 112, 112)
+    text = torch.nn.functional.normalize(torch.randn(1, model.cfg.embed_dim), dim=-1)
+    spec = PruneSpec(method, 0.3, text=text if method == "text_guided" else None)
+    with torch.inference_mode():
+        tokens_out, trace = model.visual.forward_features(pixels, spec)
+    expected = keep_counts(196, 0.3, 2)
+    assert trace.tokens_per_stage() == [196, *expected]
+    assert tokens_out.shape == (2, 1 + expected[-1], 128)
+    for stage in trace.stages:
+        assert stage.kept.shape[0] == 2  # one k for the whole batch
+        assert stage.groups.shape == (2, 196)
+        assert ((stage.kept >= 0) & (stage.kept < 196)).all()
+    if method == "tome":
+        assert (trace.stages[-1].groups >= 0).all()  # merging keeps every patch in some group
+    else:
+        assert (trace.stages[-1].groups >= 0).sum(1).tolist() == [expected[-1]] * 2
+
+
+def test_text_guided_follows_the_caption():
+    torch.manual_seed(0)
+    model = DualEncoder(get_preset("default").model).eval()
+    pixels = torch.randn(1, 3, 112, 112)
+    kept = []
+    for seed in (0, 1):
+        g = torch.Generator().manual_seed(seed)
+        text = torch.nn.functional.normalize(torch.randn(1, model.cfg.embed_dim, generator=g), dim=-1)
+        _, trace = model.encode_image_with_trace(pixels, PruneSpec("text_guided", 0.2, text=text))
+        kept.append(set(trace.stages[-1].kept[0].tolist()))
+    assert kept[0] != kept[1]
+
+
+def test_spec_validation():
+    with pytest.raises(ValueError, match="Unknown pruning method"):
+        PruneSpec("magic", 0.5)
+    with pytest.raises(ValueError, match="keep_ratio"):
+        PruneSpec("random", 1.5)
+    with pytest.raises(ValueError, match="caption embedding"):
+        PruneSpec("text_guided", 0.5)
+
+
+def test_learned_predictor_receives_gradients():
+    torch.manual_seed(0)
+    model = DualEncoder(get_preset("tiny").model).train()
+    z, trace = model.encode_image_with_trace(torch.randn(4, 3, 32, 32), PruneSpec("learned", 0.3, seed=1))
+    assert len(trace.stages) == 2 and trace.tokens_per_stage()[-1] == keep_counts(16, 0.3, 2)[-1]
+    (z @ torch.randn(z.shape[1])).sum().backward()
+    for predictor in model.visual.predictors:
+        grads = [p.grad for p in predictor.parameters()]
+        assert all(g is not None for g in grads)
+        assert all(g.abs().sum() > 0 for g in grads)
+
+
+def test_gumbel_topk_mask_is_hard_forward_soft_backward():
+    logits = torch.randn(3, 10, requires_grad=True)
+    alive = torch.ones(3, 10, dtype=torch.bool)
+    alive[:, :4] = False
+    mask = pruning.gumbel_topk_mask(logits, 3, 1.0, alive=alive, generator=torch.Generator().manual_seed(0))
+    assert mask.detach().sum(1).tolist() == [3.0, 3.0, 3.0]
+    assert mask.detach()[:, :4].sum() == 0  # dead tokens are never chosen again
+    (mask * torch.arange(10.0)).sum().backward()
+    assert logits.grad.abs().sum() > 0

@@ -1,0 +1,381 @@
+"""Train the baseline, then the token-pruned model, then evaluate both.
+
+    python -m training.train                       # synthetic data, default preset -> checkpoints/
+    python -m training.train --preset tiny --out /tmp/ck
+    python -m training.train --dataset flickr8k --data-root ~/data/flickr8k
+    torchrun --nproc_per_node=2 -m training.train --preset tiny   # DDP: gloo on CPU, nccl on GPU
+
+Phases:
+1. **baseline**: the dual encoder from scratch, symmetric contrastive loss.
+2. **pruned**: initialised from the baseline; the image tower is fine-tuned with
+   ``learned`` pruning active (DynamicViT-style Gumbel top-k masks, so the predictor
+   gets gradients), a keep ratio drawn per batch from ``keep_ratio_range`` so one
+   checkpoint serves the whole slider, contrastive loss against the frozen text tower
+   plus cosine distillation to the frozen baseline's image embeddings.
+3. **evaluate**: `training.evaluate` writes metrics.json, report.md and tradeoff.png.
+
+Every random choice derives from ``--seed`` and the (epoch, step), and the resume
+state (weights + AdamW moments, safetensors) is written atomically at the end of each
+epoch, so ``--resume`` after a crash, even SIGKILL, ends bit-identical to an
+uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from training.data import TrainDataset, load_splits, make_collate
+from training.losses import contrastive_loss, distill_loss
+from vlm_demo.config import ModelConfig, Preset, TrainConfig, get_preset
+from vlm_demo.model import DualEncoder, atomic_folder, load_checkpoint, save_checkpoint
+from vlm_demo.pruning import PruneSpec
+from vlm_demo.tokenizer import Tokenizer
+
+log = logging.getLogger("training.train")
+
+CAPTION_BANK_FILE = "caption_bank.json"  # the test captions the app ranks (vlm_demo.api reads it)
+MAX_LOGIT_SCALE = math.log(100.0)
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+@dataclasses.dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def init_distributed(device: str) -> Dist:
+    """Join the torchrun process group if there is one (gloo on CPU, nccl on GPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    if device.startswith("cuda"):
+        torch.cuda.set_device(local)
+    return Dist(rank=rank, world=world, local_rank=local)
+
+
+# ----------------------------------------------------------------------------- schedule
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to zero."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def step_seed(seed: int, epoch: int, step: int) -> int:
+    """A seed for one step's keep ratio and Gumbel noise, independent of earlier steps."""
+    return (seed * 1_000_003 + epoch * 10_007 + step) % (2**31 - 1)
+
+
+def param_groups(params: list[tuple[str, nn.Parameter]], lr: float, wd: float) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on biases, norms, embeddings and the temperature."""
+    decay, no_decay = [], []
+    for name, p in params:
+        if p.ndim < 2 or "embed" in name or "cls_token" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": wd, "lr": lr}, {"params": no_decay, "weight_decay": 0.0, "lr": lr}]
+
+
+# ----------------------------------------------------------------------------- resume state
+
+
+def save_state(folder: Path, model: nn.Module, opt: torch.optim.Optimizer, meta: dict[str, Any]) -> None:
+    """Weights, AdamW moments and progress as safetensors + JSON, written atomically (no pickles)."""
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    for i, state in opt.state_dict()["state"].items():
+        for key, value in state.items():
+            tensors[f"optim.{i}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous().clone()
+    with atomic_folder(folder) as tmp:
+        save_file(tensors, str(tmp / "state.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(meta, indent=2))
+
+
+def load_state(folder: Path, model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any] | None:
+    """Restore `save_state`; None if there is nothing to resume."""
+    if not (folder / "state.json").is_file():
+        return None
+    tensors = load_file(str(folder / "state.safetensors"))
+    device = next(model.parameters()).device
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    sd = opt.state_dict()
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, i, key = k.split(".", 2)
+            state.setdefault(int(i), {})[key] = v if key == "step" else v.to(device)
+    sd["state"] = state
+    opt.load_state_dict(sd)
+    return json.loads((folder / "state.json").read_text())
+
+
+# ----------------------------------------------------------------------------- phases
+
+
+@contextmanager
+def _progress(total: int, desc: str, enabled: bool) -> Iterator[tqdm]:
+    bar = tqdm(total=total, desc=desc, unit="batch", disable=not enabled, leave=False, dynamic_ncols=True)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+def run_phase(
+    phase: str,
+    model: DualEncoder,
+    teacher: DualEncoder | None,
+    dataset: TrainDataset,
+    tokenizer: Tokenizer,
+    tcfg: TrainConfig,
+    args: argparse.Namespace,
+    dd: Dist,
+) -> dict[str, Any]:
+    """Train one phase with resume support; returns its summary (losses, timings)."""
+    pruned = phase == "pruned"
+    epochs = args.pruned_epochs if pruned else args.baseline_epochs
+    peak = tcfg.pruned_lr if pruned else tcfg.lr
+    device = torch.device(args.device)
+
+    # Baseline: the predictors stay idle. Pruned: the text tower and temperature are frozen,
+    # so both checkpoints score against one caption embedding.
+    for name, p in model.named_parameters():
+        trains_in_pruned = name.startswith("visual.")
+        p.requires_grad_(trains_in_pruned if pruned else not name.startswith("visual.predictors."))
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(param_groups(params, peak, tcfg.weight_decay), lr=peak, betas=(0.9, 0.98), eps=1e-6)
+    net: nn.Module = model
+    if dd.world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[dd.local_rank] if device.type == "cuda" else None)
+
+    per_rank = max(1, tcfg.batch_size // dd.world)
+    sampler = DistributedSampler(dataset, num_replicas=dd.world, rank=dd.rank, shuffle=True, seed=args.seed, drop_last=True)
+    loader = DataLoader(
+        dataset, batch_size=per_rank, sampler=sampler, drop_last=True, collate_fn=make_collate(tokenizer),
+        num_workers=tcfg.num_workers,
+    )  # fmt: skip
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(dataset)} training images are fewer than one batch of {per_rank}; lower --batch-size.")
+    total = epochs * steps_per_epoch
+    state_dir = Path(args.out) / ".resume" / phase
+    meta = {"epoch_done": 0, "losses": [], "seconds_per_epoch": []}
+    if args.resume:
+        restored = load_state(state_dir, model, opt)
+        if restored is not None:
+            meta = restored
+            if dd.main:
+                log.info("%s: resuming after epoch %d", phase, meta["epoch_done"])
+    lo, hi = tcfg.keep_ratio_range
+    for epoch in range(meta["epoch_done"], epochs):
+        sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)
+        net.train()
+        if teacher is not None:
+            teacher.eval()
+        t0 = time.perf_counter()
+        loss_sum, n = 0.0, 0
+        with _progress(steps_per_epoch, f"{phase} {epoch + 1}/{epochs}", dd.main and not args.quiet) as bar:
+            for step, (images, ids, _) in enumerate(loader):
+                global_step = epoch * steps_per_epoch + step
+                lr = lr_at(global_step, total, peak, min(tcfg.warmup_steps, total // 4 + 1))
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                images, ids = images.to(device), ids.to(device)
+                if pruned:
+                    g = torch.Generator().manual_seed(step_seed(args.seed, epoch, step))
+                    keep = lo + (hi - lo) * float(torch.rand((), generator=g))
+                    spec = PruneSpec("learned", keep, seed=step_seed(args.seed + 1, epoch, step))
+                    with torch.no_grad():
+                        text = model.encode_text(ids)
+                        target = teacher.encode_image(images)
+                    z, _ = net(images, prune=spec)
+                    loss = contrastive_loss(z, text, model.logit_scale) + tcfg.distill_weight * distill_loss(z, target)
+                else:
+                    img, txt = net(images, ids=ids)
+                    loss = contrastive_loss(img, txt, model.logit_scale)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
+                opt.step()
+                with torch.no_grad():
+                    model.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
+                loss_sum += loss.item()
+                n += 1
+                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
+                bar.update()
+        seconds = time.perf_counter() - t0
+        meta["epoch_done"] = epoch + 1
+        meta["losses"].append(loss_sum / n)
+        meta["seconds_per_epoch"].append(seconds)
+        if dd.main:
+            log.info(
+                "%s epoch %d/%d  loss %.4f  lr %.2e  %.1f s", phase, epoch + 1, epochs, loss_sum / n, lr, seconds
+            )
+            save_state(state_dir, model, opt, meta)
+        dd.barrier()
+    return meta
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def resolve_data(args: argparse.Namespace, tcfg: TrainConfig, image_size: int, dd: Dist) -> Path:
+    """The dataset root: --data / --data-root, or the synthetic set, generated once into the cache."""
+    if args.data or args.data_root:
+        root = Path(args.data or args.data_root).expanduser()
+        if not root.is_dir():
+            raise SystemExit(f"error: dataset folder {root} does not exist.")
+        return root
+    n = args.num_images or tcfg.num_images
+    root = Path(args.cache_dir) / f"synthetic-{image_size}px-{n}-seed{args.seed}"
+    if dd.main and not (root / "objects.json").is_file():
+        from training.synthetic import generate
+
+        log.info("generating the synthetic dataset (%d images) into %s", n, root)
+        generate(root, num_images=n, seed=args.seed, size=image_size, progress=not args.quiet)
+    dd.barrier()
+    return root
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="default", help="model and schedule preset: default or tiny")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--data", help="dataset folder (Flickr8k layouts or image folder + CSV/JSONL)")
+    src.add_argument("--data-root", help="with --dataset flickr8k: the Flickr8k folder")
+    p.add_argument("--dataset", choices=["synthetic", "flickr8k"], default=None, help="which data --data-root holds")
+    p.add_argument("--out", default="checkpoints", help="checkpoint folder to write (baseline/, pruned/, metrics)")
+    p.add_argument("--resume", action="store_true", help="continue from the last epoch saved in OUT/.resume")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--cache-dir", default=".cache", help="where the synthetic dataset is generated")
+    p.add_argument("--num-images", type=int, default=None, help="synthetic images (default: the preset's)")
+    p.add_argument("--baseline-epochs", type=int, default=None)
+    p.add_argument("--pruned-epochs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--phases", default="baseline,pruned,evaluate", help="comma list of phases to run")
+    p.add_argument("--eval-limit", type=int, default=None, help="test images to evaluate (default: the preset's)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    if args.dataset == "flickr8k" and not args.data_root:
+        p.error("--dataset flickr8k needs --data-root DIR")
+    if args.data_root and args.dataset != "flickr8k":
+        p.error("--data-root goes with --dataset flickr8k")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the phases; returns a summary dict (also logged)."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    preset: Preset = get_preset(args.preset)
+    tcfg = preset.train
+    if args.batch_size:
+        tcfg = dataclasses.replace(tcfg, batch_size=args.batch_size)
+    args.baseline_epochs = args.baseline_epochs if args.baseline_epochs is not None else tcfg.baseline_epochs
+    args.pruned_epochs = args.pruned_epochs if args.pruned_epochs is not None else tcfg.pruned_epochs
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but torch sees no CUDA GPU.")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dd = init_distributed(args.device)
+    torch.manual_seed(args.seed)
+    phases = [s.strip() for s in args.phases.split(",") if s.strip()]
+    out = Path(args.out)
+    try:
+        root = resolve_data(args, tcfg, preset.model.vision.image_size, dd)
+        splits = load_splits(root)
+        tokenizer = Tokenizer.build(
+            (c for caps in splits["train"].captions for c in caps), preset.model.text.context_length
+        )
+        cfg: ModelConfig = preset.model.replace(text=dataclasses.replace(preset.model.text, vocab_size=len(tokenizer)))
+        facts = {"preset": args.preset, "data": str(root.resolve()), "seed": args.seed, "world_size": dd.world}
+        summary: dict[str, Any] = {"data": str(root), "out": str(out)}
+        dataset = None
+        if {"baseline", "pruned"} & set(phases):
+            dataset = TrainDataset(splits["train"], cfg.vision.image_size, augment=True, seed=args.seed,
+                                   progress=dd.main and not args.quiet)  # fmt: skip
+
+        if "baseline" in phases:
+            torch.manual_seed(args.seed)
+            model = DualEncoder(cfg).to(args.device)
+            meta = run_phase("baseline", model, None, dataset, tokenizer, tcfg, args, dd)
+            if dd.main:
+                save_checkpoint(model.cpu(), tokenizer, out / "baseline", phase="baseline", epochs=meta["epoch_done"],
+                                losses=meta["losses"], seconds_per_epoch=_median(meta["seconds_per_epoch"]),
+                                epoch_seconds=meta["seconds_per_epoch"], **facts)  # fmt: skip
+                bank = [c for caps in splits["test"].captions for c in caps]
+                (out / CAPTION_BANK_FILE).write_text(json.dumps({"split": "test", "captions": bank}))
+            summary["baseline"] = meta
+            dd.barrier()
+
+        if "pruned" in phases:
+            base, _ = load_checkpoint(out / "baseline", args.device)
+            teacher, _ = load_checkpoint(out / "baseline", args.device)
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+            meta = run_phase("pruned", base, teacher, dataset, tokenizer, tcfg, args, dd)
+            if dd.main:
+                save_checkpoint(base.cpu(), tokenizer, out / "pruned", phase="pruned", epochs=meta["epoch_done"],
+                                losses=meta["losses"], seconds_per_epoch=_median(meta["seconds_per_epoch"]),
+                                epoch_seconds=meta["seconds_per_epoch"], keep_ratio_range=list(tcfg.keep_ratio_range),
+                                **facts)  # fmt: skip
+            summary["pruned"] = meta
+            dd.barrier()
+
+        if "evaluate" in phases and dd.main:
+            from training.evaluate import evaluate
+
+            limit = args.eval_limit or tcfg.eval_images
+            summary["metrics"] = evaluate(out, out, data=root, limit=limit)
+    finally:
+        if dd.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+    return summary
+
+
+def _median(xs: list[float]) -> float | None:
+    return sorted(xs)[len(xs) // 2] if xs else None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,372 @@
+"""The one entry point for inference: `load` a `Session`, then `Session.analyze`.
+
+Which checkpoint serves which method: ``learned`` runs the fine-tuned ``pruned/``
+checkpoint; ``none``, ``cls_attention``, ``text_guided``, ``tome`` and
+``random`` are training-free and run ``baseline/``. Both checkpoints share the
+baseline's text tower (it is frozen in the pruned fine-tune), so every image
+embedding is scored against the same caption embedding.
+
+A `Session` is read-only after `load`: requests keep their state local, so one
+session can serve many threads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import flops, overlay
+from .hub import looks_like_repo_id, pull
+from .images import load_image
+from .latency import Timing, interleaved
+from .model import DualEncoder, load_checkpoint
+from .pruning import METHODS, PruneSpec, Trace
+from .tokenizer import Tokenizer, normalize
+from .transforms import to_batch, to_tensor
+
+log = logging.getLogger(__name__)
+
+CAPTION_BANK_FILE = "caption_bank.json"
+METRICS_FILE = "metrics.json"
+IMAGE_METHODS = ("none", "learned", "cls_attention", "tome", "random")  # methods that need no caption
+MAX_CAPTION_CHARS = 10_000
+
+
+@dataclass
+class Side:
+    """One model's figures for one image and caption."""
+
+    score: float  # cosine of the image and caption embeddings
+    tokens: int  # patch tokens after the last stage (a fused token included)
+    tokens_per_stage: list[int]  # patch tokens seen by each group of blocks
+    gmacs: float  # fvcore GMACs of the image encoder, batch 1
+    latency_ms: float  # median, batch 1, measured interleaved with the other side
+    latency_iqr_ms: float  # inter-quartile range of the same samples
+    top_captions: list[tuple[str, float]] = field(default_factory=list)  # best captions of the test-set bank
+
+
+@dataclass
+class Analysis:
+    """The result of `Session.analyze`; `to_dict` is the JSON readout."""
+
+    method: str
+    keep_ratio: float
+    caption: str
+    baseline: Side
+    pruned: Side
+    trace: Trace
+    overlays: dict[str, Image.Image]  # "kept", "stages", and "heatmap" / "groups" where they apply
+    latency_bs32: dict[str, Timing] | None = None  # "baseline" / "pruned" at batch 32, if measured
+    caption_truncated: bool = False  # the caption was longer than the text encoder's context
+
+    def to_dict(self) -> dict[str, Any]:
+        def side(s: Side, with_stages: bool) -> dict[str, Any]:
+            d = {
+                "score": round(s.score, 6),
+                "tokens": s.tokens,
+                "gmacs": round(s.gmacs, 6),
+                "latency_ms": round(s.latency_ms, 4),
+                "latency_iqr_ms": round(s.latency_iqr_ms, 4),
+                "top_captions": [[c, round(v, 4)] for c, v in s.top_captions],
+            }
+            if with_stages:
+                d["tokens_per_stage"] = s.tokens_per_stage
+            return d
+
+        out = {
+            "method": self.method,
+            "keep_ratio": self.keep_ratio,
+            "baseline": side(self.baseline, True),
+            "pruned": side(self.pruned, True),
+            "score_delta": round(self.pruned.score - self.baseline.score, 6),
+            "gmacs_ratio": round(self.pruned.gmacs / self.baseline.gmacs, 4),
+            "latency_ratio": round(self.pruned.latency_ms / self.baseline.latency_ms, 4),
+            "caption_truncated": self.caption_truncated,
+        }
+        if self.latency_bs32 is not None:
+            out["latency_bs32_ms"] = {k: round(v.median_ms, 3) for k, v in self.latency_bs32.items()}
+        return out
+
+
+@dataclass
+class MethodSummary:
+    """One method's result for the side-by-side comparison."""
+
+    method: str
+    score: float
+    tokens_per_stage: list[int]
+    gmacs: float
+    overlay: Image.Image
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k != "overlay"}
+
+
+class Session:
+    """Both checkpoints, loaded once. Build with `load`.
+
+    Args:
+        baseline: the baseline model.
+        pruned: the model fine-tuned with learned pruning.
+        tokenizer: the shared tokenizer.
+        source: where the checkpoints came from (for display).
+        caption_bank: captions to rank for `top_captions` (e.g. the test split).
+        metrics: the evaluation's metrics.json, if shipped.
+    """
+
+    def __init__(
+        self,
+        baseline: DualEncoder,
+        pruned: DualEncoder,
+        tokenizer: Tokenizer,
+        source: str = "",
+        caption_bank: list[str] | None = None,
+        metrics: dict[str, Any] | None = None,
+    ):
+        self.baseline, self.pruned, self.tokenizer = baseline.eval(), pruned.eval(), tokenizer
+        self.source, self.metrics = source, metrics
+        self.cfg = baseline.cfg
+        self.device = next(baseline.parameters()).device
+        self.caption_bank = list(caption_bank or [])
+        self._bank = self._embed_ids(tokenizer.encode_batch(self.caption_bank)) if self.caption_bank else None
+
+    # ------------------------------------------------------------------ embeddings
+
+    def model_for(self, method: str) -> DualEncoder:
+        """The checkpoint that serves `method`."""
+        if method not in METHODS:
+            raise ValueError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
+        return self.pruned if method == "learned" else self.baseline
+
+    @torch.inference_mode()
+    def _embed_ids(self, ids: torch.Tensor, chunk: int = 512) -> torch.Tensor:
+        parts = [self.baseline.encode_text(ids[i : i + chunk].to(self.device)) for i in range(0, len(ids), chunk)]
+        return torch.cat(parts) if parts else torch.empty(0, self.cfg.embed_dim)
+
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        """(N, E) L2-normalised caption embeddings."""
+        if isinstance(texts, str):
+            raise ValueError("embed_texts takes a list of captions, not one string.")
+        return self._embed_ids(self.tokenizer.encode_batch(texts)).cpu().numpy()
+
+    @torch.inference_mode()
+    def embed_images(
+        self, images: list[Any], method: str = "none", keep_ratio: float = 1.0, batch_size: int = 64, seed: int = 0
+    ) -> np.ndarray:
+        """(N, E) L2-normalised image embeddings under a pruning method.
+
+        Args:
+            images: paths, bytes or PIL images.
+            method: one of `IMAGE_METHODS` (``text_guided`` needs a caption: use `analyze`).
+            keep_ratio: see `vlm_demo.pruning`.
+            batch_size: images per forward pass; every image in a pass keeps the same count.
+            seed: seed of ``random``.
+        """
+        if method not in IMAGE_METHODS:
+            raise ValueError(f"embed_images supports {', '.join(IMAGE_METHODS)}; text_guided needs a caption.")
+        model, spec = self.model_for(method), PruneSpec(method, keep_ratio, seed=seed)
+        size = self.cfg.vision.image_size
+        out = []
+        for i in range(0, len(images), batch_size):
+            pixels = to_batch([load_image(im) for im in images[i : i + batch_size]], size).to(self.device)
+            out.append(model.encode_image(pixels, spec))
+        return torch.cat(out).cpu().numpy() if out else np.zeros((0, self.cfg.embed_dim), np.float32)
+
+    def top_captions(self, embedding: torch.Tensor, k: int = 3) -> list[tuple[str, float]]:
+        """The `k` captions of the bank closest to one (E,) image embedding, with cosines."""
+        if self._bank is None:
+            return []
+        sims = self._bank @ embedding.to(self._bank.dtype)
+        values, idx = sims.topk(min(k, len(self.caption_bank)))
+        return [(self.caption_bank[i], float(v)) for v, i in zip(values.tolist(), idx.tolist())]
+
+    # ------------------------------------------------------------------ analysis
+
+    def check_caption(self, caption: str) -> tuple[str, bool]:
+        """Validate a caption; returns it stripped and whether it will be truncated."""
+        if not isinstance(caption, str):
+            raise ValueError("The caption must be text.")
+        caption = caption.strip()
+        if not caption:
+            raise ValueError("Enter a caption describing the image, e.g. 'a red circle at the top left'.")
+        if len(caption) > MAX_CAPTION_CHARS:
+            raise ValueError(f"The caption is {len(caption):,} characters; keep it under {MAX_CAPTION_CHARS:,}.")
+        words = normalize(caption)
+        if not words:
+            raise ValueError("The caption has no words the model can read (letters or digits); try plain English.")
+        return caption, len(words) + 1 > self.tokenizer.context_length
+
+    @torch.inference_mode()
+    def analyze(
+        self,
+        image: Any,
+        caption: str,
+        method: str = "learned",
+        keep_ratio: float = 0.5,
+        latency_repeats: int = 10,
+        style: str = "dim",
+        batch32: bool = False,
+        seed: int = 0,
+    ) -> Analysis:
+        """Score one image and caption with the full and the pruned model, and measure both.
+
+        Args:
+            image: a path, bytes or PIL image (decoded safely by `vlm_demo.images`).
+            caption: the text to align with the image.
+            method: a pruning method from `vlm_demo.pruning.METHODS`.
+            keep_ratio: see `vlm_demo.pruning`.
+            latency_repeats: measured batch-1 passes per model (interleaved, after 2 warm-up passes).
+            style: the kept-patch overlay style, one of `vlm_demo.overlay.STYLES`.
+            batch32: also time both models at batch 32 (about 30x the work).
+            seed: seed of ``random``.
+
+        Returns:
+            The `Analysis`.
+
+        Raises:
+            ValueError: for a bad image, caption, method or keep ratio, with a message for the user.
+        """
+        if method not in METHODS:
+            raise ValueError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
+        if style not in overlay.STYLES:
+            raise ValueError(f"Unknown overlay style {style!r}; choose one of {', '.join(overlay.STYLES)}.")
+        if not 1 <= int(latency_repeats) <= 200:
+            raise ValueError("latency_repeats must be between 1 and 200.")
+        caption, truncated = self.check_caption(caption)
+        img = load_image(image)
+        pixels = to_tensor(img, self.cfg.vision.image_size)[None].to(self.device)  # (1, 3, S, S)
+        text = self._embed_ids(self.tokenizer.encode_batch([caption]))  # (1, E)
+        spec = PruneSpec(method, float(keep_ratio), text=text if method == "text_guided" else None, seed=seed)
+        model = self.model_for(method)
+
+        z_base, base_trace = self.baseline.encode_image_with_trace(pixels)
+        z_pruned, trace = model.encode_image_with_trace(pixels, spec)
+        timing = interleaved(
+            {"baseline": lambda: self.baseline.encode_image(pixels), "pruned": lambda: model.encode_image(pixels, spec)},
+            repeats=int(latency_repeats),
+            warmup=2,
+        )
+        bs32 = None
+        if batch32:
+            big = pixels.expand(32, -1, -1, -1).contiguous()
+            big_spec = PruneSpec(method, spec.keep_ratio, text=spec.text, seed=seed)
+            bs32 = interleaved(
+                {"baseline": lambda: self.baseline.encode_image(big), "pruned": lambda: model.encode_image(big, big_spec)},
+                repeats=3,
+                warmup=1,
+            )
+
+        def side(z: torch.Tensor, tr: Trace, m: str, t: Timing) -> Side:
+            per_stage = tr.tokens_per_stage()
+            return Side(
+                score=float(z[0] @ text[0]),
+                tokens=per_stage[-1],
+                tokens_per_stage=per_stage,
+                gmacs=flops.gmacs(self.cfg, m, spec.keep_ratio if m != "none" else 1.0),
+                latency_ms=t.median_ms,
+                latency_iqr_ms=t.iqr_ms,
+                top_captions=self.top_captions(z[0]),
+            )
+
+        overlays = {
+            "kept": overlay.kept_overlay(img, trace, style=style),
+            "stages": overlay.stage_strip(img, trace, style=style),
+        }
+        heat = overlay.heatmap_overlay(img, trace)
+        if heat is not None:
+            overlays["heatmap"] = heat
+        if method == "tome":
+            groups = overlay.groups_overlay(img, trace)
+            if groups is not None:
+                overlays["groups"] = groups
+        return Analysis(
+            method=method,
+            keep_ratio=spec.keep_ratio,
+            caption=caption,
+            baseline=side(z_base, base_trace, "none", timing["baseline"]),
+            pruned=side(z_pruned, trace, method, timing["pruned"]),
+            trace=trace,
+            overlays=overlays,
+            latency_bs32=bs32,
+            caption_truncated=truncated,
+        )
+
+    @torch.inference_mode()
+    def compare(
+        self, image: Any, caption: str, keep_ratio: float = 0.5, style: str = "dim", methods: tuple[str, ...] = METHODS[1:]
+    ) -> list[MethodSummary]:
+        """Every method at one keep ratio: overlay, score and GMACs (no latency, to stay quick)."""
+        caption, _ = self.check_caption(caption)
+        img = load_image(image)
+        pixels = to_tensor(img, self.cfg.vision.image_size)[None].to(self.device)
+        text = self._embed_ids(self.tokenizer.encode_batch([caption]))
+        out = []
+        for m in methods:
+            spec = PruneSpec(m, float(keep_ratio), text=text if m == "text_guided" else None)
+            z, trace = self.model_for(m).encode_image_with_trace(pixels, spec)
+            out.append(
+                MethodSummary(
+                    method=m,
+                    score=float(z[0] @ text[0]),
+                    tokens_per_stage=trace.tokens_per_stage(),
+                    gmacs=flops.gmacs(self.cfg, m, spec.keep_ratio),
+                    overlay=overlay.kept_overlay(img, trace, style=style),
+                )
+            )
+        return out
+
+    def warm_gmacs(self, keep_ratios: list[float], methods: tuple[str, ...] = METHODS) -> None:
+        """Fill the GMACs cache ahead of requests (fvcore traces take ~0.2 s each)."""
+        for r in keep_ratios:
+            for m in methods:
+                flops.gmacs(self.cfg, m, r)
+
+
+def load(source: str | os.PathLike = "checkpoints", device: str = "cpu") -> Session:
+    """Load the baseline and pruned checkpoints.
+
+    Args:
+        source: a folder holding ``baseline/`` and ``pruned/`` (and optionally
+            ``caption_bank.json`` and ``metrics.json``), or a Hub repo id with that layout.
+            A local folder never touches the network.
+        device: ``cpu`` or ``cuda``.
+
+    Returns:
+        The `Session`.
+
+    Raises:
+        ValueError: when the folder is missing or incomplete.
+        ConnectionError: when a Hub repo cannot be fetched.
+    """
+    src = str(source)
+    folder = Path(src)
+    if not folder.exists() and looks_like_repo_id(src):
+        folder = pull(src)
+    if not folder.is_dir():
+        raise ValueError(
+            f"No checkpoints at {src!r}. Train them with `python -m training.train` "
+            "or pass a folder (or Hub repo id) that holds baseline/ and pruned/."
+        )
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but torch sees no CUDA GPU; use --device cpu.")
+    if not (folder / "baseline").is_dir():
+        raise ValueError(f"{folder} has no baseline/ checkpoint. Train one with `python -m training.train`.")
+    baseline, tokenizer = load_checkpoint(folder / "baseline", device)
+    if (folder / "pruned").is_dir():
+        pruned, _ = load_checkpoint(folder / "pruned", device)
+    else:
+        log.warning("%s has no pruned/ checkpoint: 'learned' uses the baseline's untrained predictor.", folder)
+        pruned = baseline
+    bank_file, metrics_file = folder / CAPTION_BANK_FILE, folder / METRICS_FILE
+    bank = json.loads(bank_file.read_text())["captions"] if bank_file.is_file() else None
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
+    return Session(baseline, pruned, tokenizer, source=src, caption_bank=bank, metrics=metrics)
+
