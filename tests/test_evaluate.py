@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -124,6 +125,12 @@ def test_object_recall_pooled() -> None:
 # ----------------------------------------------------------------------------- end to end
 
 
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(dataset root, checkpoints folder): 24 synthetic 32 px images, random-init tiny models."""
+    return _tiny_checkpoints(tmp_path_factory.mktemp("tiny"))
+
+
 def _tiny_checkpoints(tmp_path: Path) -> tuple[Path, Path]:
     from training.data import load_splits
     from training.synthetic import generate
@@ -145,11 +152,11 @@ def _tiny_checkpoints(tmp_path: Path) -> tuple[Path, Path]:
     return data, ckpt
 
 
-def test_main_writes_metrics_report_and_plot(tmp_path: Path) -> None:
+def test_main_writes_metrics_report_and_plot(tiny: tuple[Path, Path], tmp_path: Path) -> None:
     from training.evaluate import main
     from vlm_demo.pruning import METHODS
 
-    _, ckpt = _tiny_checkpoints(tmp_path)
+    _, ckpt = tiny
     out = tmp_path / "eval"
     args = ["--checkpoints", str(ckpt), "--out", str(out), "--latency-repeats", "2", "--keep-ratios", "1.0", "0.5"]
     args += ["--no-progress", "--threads", "1"]  # two threads on a busy 2-core machine spin against each other
@@ -197,3 +204,36 @@ def test_main_writes_metrics_report_and_plot(tmp_path: Path) -> None:
     report = (out / "report.md").read_text()
     assert "| method | keep |" in report and "text_guided" in report and "MACs" in report
     assert (out / "tradeoff.png").stat().st_size > 1000
+
+
+def test_real_data_without_ground_truth(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    """Without objects.json (the real Flickr8k) pair accuracy and object recall are null, not made up."""
+    from training.evaluate import evaluate
+
+    data, ckpt = tiny
+    real = tmp_path / "real"
+    shutil.copytree(data, real)
+    (real / "objects.json").unlink()
+    m = evaluate(ckpt, tmp_path / "eval", real, methods=["text_guided", "random"], keep_ratios=[0.5],
+                 latency=False, progress=False, threads=1)  # fmt: skip
+    assert m["dataset"]["synthetic"] is False and m["dataset"]["root"] == str(real)
+    assert [(r["method"], r["keep_ratio"]) for r in m["rows"]] == [("none", 1.0), ("text_guided", 0.5), ("random", 0.5)]
+    for r in m["rows"]:
+        assert r["pair_acc"] is None and r["object_recall"] is None and r["latency_ms_bs32"] is None
+    guided = m["rows"][1]
+    assert guided["mean_r1"] is None and guided["gmacs_ratio"] < 1 and guided["tokens"] == [16, 11, 8]
+    assert (tmp_path / "eval" / "tradeoff.png").stat().st_size > 1000
+
+
+def test_bad_inputs_get_clear_errors(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    from training.evaluate import evaluate, main
+
+    _, ckpt = tiny
+    with pytest.raises(ValueError, match="not a checkpoint folder"):
+        evaluate(tmp_path / "nowhere", tmp_path / "eval")
+    with pytest.raises(ValueError, match="Keep ratios"):
+        evaluate(ckpt, tmp_path / "eval", keep_ratios=[0.0])
+    with pytest.raises(ValueError, match="is not a folder"):
+        evaluate(ckpt, tmp_path / "eval", tmp_path / "missing")
+    with pytest.raises(SystemExit):
+        main(["--checkpoints", str(tmp_path / "nowhere"), "--out", str(tmp_path / "eval")])

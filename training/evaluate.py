@@ -561,8 +561,8 @@ def render_report(m: dict[str, Any]) -> str:
         "baseline's computation, any method at keep 1 on the baseline checkpoint, reuse its embeddings and "
         "timings). At batch 1 a model this small is bound by per-operator overhead, not arithmetic, so it "
         "speeds up much less than its GMACs fall, and the scoring ops of a method can even make it slower. "
-        "Batch 32 amortises that overhead and is the fairer measure of throughput; where its ratio still stays above the GMACs ratio, the model is "
-        "too small for arithmetic to dominate on this machine.",
+        "Batch 32 amortises that overhead and is the fairer measure of throughput; where its ratio still "
+        "stays above the GMACs ratio, the model is too small for arithmetic to dominate on this machine.",
         "",
     ]
     return "\n".join(lines)
@@ -655,7 +655,7 @@ def write_outputs(m: dict[str, Any], out: str | os.PathLike) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoints", default="checkpoints", help="folder with baseline/ and pruned/ (default: checkpoints)")
+    p.add_argument("--checkpoints", default="checkpoints", help="holds baseline/ and pruned/ (default: checkpoints)")
     p.add_argument("--out", required=True, help="output folder for metrics.json, report.md, tradeoff.png")
     p.add_argument("--data", default=None, help="dataset root (default: the one recorded in baseline/training.json)")
     p.add_argument(
@@ -667,7 +667,7 @@ def _parser() -> argparse.ArgumentParser:
         help="keep ratios in (0, 1] (default: 1 0.7 0.5 0.3 0.2 0.1)",
     )  # fmt: skip
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N test images")
-    p.add_argument("--latency-repeats", type=int, default=15, help="timed calls per variant and batch size (default 15)")
+    p.add_argument("--latency-repeats", type=int, default=15, help="timed calls per variant and batch (default 15)")
     p.add_argument("--batch-size", type=int, default=100, help="images per encoding batch (default 100)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random method (default 0)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's current setting)")

@@ -1,0 +1,94 @@
+"""Training on the tiny preset: the loss falls, SIGKILL + --resume is bit-exact, DDP runs on gloo."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from training import train
+from training.synthetic import generate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return generate(tmp_path_factory.mktemp("data") / "synth", num_images=64, seed=0, size=32, progress=False)
+
+
+def _cmd(data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "--preset", "tiny", "--data", str(data), "--out", str(out), "--phases", "baseline,pruned",
+        "--threads", "1", "--quiet", *extra,
+    ]  # fmt: skip
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def test_tiny_training_lowers_the_loss(data, tmp_path):
+    summary = train.main(_cmd(data, tmp_path / "ck", "--baseline-epochs", "6", "--pruned-epochs", "2"))
+    losses = summary["baseline"]["losses"]
+    assert losses[-1] < losses[0] - 0.05, losses
+    for name in ("baseline", "pruned"):
+        folder = tmp_path / "ck" / name
+        assert {"config.json", "model.safetensors", "vocab.json", "training.json"} <= {p.name for p in folder.iterdir()}
+    facts = json.loads((tmp_path / "ck" / "pruned" / "training.json").read_text())
+    assert facts["phase"] == "pruned" and facts["seconds_per_epoch"] > 0
+    assert (tmp_path / "ck" / "caption_bank.json").is_file()
+
+
+def _weights(folder: Path) -> dict:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(data, tmp_path):
+    extra = ("--baseline-epochs", "5", "--pruned-epochs", "2")
+    whole = tmp_path / "whole"
+    subprocess.run([sys.executable, "-m", "training.train", *_cmd(data, whole, *extra)], check=True, env=_env(),
+                   cwd=ROOT, capture_output=True, timeout=300)  # fmt: skip
+
+    broken = tmp_path / "broken"
+    proc = subprocess.Popen([sys.executable, "-m", "training.train", *_cmd(data, broken, *extra)], env=_env(), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    state = broken / ".resume" / "baseline" / "state.json"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if state.is_file():
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=30) == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (broken / "pruned").exists()
+
+    subprocess.run([sys.executable, "-m", "training.train", *_cmd(data, broken, *extra, "--resume")], check=True,
+                   env=_env(), cwd=ROOT, capture_output=True, timeout=300)  # fmt: skip
+    for name in ("baseline", "pruned"):
+        a, b = _weights(whole / name), _weights(broken / name)
+        assert a.keys() == b.keys()
+        assert all((a[k] == b[k]).all() for k in a), name
+        la = json.loads((whole / name / "training.json").read_text())["losses"]
+        lb = json.loads((broken / name / "training.json").read_text())["losses"]
+        assert la == lb
+    leftovers = [p.name for p in broken.iterdir() if p.name.startswith(".") and p.name != ".resume"]
+    assert leftovers == []  # no half-written checkpoint folders
+
+
+def test_two_process_ddp_on_gloo(data, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "training.train",
+           *_cmd(data, out, "--baseline-epochs", "1", "--pruned-epochs", "1")]  # fmt: skip
+    res = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    facts = json.loads((out / "pruned" / "training.json").read_text())
+    assert facts["world_size"] == 2
+    assert _weights(out / "baseline").keys() == _weights(out / "pruned").keys()
