@@ -6,20 +6,27 @@ import torch
 import torch.nn.functional as F
 
 
-def contrastive_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+def contrastive_loss(
+    image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, hard_text: torch.Tensor | None = None
+) -> torch.Tensor:
     """CLIP's symmetric InfoNCE over a batch of matching pairs.
 
     Args:
         image: (B, E) L2-normalised image embeddings.
         text: (B, E) L2-normalised caption embeddings; row i matches image i.
         logit_scale: log of the inverse temperature.
+        hard_text: (B, E) optional hard-negative captions (an attribute swapped), added as
+            extra wrong answers on the image->text side, as in NegCLIP; they teach the
+            model to bind colours, shapes and positions to the right object.
 
     Returns:
         The mean of the image->text and text->image cross-entropies.
     """
-    logits = logit_scale.exp() * image @ text.t()  # (B, B)
+    scale = logit_scale.exp()
+    logits = scale * image @ text.t()  # (B, B)
     labels = torch.arange(len(image), device=image.device)
-    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+    i2t = logits if hard_text is None else torch.cat([logits, scale * image @ hard_text.t()], dim=1)  # (B, 2B)
+    return 0.5 * (F.cross_entropy(i2t, labels) + F.cross_entropy(logits.t(), labels))
 
 
 def distill_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

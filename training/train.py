@@ -41,7 +41,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from training.data import TrainDataset, load_splits, make_collate
+from training.data import TrainDataset, load_objects, load_splits, make_collate
 from training.losses import contrastive_loss, distill_loss
 from vlm_demo.config import ModelConfig, Preset, TrainConfig, get_preset
 from vlm_demo.model import DualEncoder, atomic_folder, load_checkpoint, save_checkpoint
@@ -161,6 +161,7 @@ def run_phase(
     teacher: DualEncoder | None,
     dataset: TrainDataset,
     tokenizer: Tokenizer,
+    hard_negatives: list[str] | None,
     tcfg: TrainConfig,
     args: argparse.Namespace,
     dd: Dist,
@@ -210,24 +211,30 @@ def run_phase(
         t0 = time.perf_counter()
         loss_sum, n = 0.0, 0
         with _progress(steps_per_epoch, f"{phase} {epoch + 1}/{epochs}", dd.main and not args.quiet) as bar:
-            for step, (images, ids, _) in enumerate(loader):
+            for step, (images, ids, index) in enumerate(loader):
                 global_step = epoch * steps_per_epoch + step
                 lr = lr_at(global_step, total, peak, min(tcfg.warmup_steps, total // 4 + 1))
                 for g in opt.param_groups:
                     g["lr"] = lr
                 images, ids = images.to(device), ids.to(device)
+                hard = None
+                if hard_negatives is not None:
+                    hard = tokenizer.encode_batch([hard_negatives[i] for i in index.tolist()]).to(device)
                 if pruned:
                     g = torch.Generator().manual_seed(step_seed(args.seed, epoch, step))
                     keep = lo + (hi - lo) * float(torch.rand((), generator=g))
                     spec = PruneSpec("learned", keep, seed=step_seed(args.seed + 1, epoch, step))
                     with torch.no_grad():
                         text = model.encode_text(ids)
+                        hard_text = None if hard is None else model.encode_text(hard)
                         target = teacher.encode_image(images)
                     z, _ = net(images, prune=spec)
-                    loss = contrastive_loss(z, text, model.logit_scale) + tcfg.distill_weight * distill_loss(z, target)
+                    loss = contrastive_loss(z, text, model.logit_scale, hard_text)
+                    loss = loss + tcfg.distill_weight * distill_loss(z, target)
                 else:
                     img, txt = net(images, ids=ids)
-                    loss = contrastive_loss(img, txt, model.logit_scale)
+                    hard_text = None if hard is None else model.encode_text(hard)
+                    loss = contrastive_loss(img, txt, model.logit_scale, hard_text)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
@@ -330,7 +337,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cfg: ModelConfig = preset.model.replace(text=dataclasses.replace(preset.model.text, vocab_size=len(tokenizer)))
         facts = {"preset": args.preset, "data": str(root.resolve()), "seed": args.seed, "world_size": dd.world}
         summary: dict[str, Any] = {"data": str(root), "out": str(out)}
-        dataset = None
+        dataset, hard_negatives = None, None
+        objects = load_objects(root) if tcfg.hard_negatives else None
+        if objects is not None:
+            hard_negatives = [objects["images"][name]["hard_negative"] for name in splits["train"].names]
         if {"baseline", "pruned"} & set(phases):
             dataset = TrainDataset(splits["train"], cfg.vision.image_size, augment=True, seed=args.seed,
                                    progress=dd.main and not args.quiet)  # fmt: skip
@@ -338,7 +348,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if "baseline" in phases:
             torch.manual_seed(args.seed)
             model = DualEncoder(cfg).to(args.device)
-            meta = run_phase("baseline", model, None, dataset, tokenizer, tcfg, args, dd)
+            meta = run_phase("baseline", model, None, dataset, tokenizer, hard_negatives, tcfg, args, dd)
             if dd.main:
                 save_checkpoint(model.cpu(), tokenizer, out / "baseline", phase="baseline", epochs=meta["epoch_done"],
                                 losses=meta["losses"], seconds_per_epoch=_median(meta["seconds_per_epoch"]),
@@ -353,7 +363,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             teacher, _ = load_checkpoint(out / "baseline", args.device)
             for p in teacher.parameters():
                 p.requires_grad_(False)
-            meta = run_phase("pruned", base, teacher, dataset, tokenizer, tcfg, args, dd)
+            meta = run_phase("pruned", base, teacher, dataset, tokenizer, hard_negatives, tcfg, args, dd)
             if dd.main:
                 save_checkpoint(base.cpu(), tokenizer, out / "pruned", phase="pruned", epochs=meta["epoch_done"],
                                 losses=meta["losses"], seconds_per_epoch=_median(meta["seconds_per_epoch"]),

@@ -90,6 +90,7 @@ class TrainConfig:
     weight_decay: float = 0.05  # AdamW weight decay (not on norms, biases, embeddings)
     warmup_steps: int = 100  # linear warm-up before cosine decay
     distill_weight: float = 1.0  # weight of the cosine distillation to the frozen baseline's embeddings
+    hard_negatives: bool = True  # add each image's hard-negative caption (objects.json) as an extra wrong answer
     keep_ratio_range: tuple[float, float] = (0.1, 1.0)  # keep ratios sampled per batch in the pruned fine-tune
     num_images: int = 8000  # images in the generated synthetic dataset
     eval_images: int = 1000  # test images scored by the evaluation (the Flickr8k protocol uses 1,000)

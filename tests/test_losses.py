@@ -1,0 +1,29 @@
+import math
+
+import torch
+
+from training.losses import contrastive_loss, distill_loss
+
+
+def test_contrastive_loss_known_values():
+    e = torch.eye(3)
+    zero = torch.tensor(0.0)  # logit scale exp(0) = 1
+    # Logits are the identity: each row's cross-entropy is log(e + 2) - 1.
+    expected = math.log(math.e + 2) - 1
+    assert contrastive_loss(e, e, zero).item() == pytest_approx(expected)
+    # A hard negative equal to the true caption adds one more logit of 1 on the image side only.
+    with_hard = contrastive_loss(e, e, zero, hard_text=e)
+    i2t = math.log(2 * math.e + 3) - 1
+    assert with_hard.item() == pytest_approx(0.5 * (i2t + expected))
+
+
+def test_distill_loss():
+    a = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    assert distill_loss(a, a).item() == pytest_approx(0.0)
+    assert distill_loss(a, -a).item() == pytest_approx(2.0)
+
+
+def pytest_approx(x):
+    import pytest
+
+    return pytest.approx(x, abs=1e-5)
