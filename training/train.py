@@ -100,15 +100,19 @@ def step_seed(seed: int, epoch: int, step: int) -> int:
     return (seed * 1_000_003 + epoch * 10_007 + step) % (2**31 - 1)
 
 
-def param_groups(params: list[tuple[str, nn.Parameter]], lr: float, wd: float) -> list[dict[str, Any]]:
-    """AdamW groups: no weight decay on biases, norms, embeddings and the temperature."""
-    decay, no_decay = [], []
+def param_groups(
+    params: list[tuple[str, nn.Parameter]], wd: float, predictor_scale: float = 1.0
+) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on biases, norms, embeddings and the temperature; the keep
+    predictors get `predictor_scale` times the learning rate (``lr_scale`` of each group)."""
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, p in params:
-        if p.ndim < 2 or "embed" in name or "cls_token" in name:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": wd, "lr": lr}, {"params": no_decay, "weight_decay": 0.0, "lr": lr}]
+        decays = not (p.ndim < 2 or "embed" in name or "cls_token" in name)
+        groups.setdefault((decays, name.startswith("visual.predictors.")), []).append(p)
+    return [
+        {"params": ps, "weight_decay": wd if decays else 0.0, "lr_scale": predictor_scale if pred else 1.0}
+        for (decays, pred), ps in sorted(groups.items())
+    ]
 
 
 # ----------------------------------------------------------------------------- resume state
@@ -178,7 +182,8 @@ def run_phase(
         trains_in_pruned = name.startswith("visual.")
         p.requires_grad_(trains_in_pruned if pruned else not name.startswith("visual.predictors."))
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(param_groups(params, peak, tcfg.weight_decay), lr=peak, betas=(0.9, 0.98), eps=1e-6)
+    groups = param_groups(params, tcfg.weight_decay, tcfg.predictor_lr_scale if pruned else 1.0)
+    opt = torch.optim.AdamW(groups, lr=peak, betas=(0.9, 0.98), eps=1e-6)
     net: nn.Module = model
     if dd.world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[dd.local_rank] if device.type == "cuda" else None)
@@ -215,7 +220,7 @@ def run_phase(
                 global_step = epoch * steps_per_epoch + step
                 lr = lr_at(global_step, total, peak, min(tcfg.warmup_steps, total // 4 + 1))
                 for g in opt.param_groups:
-                    g["lr"] = lr
+                    g["lr"] = lr * g["lr_scale"]
                 images, ids = images.to(device), ids.to(device)
                 hard = None
                 if hard_negatives is not None:
