@@ -1,0 +1,337 @@
+"""The Gradio app end to end: a real `python app.py` server driven through `gradio_client`.
+
+One server (default preset, random weights, 196 patches) serves the whole module.
+It starts with the Hub pointed at a closed port and ``HF_HUB_OFFLINE`` unset, so
+its start-up also proves that a local checkpoint folder needs no network.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from app_server import EXAMPLES, ROOT, running_app
+from conftest import make_checkpoints
+
+gradio_client = pytest.importorskip("gradio_client")
+from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+
+P = 196  # patches of the default preset: 14 x 14
+SCENE = EXAMPLES / "scene_7005.png"
+CAPTION = "a little green cross in the bottom right corner"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("app")
+    ckpt = make_checkpoints(folder / "ckpt", "default")
+    env = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": ""}  # the Hub is unreachable; offline mode off
+    with running_app(ckpt, folder / "server.log", "--no-warmup", "--no-prefill", env=env) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return Client(server.url, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    """Every upload the tests send, written once with Pillow."""
+    d = tmp_path_factory.mktemp("uploads")
+
+    def save(name: str, image: Image.Image, **kw) -> Path:
+        image.save(d / name, **kw)
+        return d / name
+
+    out = {
+        "wide": save("wide.png", Image.new("RGB", (160, 96), (30, 160, 60))),
+        "rgba": save("rgba.png", Image.new("RGBA", (40, 30), (0, 0, 255, 100))),
+        "16bit": save("16bit.png", Image.fromarray(np.linspace(0, 65535, 48 * 40).astype(np.uint16).reshape(40, 48))),
+        "cmyk": save("cmyk.jpg", Image.new("CMYK", (32, 24), (0, 255, 255, 0)), quality=95),
+        "tiny": save("tiny.png", Image.new("RGB", (1, 3), (200, 10, 10))),
+    }
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees: a 60x40 file is a 40x60 picture
+    out["exif"] = save("exif.jpg", Image.new("RGB", (60, 40), (220, 20, 20)), quality=95, exif=exif)
+
+    (d / "not_image.png").write_bytes(b"this is plain text, not a picture\n" * 10)
+    (d / "empty.png").write_bytes(b"")
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "PNG")
+    (d / "truncated.png").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    # A decompression bomb that costs nothing to build: a 1x1 PNG whose header claims 50000x50000.
+    bomb = bytearray(_png(Image.new("1", (1, 1))))
+    bomb[16:24] = struct.pack(">II", 50_000, 50_000)
+    bomb[29:33] = struct.pack(">I", zlib.crc32(bytes(bomb[12:29])))
+    (d / "bomb.png").write_bytes(bytes(bomb))
+    out.update({k: d / f"{k}.png" for k in ("not_image", "empty", "truncated", "bomb")})
+    assert Image.open(out["16bit"]).mode.startswith("I;16") and Image.open(out["cmyk"]).mode == "CMYK"
+    return out
+
+
+def _png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def analyze(client: Client, image: Path, caption: str = CAPTION, method: str = "learned", keep_ratio: float = 0.5):
+    return client.predict(handle_file(str(image)), caption, method, keep_ratio, api_name="/analyze")
+
+
+# ----------------------------------------------------------------------------- the contract
+
+
+def test_one_public_endpoint_with_the_contract_inputs(client):
+    info = client.view_api(return_format="dict", print_info=False)
+    assert list(info["named_endpoints"]) == ["/analyze"]
+    assert not info["unnamed_endpoints"]
+    params = info["named_endpoints"]["/analyze"]["parameters"]
+    assert [p["parameter_name"] for p in params] == ["image", "caption", "method", "keep_ratio"]
+    assert [p["component"] for p in params] == ["Image", "Textbox", "Radio", "Slider"]
+    returns = info["named_endpoints"]["/analyze"]["returns"]
+    assert [r["component"] for r in returns] == ["Image", "Json"]
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.3])
+def test_analyze_shape_tokens_and_gmacs(client, files, ratio):
+    overlay, d = analyze(client, files["wide"], method="learned", keep_ratio=ratio)
+    assert {"method", "keep_ratio", "baseline", "pruned"} <= set(d)
+    assert d["method"] == "learned" and d["keep_ratio"] == ratio
+    assert {"score", "tokens", "gmacs", "latency_ms"} <= set(d["baseline"])
+    assert {"score", "tokens", "tokens_per_stage", "gmacs", "latency_ms"} <= set(d["pruned"])
+    for side in ("baseline", "pruned"):
+        assert -1.0 <= d[side]["score"] <= 1.0 and d[side]["latency_ms"] > 0
+    assert d["baseline"]["tokens"] == P
+    assert d["pruned"]["tokens"] == round(P * ratio)
+    stages = d["pruned"]["tokens_per_stage"]
+    assert stages[0] == P and stages[-1] == round(P * ratio) and stages == sorted(stages, reverse=True)
+    assert d["pruned"]["gmacs"] < d["baseline"]["gmacs"]
+    with Image.open(overlay) as im:  # a real image file, of the input's size
+        im.load()
+        assert im.format == "PNG" and im.size == (160, 96)
+
+
+def test_api_accepts_none_the_baseline(client):
+    _, d = analyze(client, SCENE, method="none", keep_ratio=0.5)
+    assert d["pruned"]["tokens_per_stage"] == [P, P, P]
+    assert d["pruned"]["score"] == d["baseline"]["score"]
+    assert d["pruned"]["gmacs"] == d["baseline"]["gmacs"]
+
+
+@pytest.mark.parametrize("method", ["cls_attention", "tome", "random"])
+def test_training_free_methods_at_keep_ratio_one_are_the_baseline(client, method):
+    overlay, d = analyze(client, SCENE, method=method, keep_ratio=1.0)
+    assert d["pruned"]["score"] == d["baseline"]["score"]
+    assert d["pruned"]["tokens"] == P and d["pruned"]["gmacs"] == d["baseline"]["gmacs"]
+    assert Image.open(overlay).size == (336, 336)
+
+
+def test_text_guided_follows_the_caption(client):
+    _, a = analyze(client, SCENE, "a green cross at the bottom right", "text_guided", 0.3)
+    _, b = analyze(client, SCENE, "a green diamond at the bottom left", "text_guided", 0.3)
+    assert a["pruned"]["tokens"] == b["pruned"]["tokens"] == round(P * 0.3)
+    assert a["baseline"]["score"] != b["baseline"]["score"]  # the caption reached the model
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+
+BAD = [
+    # (id, image key or None for the good scene, caption, method, keep ratio, words the message must contain)
+    ("not-an-image", "not_image", CAPTION, "learned", 0.5, "not an image"),
+    ("truncated-png", "truncated", CAPTION, "learned", 0.5, "truncated"),
+    ("empty-file", "empty", CAPTION, "learned", 0.5, "empty"),
+    ("decompression-bomb", "bomb", CAPTION, "learned", 0.5, "too large"),
+    ("empty-caption", None, "", "learned", 0.5, "caption"),
+    ("whitespace-caption", None, " \n\t ", "learned", 0.5, "caption"),
+    ("caption-over-10k", None, "a red circle " * 1000, "learned", 0.5, "caption"),
+    ("emoji-only-caption", None, "🙂🙂🙂", "learned", 0.5, "caption"),
+    ("unknown-method", None, CAPTION, "magic", 0.5, "method"),
+    ("keep-ratio-0", None, CAPTION, "learned", 0, "keep ratio"),
+    ("keep-ratio-1.5", None, CAPTION, "learned", 1.5, "keep ratio"),
+]
+
+
+@pytest.mark.parametrize("key, caption, method, ratio, words", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_input_gets_a_message(client, files, key, caption, method, ratio, words):
+    image = files[key] if key else SCENE
+    with pytest.raises(AppError) as info:
+        analyze(client, image, caption, method, ratio)
+    message = str(info.value)
+    assert words in message.lower(), message
+    assert "Traceback" not in message and "upstream Gradio app has raised an exception" not in message
+    assert any(w in message.lower() for w in ("image", "caption", "method", "keep ratio", "file")), message
+
+
+def test_server_survives_bad_inputs(client, files, server):
+    for key in ("bomb", "not_image", "truncated"):
+        with pytest.raises(AppError):
+            analyze(client, files[key])
+    _, d = analyze(client, SCENE)
+    assert d["pruned"]["tokens"] == round(P * 0.5)
+    assert server.proc.poll() is None
+    assert "Traceback" not in server.output()  # bad input is expected: nothing is logged as a crash
+
+
+# ----------------------------------------------------------------------------- odd but valid inputs
+
+
+@pytest.mark.parametrize(
+    "key, size",
+    [("rgba", (40, 30)), ("16bit", (48, 40)), ("cmyk", (32, 24)), ("tiny", (1, 3)), ("exif", (40, 60))],
+)
+def test_odd_images_work(client, files, key, size):
+    overlay, d = analyze(client, files[key], keep_ratio=0.3)
+    assert d["pruned"]["tokens"] == round(P * 0.3)
+    assert Image.open(overlay).size == size  # EXIF orientation applied: 60x40 on disk, 40x60 shown
+
+
+def test_overlay_of_a_16bit_image_is_not_washed_out(client, files):
+    overlay, _ = analyze(client, files["16bit"], method="random", keep_ratio=1.0)  # nothing dimmed
+    pixels = np.asarray(Image.open(overlay).convert("L"), dtype=np.float32)
+    assert pixels.min() < 60 and pixels.max() > 190  # the 0..65535 ramp kept its range
+
+
+@pytest.mark.parametrize(
+    "caption", ["a yellow star ⭐ in the middle 🙂", "<script>alert('x')</script> a green <b>cross</b>"]
+)
+def test_odd_captions_work(client, caption):
+    _, d = analyze(client, SCENE, caption, "text_guided", 0.5)
+    assert d["pruned"]["tokens"] == round(P * 0.5)
+    assert "<script" not in json.dumps(d)  # the readout echoes nothing executable
+
+
+# ----------------------------------------------------------------------------- serving
+
+
+def test_concurrent_requests_for_the_same_image(server):
+    errors: list[BaseException] = []
+    sizes: list[tuple[int, int]] = []
+
+    def worker() -> None:
+        c = Client(server.url, verbose=False)
+        for _ in range(3):
+            try:
+                overlay, d = analyze(c, SCENE, keep_ratio=0.5)
+                sizes.append(Image.open(overlay).size)
+                assert d["pruned"]["tokens"] == round(P * 0.5)
+            except BaseException as e:  # noqa: BLE001 - collected, asserted below
+                errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=240)
+    assert not errors, errors
+    assert sizes == [(336, 336)] * 12
+    assert "LocalProtocolError" not in server.output()
+
+
+def test_starts_offline_and_fast(server):
+    # The fixture pointed HF_ENDPOINT at a closed port: a Hub call would hang or fail, not answer quickly.
+    assert server.start_s < 60, f"app.py took {server.start_s:.0f} s to answer"
+    assert "huggingface.co" not in server.output()
+
+
+def test_missing_checkpoints_exit_with_a_clear_message(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "app.py"), "--checkpoints", str(tmp_path / "nonexistent")],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: No checkpoints at") and "python -m training.train" in last
+
+
+# ----------------------------------------------------------------------------- presentation helpers (in-process)
+
+
+@pytest.fixture(scope="module")
+def app_module():
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    import app
+
+    return app
+
+
+def _texts(fig) -> str:
+    return " ".join(t.get_text() for ax in fig.axes for t in ax.texts)
+
+
+def test_tradeoff_plot_without_metrics_says_how_to_make_them(app_module):
+    fig = app_module.tradeoff_figure(None, "learned", 0.5, 0.2)
+    assert "python -m training.evaluate" in _texts(fig) and "metrics.json" in _texts(fig)
+    assert app_module.tradeoff_figure({"rows": []}, "learned", 0.5, 0.2).axes[0].texts
+
+
+def test_tradeoff_plot_marks_the_current_point(app_module):
+    rows = [
+        {"method": "none", "keep_ratio": 1.0, "gmacs": 0.30, "mean_r1": 40.0, "pair_acc": 80.0},
+        # mean_r1 absent: computed from the two directions
+        {"method": "learned", "keep_ratio": 1.0, "gmacs": 0.30, "r1_i2t": 42.0, "r1_t2i": 38.0, "pair_acc": 80.0},
+        {"method": "learned", "keep_ratio": 0.4, "gmacs": 0.16, "r1_i2t": 32.0, "r1_t2i": 28.0, "pair_acc": 70.0},
+        {"method": "learned", "keep_ratio": 0.2, "gmacs": 0.10, "r1_i2t": None, "r1_t2i": None, "pair_acc": None},
+        {"method": "text_guided", "keep_ratio": 0.4, "gmacs": 0.16, "r1_i2t": None, "r1_t2i": None, "pair_acc": 75.0},
+    ]
+    fig = app_module.tradeoff_figure({"rows": rows}, "learned", 0.7, 0.23)
+    r1_axis, pair_axis = fig.axes
+    star = [ln for ln in r1_axis.lines if ln.get_marker() == "*"]
+    assert len(star) == 1
+    x, y = star[0].get_xdata()[0], star[0].get_ydata()[0]
+    assert x == pytest.approx(0.23) and y == pytest.approx(35.0)  # halfway between R@1 30 (0.4) and 40 (1.0)
+    fig = app_module.tradeoff_figure({"rows": rows}, "text_guided", 0.4, 0.16)
+    r1_axis, pair_axis = fig.axes
+    assert not [ln for ln in r1_axis.lines if ln.get_marker() == "*"]  # no R@1 for text_guided...
+    assert "no text_guided results" in " ".join(t.get_text() for t in r1_axis.texts)
+    assert [ln for ln in pair_axis.lines if ln.get_marker() == "*"]  # ...but a pair accuracy
+
+
+@pytest.mark.parametrize("bad", [0, -0.1, 1.5, "abc", None, True, float("nan"), float("inf")])
+def test_keep_ratio_parsing_rejects(app_module, bad):
+    with pytest.raises(ValueError, match="keep ratio"):
+        app_module.parse_keep_ratio(bad, 196)
+
+
+def test_keep_ratio_parsing_hits_the_slider_stops(app_module):
+    assert app_module.parse_keep_ratio(0.15000000000000002, 196) == 0.15
+    assert app_module.parse_keep_ratio("0.5", 196) == 0.5 and app_module.parse_keep_ratio(1, 196) == 1.0
+
+
+def test_image_payloads(app_module):
+    assert app_module.image_source({"path": "/tmp/x.png", "url": None}) == "/tmp/x.png"
+    assert app_module.image_source({"path": None, "url": "data:image/png;base64,aGVsbG8="}) == b"hello"
+    for bad in (None, "/etc/passwd", {"path": None, "url": "http://example.com/x.png"}):
+        with pytest.raises(ValueError, match="image"):
+            app_module.image_source(bad)
+
+
+def test_output_files_are_unique_and_swept(app_module, tmp_path):
+    files = app_module.OutputFiles(tmp_path / "out", max_age_s=60, sweep_every_s=0)
+    image = Image.new("RGB", (8, 8), (1, 2, 3))
+    a, b, kept = files.save(image), files.save(image), files.save(image, keep=True)
+    assert len({a, b, kept}) == 3 and Image.open(a).format == "PNG"
+    old = time.time() - 120
+    for p in (a, kept):
+        os.utime(p, (old, old))
+    assert files.sweep(force=True) == 1
+    assert not Path(a).exists() and Path(b).exists() and Path(kept).exists()
+    files.remove()
+    assert not (tmp_path / "out").exists()
