@@ -7,11 +7,11 @@
 
 Phases:
 1. **baseline**: the dual encoder from scratch, symmetric contrastive loss.
-2. **pruned**: initialised from the baseline; the image tower is fine-tuned with
-   ``learned`` pruning active (DynamicViT-style Gumbel top-k masks, so the predictor
-   gets gradients), a keep ratio drawn per batch from ``keep_ratio_range`` so one
-   checkpoint serves the whole slider, contrastive loss against the frozen text tower
-   plus cosine distillation to the frozen baseline's image embeddings.
+2. **pruned**: initialised from the baseline; the keep predictors train with
+   ``learned`` pruning active (DynamicViT-style Gumbel top-k masks with straight-through
+   gradients, so the predictors learn), a keep ratio drawn per batch from
+   ``keep_ratio_range`` so one checkpoint serves the whole slider, contrastive loss plus
+   cosine distillation to the frozen baseline's image embeddings. The towers stay frozen.
 3. **evaluate**: `training.evaluate` writes metrics.json, report.md and tradeoff.png.
 
 Every random choice derives from ``--seed`` and the (epoch, step), and the resume
@@ -100,19 +100,12 @@ def step_seed(seed: int, epoch: int, step: int) -> int:
     return (seed * 1_000_003 + epoch * 10_007 + step) % (2**31 - 1)
 
 
-def param_groups(
-    params: list[tuple[str, nn.Parameter]], wd: float, predictor_scale: float = 1.0
-) -> list[dict[str, Any]]:
-    """AdamW groups: no weight decay on biases, norms, embeddings and the temperature; the keep
-    predictors get `predictor_scale` times the learning rate (``lr_scale`` of each group)."""
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+def param_groups(params: list[tuple[str, nn.Parameter]], wd: float) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on biases, norms, embeddings and the temperature."""
+    decay, no_decay = [], []
     for name, p in params:
-        decays = not (p.ndim < 2 or "embed" in name or "cls_token" in name)
-        groups.setdefault((decays, name.startswith("visual.predictors.")), []).append(p)
-    return [
-        {"params": ps, "weight_decay": wd if decays else 0.0, "lr_scale": predictor_scale if pred else 1.0}
-        for (decays, pred), ps in sorted(groups.items())
-    ]
+        (no_decay if p.ndim < 2 or "embed" in name or "cls_token" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 # ----------------------------------------------------------------------------- resume state
@@ -176,14 +169,13 @@ def run_phase(
     peak = tcfg.pruned_lr if pruned else tcfg.lr
     device = torch.device(args.device)
 
-    # Baseline: the predictors stay idle. Pruned: the text tower and temperature are frozen,
-    # so both checkpoints score against one caption embedding.
+    # Baseline: everything but the idle predictors trains. Pruned: only the predictors train; the
+    # frozen towers keep both checkpoints on one caption embedding, and straight-through gradients
+    # never reach (and degrade) the backbone.
     for name, p in model.named_parameters():
-        trains_in_pruned = name.startswith("visual.")
-        p.requires_grad_(trains_in_pruned if pruned else not name.startswith("visual.predictors."))
+        p.requires_grad_(name.startswith("visual.predictors.") == pruned)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = param_groups(params, tcfg.weight_decay, tcfg.predictor_lr_scale if pruned else 1.0)
-    opt = torch.optim.AdamW(groups, lr=peak, betas=(0.9, 0.98), eps=1e-6)
+    opt = torch.optim.AdamW(param_groups(params, tcfg.weight_decay), lr=peak, betas=(0.9, 0.98), eps=1e-6)
     net: nn.Module = model
     if dd.world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[dd.local_rank] if device.type == "cuda" else None)
@@ -220,7 +212,7 @@ def run_phase(
                 global_step = epoch * steps_per_epoch + step
                 lr = lr_at(global_step, total, peak, min(tcfg.warmup_steps, total // 4 + 1))
                 for g in opt.param_groups:
-                    g["lr"] = lr * g["lr_scale"]
+                    g["lr"] = lr
                 images, ids = images.to(device), ids.to(device)
                 hard = None
                 if hard_negatives is not None:

@@ -92,7 +92,13 @@ def _policy_attention(
 ) -> torch.Tensor:
     """DynamicViT's softmax with a keep policy: dropped keys get no weight, yet the
     policy stays differentiable. Every token still attends to itself, so rows never
-    empty out."""
+    empty out.
+
+    The softmax is stabilised by the largest logit among the *kept* keys: DynamicViT
+    subtracts the largest of all keys, and when a dropped key's logit is far above the
+    kept ones every kept weight underflows, the epsilon takes over and attention turns
+    uniform over all tokens, dropped ones included (training then diverged here).
+    """
     N = q.shape[-2]
     logits = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, h, N, N)
     if bias is not None:
@@ -100,7 +106,10 @@ def _policy_attention(
     eye = torch.eye(N, dtype=q.dtype, device=q.device)
     keep = policy[:, None, None, :]  # (B, 1, 1, N)
     keep = keep + (1.0 - keep) * eye
-    weights = (logits - logits.amax(-1, keepdim=True)).exp() * keep
+    live = keep.detach() > 0.5
+    top = logits.detach().masked_fill(~live, float("-inf")).amax(-1, keepdim=True)
+    # Dropped keys above the kept maximum are capped before exp: their weight is 0 anyway.
+    weights = (logits - top).clamp(max=30.0).exp() * keep
     eps = 1e-6
     weights = (weights + eps / N) / (weights.sum(-1, keepdim=True) + eps)
     return weights @ v

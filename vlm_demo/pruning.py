@@ -377,8 +377,12 @@ def gumbel_topk_mask(
     """A hard top-k keep mask whose gradient flows to `logits` (straight-through).
 
     Gumbel noise explores during training; the forward value is exactly k ones per
-    row, so training sees the same token budget as inference, and the backward pass
-    uses the gradient of ``sigmoid(logits / tau)``.
+    row, so training sees the same token budget as inference. The backward pass uses
+    the gradient of ``sigmoid(logits / tau)`` on the *dropped* tokens only: there it
+    asks "would letting this token in lower the loss?", which is the keep decision.
+    On a kept token the same gradient asks whether to weight it *more than fully*, a
+    different question; with it the predictor learned to rank object patches last
+    (object recall 0.13 at keep ratio 0.3, against 0.30 for random).
 
     Args:
         logits: (B, n) keep logits.
@@ -396,4 +400,4 @@ def gumbel_topk_mask(
         noisy = noisy.masked_fill(~alive, -math.inf)
     hard = torch.zeros_like(logits).scatter_(1, noisy.topk(k, dim=1).indices, 1.0)
     soft = torch.sigmoid(logits / tau)
-    return hard + soft - soft.detach()
+    return hard + (soft - soft.detach()) * (1.0 - hard)
