@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from app_server import EXAMPLES, ROOT, free_port, running_app  # noqa: E402
 
 CAPTION = "a large red circle at the top left"
