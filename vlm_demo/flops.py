@@ -25,7 +25,6 @@ import json
 import logging
 import math
 import warnings
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -185,17 +184,3 @@ def closed_form_gmacs(
     macs += 5 * C + C * E  # final norm and projection of the CLS token
     return batch * macs / 1e9
 
-
-def table(cfg: ModelConfig, methods: Sequence[str], keep_ratios: Sequence[float], batch: int = 1) -> list[dict]:
-    """fvcore and closed-form GMACs for a grid of (method, keep ratio)."""
-    return [
-        {
-            "method": m,
-            "keep_ratio": r,
-            "tokens": tokens_per_block(cfg, m, r),
-            "gmacs": gmacs(cfg, m, r, batch),
-            "closed_form_gmacs": closed_form_gmacs(cfg, m, r, batch),
-        }
-        for m in methods
-        for r in keep_ratios
-    ]
