@@ -257,9 +257,8 @@ class Session:
         bs32 = None
         if batch32:
             big = pixels.expand(32, -1, -1, -1).contiguous()
-            big_spec = PruneSpec(method, spec.keep_ratio, text=spec.text, seed=seed)
             bs32 = interleaved(
-                {"baseline": lambda: self.baseline.encode_image(big), "pruned": lambda: model.encode_image(big, big_spec)},
+                {"baseline": lambda: self.baseline.encode_image(big), "pruned": lambda: model.encode_image(big, spec)},
                 repeats=3,
                 warmup=1,
             )

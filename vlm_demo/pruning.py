@@ -194,7 +194,8 @@ def topk_keep(x: torch.Tensor, scores: torch.Tensor, k: int, fuse_weights: torch
     B, N, C = x.shape
     n = N - 1
     if k >= n:
-        return Reduction(x=x, source=_identity(x).source, rep=_identity(x).rep, scores=scores)
+        ident = _identity(x)
+        return Reduction(x=x, source=ident.source, rep=ident.rep, scores=scores)
     cls, patches = _prefix(x)
     keep = scores.topk(k, dim=1).indices.sort(dim=1).values  # (B, k)
     kept = patches.gather(1, keep.unsqueeze(-1).expand(-1, -1, C))  # (B, k, C)
@@ -311,7 +312,8 @@ def tome(x: torch.Tensor, k: int, sig: Signals) -> Reduction:
     n = N - 1
     size = sig.size if sig.size is not None else torch.ones(B, N, dtype=x.dtype, device=x.device)
     if k >= n:
-        return Reduction(x=x, source=_identity(x).source, rep=_identity(x).rep, size=size)
+        ident = _identity(x)
+        return Reduction(x=x, source=ident.source, rep=ident.rep, size=size)
     metric = _need(sig.keys, "tome", "the keys of the previous block")
     source = torch.arange(n, device=x.device).expand(B, -1)
     rep = source
