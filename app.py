@@ -1,6 +1,6 @@
 """Visual token pruning explorer: a thin Gradio page over `vlm_demo.api`.
 
-    python app.py [--checkpoints DIR_OR_HUB_REPO] [--host 127.0.0.1] [--port 7860] [--device cpu]
+    python app.py [--checkpoints DIR_OR_HUB_REPO] [--host 127.0.0.1] [--port 7860] [--device cpu] [--queue-size 64]
 
 Everything that computes lives in `vlm_demo.api`; this file only lays out the
 page, turns an `Analysis` into widgets and files, and wires events.
@@ -18,6 +18,7 @@ import argparse
 import atexit
 import base64
 import binascii
+import ctypes
 import functools
 import html
 import json
@@ -36,6 +37,7 @@ from typing import Any
 
 import gradio as gr
 import matplotlib
+from gradio.utils import get_upload_folder
 
 matplotlib.use("Agg")
 from matplotlib.figure import Figure  # noqa: E402  (after choosing the backend)
@@ -54,6 +56,8 @@ DEFAULT_REPEATS = 10
 DEFAULT_STYLE = api.overlay.STYLES[0]
 SLIDER_RATIOS = [round(0.05 * i, 2) for i in range(1, 21)]  # the slider's stops, warmed at start-up
 DEDUPE_S = 1.0  # a live event identical to the run that ended less than this long ago is a duplicate
+MAX_UPLOAD_BYTES = 10 * 1024 * 1024  # launch(max_file_size=...), and the same cap on images sent inline
+QUEUE_SIZE = 64  # requests that may wait for the model; more are answered "busy" (HTTP 503)
 GENERIC_ERROR = "Something went wrong analysing this image; try another image."
 
 # (label, value): the order of the selector. "none" is accepted by the API but not offered here.
@@ -66,8 +70,9 @@ METHOD_CHOICES = [
 ]
 METHOD_LABELS = {value: label for label, value in METHOD_CHOICES} | {"none": "No pruning"}
 METHOD_NOTES = {
-    "learned": "A small MLP trained with the model scores every patch and the top-k go on (DynamicViT). "
-    "Runs the fine-tuned *pruned* checkpoint.",
+    "learned": "A small MLP per stage, trained to rank patches like the baseline's caption saliency, scores every "
+    "patch; the top-k go on and the rest are fused into one background token that keeps their weight (DynamicViT "
+    "predictor). Runs the *pruned* checkpoint: the baseline plus the trained predictors.",
     "cls_attention": "Keeps the patches the CLS token attends to most, averaged over heads (EViT). Training-free.",
     "text_guided": "Keeps the patches closest to the caption's embedding, so editing the caption moves them "
     "(query-aware, FastV / SparseVLM idea). Training-free.",
@@ -160,7 +165,8 @@ def image_source(payload: Any) -> str | bytes:
     The events run with ``preprocess=False`` so that Gradio never opens the
     file itself (its preprocessing decodes bombs in full and turns non-images
     into opaque errors); `vlm_demo.images` decodes it safely inside the api.
-    Gradio has already checked that the path is an upload of this server.
+    Where the path may point is checked by `uploaded_only`. An inline
+    ``data:`` image gets the same size cap as an upload.
     """
     if payload is None:
         raise ValueError("Upload an image first (PNG, JPEG, WebP, GIF, BMP or TIFF).")
@@ -169,11 +175,30 @@ def image_source(payload: Any) -> str | bytes:
             return str(payload["path"])
         url = payload.get("url") or ""
         if url.startswith("data:") and "," in url:
+            data = url.split(",", 1)[1]
+            if len(data) * 3 // 4 > MAX_UPLOAD_BYTES:
+                raise ValueError(f"The image is larger than {MAX_UPLOAD_BYTES // 2**20} MB; upload a smaller one.")
             try:
-                return base64.b64decode(url.split(",", 1)[1], validate=False)
+                return base64.b64decode(data, validate=False)
             except (binascii.Error, ValueError):
                 raise ValueError("The image data could not be read; upload the image as a file.") from None
     raise ValueError("The image must be an uploaded file (with gradio_client: handle_file(path)).")
+
+
+def uploaded_only(source: str | bytes, upload_folder: str) -> str | bytes:
+    """`source` if it is bytes or a file under Gradio's upload folder: no request may name another server file.
+
+    Gradio refuses a FileData payload (one with ``meta``) outside its upload
+    folder, but with ``preprocess=False`` it hands a bare ``{"path": ...}``
+    dict to the event untouched, so without this check a request could make
+    the app read any file on the server.
+    """
+    if isinstance(source, bytes):
+        return source
+    folder, path = os.path.realpath(upload_folder), os.path.realpath(source)
+    if os.path.commonpath([folder, path]) != folder:
+        raise ValueError("The image must be a file uploaded to this app (with gradio_client: handle_file(path)).")
+    return path
 
 
 def parse_keep_ratio(value: Any, num_patches: int) -> float:
@@ -330,11 +355,22 @@ class Explorer:
     being timed; Gradio's queue already runs model events one at a time.
     """
 
-    def __init__(self, session: api.Session, files: OutputFiles, lock: threading.Lock | None = None):
+    def __init__(
+        self, session: api.Session, files: OutputFiles, lock: threading.Lock | None = None,
+        upload_folder: str | None = None,
+    ):  # fmt: skip
         self.session, self.files = session, files
         self.lock = lock or threading.Lock()
+        self.upload_folder = upload_folder or get_upload_folder()
         self.num_patches = session.cfg.vision.num_patches
         self.context_length = session.tokenizer.context_length
+
+    def source(self, image: Any) -> str | bytes:
+        """What to decode. A `Path` is the app's own file (the prefilled example; no request can send one);
+        anything else came in a request, so it may only be image bytes or an upload."""
+        if isinstance(image, Path):
+            return str(image)
+        return uploaded_only(image_source(image), self.upload_folder)
 
     # ---- errors
 
@@ -357,7 +393,7 @@ class Explorer:
         self, image: Any, caption: Any, method: Any, keep_ratio: Any,
         style: str = DEFAULT_STYLE, repeats: Any = DEFAULT_REPEATS, batch32: bool = False,
     ) -> api.Analysis:  # fmt: skip
-        source = image_source(image)
+        source = self.source(image)
         ratio = parse_keep_ratio(keep_ratio, self.num_patches)
         repeats = int(max(1, min(50, round(float(repeats or DEFAULT_REPEATS)))))
         t0 = time.perf_counter()
@@ -399,7 +435,7 @@ class Explorer:
 
     def compare(self, image: Any, caption: Any, keep_ratio: Any, style: str) -> list[tuple[str, str]]:
         def run() -> list[tuple[str, str]]:
-            source = image_source(image)
+            source = self.source(image)
             ratio = parse_keep_ratio(keep_ratio, self.num_patches)
             with self.lock:
                 results = self.session.compare(source, caption, ratio, style=style)
@@ -459,8 +495,8 @@ def build_demo(
     if prefill and examples:
         try:
             # The process's first forward passes pay one-off costs: a throwaway run keeps them out of the timings.
-            app.analysis({"path": examples[0][0]}, examples[0][1], DEFAULT_METHOD, DEFAULT_KEEP_RATIO, repeats=1)
-            a = app.analysis({"path": examples[0][0]}, examples[0][1], DEFAULT_METHOD, DEFAULT_KEEP_RATIO)
+            app.analysis(Path(examples[0][0]), examples[0][1], DEFAULT_METHOD, DEFAULT_KEEP_RATIO, repeats=1)
+            a = app.analysis(Path(examples[0][0]), examples[0][1], DEFAULT_METHOD, DEFAULT_KEEP_RATIO)
             first = app.views(a, keep=True)
         except Exception:  # a page that opens empty is still a working page
             log.exception("could not prefill the first example")
@@ -632,9 +668,9 @@ def build_demo(
             api_name="analyze_live", api_visibility="private", trigger_mode="always_last", show_progress="minimal",
             **model_events,
         )  # fmt: skip
-        method.change(
-            lambda m: METHOD_NOTES.get(m, ""), method, method_note,
-            api_name="method_note", api_visibility="private", show_progress="hidden", queue=False,
+        method.change(  # unprocessed: Gradio's own check of a Radio echoes a bad value, unescaped, in its error
+            lambda m: METHOD_NOTES.get(m, "") if isinstance(m, str) else "", method, method_note,
+            api_name="method_note", api_visibility="private", show_progress="hidden", queue=False, preprocess=False,
         )  # fmt: skip
         compare_btn.click(
             app.compare, [image, caption, keep_ratio, style], gallery,
@@ -670,6 +706,23 @@ def warm_gmacs_in_background(
     return thread
 
 
+def limit_malloc_arenas(arenas: int = 2) -> bool:
+    """Cap glibc malloc's arenas, as ``MALLOC_ARENA_MAX`` would; returns whether it did.
+
+    Gradio runs handlers on a pool of up to 40 threads, and glibc gives threads
+    their own arenas (up to 8 per core), which keep what they once held: under
+    load the server's RSS crept up by about 50 MB a minute with no Python object
+    left behind. With 2 arenas it stays flat (tests/soak_app.py). A no-op off
+    glibc, or when ``MALLOC_ARENA_MAX`` is already set.
+    """
+    if os.environ.get("MALLOC_ARENA_MAX") or not sys.platform.startswith("linux"):
+        return False
+    try:
+        return ctypes.CDLL("libc.so.6").mallopt(-8, arenas) == 1  # -8: M_ARENA_MAX in <malloc.h>
+    except (OSError, AttributeError):  # not glibc (e.g. musl)
+        return False
+
+
 def _stop(signum: int, frame: Any) -> None:
     """SIGTERM (a stopped container, a test) closes the server like Ctrl-C, so the cleanup runs."""
     raise KeyboardInterrupt
@@ -685,11 +738,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="torch device (default: cpu)")
     p.add_argument("--no-warmup", action="store_true", help="skip the background GMACs warm-up (for tests)")
     p.add_argument("--no-prefill", action="store_true", help="open the page empty instead of analysing an example")
-    return p.parse_args(argv)
+    p.add_argument("--queue-size", type=int, default=QUEUE_SIZE,
+                   help=f"requests that may wait; more are answered 'busy' (default: {QUEUE_SIZE})")  # fmt: skip
+    args = p.parse_args(argv)
+    if args.queue_size < 1:
+        p.error("--queue-size must be at least 1")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    limit_malloc_arenas()  # before the server's threads start
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         session = api.load(args.checkpoints, args.device)
@@ -701,14 +760,14 @@ def main(argv: list[str] | None = None) -> None:
     atexit.register(files.remove)
     signal.signal(signal.SIGTERM, _stop)
     demo = build_demo(session, files=files, lock=lock, prefill=not args.no_prefill)
-    demo.queue(default_concurrency_limit=1, max_size=64)
+    demo.queue(default_concurrency_limit=1, max_size=args.queue_size)
     demo.launch(
         server_name=args.host,
         server_port=args.port,
         share=args.share,
         theme=gr.themes.Soft(),
         css=CSS,
-        max_file_size="10mb",
+        max_file_size=MAX_UPLOAD_BYTES,
         allowed_paths=[str(files.folder)],
         prevent_thread_lock=True,
     )

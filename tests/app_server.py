@@ -1,8 +1,9 @@
-"""Start `python app.py` in a subprocess on a free port, for the app and browser tests."""
+"""Start `python app.py` in a subprocess on a free port, for the app and browser tests; speak its protocol."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -11,9 +12,12 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "docs" / "examples"
@@ -79,3 +83,58 @@ def running_app(
         yield Server(url, proc, log, time.perf_counter() - t0)
     finally:
         _stop(proc)
+
+
+def wait_for_output(server: Server, text: str, timeout: float) -> float:
+    """Seconds until `text` shows in the server's log (e.g. the end of its warm-up).
+
+    Raises:
+        RuntimeError: the process exited, or `text` did not show within `timeout` seconds.
+    """
+    t0 = time.perf_counter()
+    while text not in server.output():
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"app.py exited with {server.proc.returncode}:\n{server.output()[-3000:]}")
+        if time.perf_counter() - t0 > timeout:
+            raise RuntimeError(f"{text!r} not in the app's log after {timeout:.0f} s:\n{server.output()[-3000:]}")
+        time.sleep(0.5)
+    return time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------- the page's own protocol, over plain HTTP
+
+
+def upload(url: str, path: Path, name: str | None = None) -> dict:
+    """POST a file to Gradio's upload route, as the page does; returns the FileData payload for an event."""
+    with open(path, "rb") as f:
+        r = httpx.post(f"{url}/gradio_api/upload", files={"files": (name or path.name, f)}, timeout=60)
+    r.raise_for_status()
+    return {"path": r.json()[0], "meta": {"_type": "gradio.FileData"}}
+
+
+def fn_index(url: str, api_name: str) -> int:
+    """The index the page uses for an event, private ones included (from /config)."""
+    deps = httpx.get(f"{url}/config", timeout=30).json()["dependencies"]
+    return next(d["id"] for d in deps if d.get("api_name") == api_name)
+
+
+def join(url: str, fn: int, data: list, session: str) -> httpx.Response:
+    """POST /queue/join as the page does: 200 with an event id, or an HTTP error (503 when the queue is full)."""
+    body = {"data": data, "fn_index": fn, "session_hash": session, "event_data": None, "trigger_id": None}
+    return httpx.post(f"{url}/gradio_api/queue/join", json=body, timeout=60)
+
+
+def completed(url: str, session: str, timeout: float = 120) -> dict:
+    """Read a session's event stream until its event completes; returns that message (output, success)."""
+    with httpx.stream("GET", f"{url}/gradio_api/queue/data", params={"session_hash": session}, timeout=timeout) as s:
+        for line in s.iter_lines():
+            if line.startswith("data:") and (msg := json.loads(line[5:])).get("msg") == "process_completed":
+                return msg
+    raise RuntimeError(f"no process_completed message for session {session}")
+
+
+def call(url: str, api_name: str, data: list) -> dict:
+    """Run any event, private ones included, the way the page runs it; returns the process_completed message."""
+    session = uuid.uuid4().hex
+    join(url, fn_index(url, api_name), data, session).raise_for_status()
+    return completed(url, session)

@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from training.losses import contrastive_loss, distill_loss
+from training.losses import contrastive_loss, distill_loss, keep_rank_loss
 
 
 def test_contrastive_loss_known_values():
@@ -21,6 +21,18 @@ def test_distill_loss():
     a = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
     assert distill_loss(a, a).item() == pytest_approx(0.0)
     assert distill_loss(a, -a).item() == pytest_approx(2.0)
+
+
+def test_keep_rank_loss_is_cross_entropy_to_the_normalised_saliency():
+    saliency = torch.tensor([[1.0, 3.0, 0.0, 4.0]])
+    q = saliency / 8
+    logits = torch.tensor([[0.2, -0.1, 0.5, 1.0]])
+    expected = -(q * torch.log_softmax(logits, 1)).sum().item()
+    assert keep_rank_loss(logits, saliency).item() == pytest_approx(expected)
+    # Its minimum is at logits = log(saliency) + c: the predictor learns the ranking, not a scale.
+    best = keep_rank_loss(torch.log(torch.tensor([[1.0, 3.0, 1e-9, 4.0]])) + 7, saliency)
+    assert best.item() < keep_rank_loss(logits, saliency).item()
+    assert best.item() == pytest_approx(-(q[q > 0] * q[q > 0].log()).sum().item())
 
 
 def pytest_approx(x):

@@ -109,17 +109,3 @@ def test_no_pickle_is_ever_loaded():
             text = path.read_text()
             assert "torch.load(" not in text, path
             assert "import torchvision" not in text and "from torchvision" not in text, path
-
-
-def test_policy_attention_equals_dropping_the_masked_keys():
-    # A dropped key with a huge logit must not take over (nor flatten) the kept tokens' attention.
-    from vlm_demo.model import _policy_attention
-
-    torch.manual_seed(0)
-    q, k, v = torch.randn(3, 1, 2, 5, 4).unbind(0)  # (B=1, h=2, N=5, d=4)
-    k[0, :, 3] = q[0, :, 0] * 50  # token 3 is what token 0 would attend to, overwhelmingly
-    policy = torch.tensor([[1.0, 1.0, 0.0, 0.0, 1.0]])
-    out = _policy_attention(q, k, v, policy, None)
-    keep = [0, 1, 4]
-    ref = torch.nn.functional.scaled_dot_product_attention(q[:, :, keep], k[:, :, keep], v[:, :, keep])
-    assert torch.allclose(out[:, :, keep], ref, atol=1e-5)

@@ -1,4 +1,4 @@
-"""Pruning methods: hand-worked examples, the common rules, and the learned scorer's gradients."""
+"""Pruning methods: hand-worked examples, the common rules, and the learned scorer's fused token."""
 
 import pytest
 import torch
@@ -131,13 +131,15 @@ def test_pruned_forward_keeps_cls_and_the_schedule(method):
     with torch.inference_mode():
         tokens_out, trace = model.visual.forward_features(pixels, spec)
     expected = keep_counts(196, 0.3, 2)
-    assert trace.tokens_per_stage() == [196, *expected]
-    assert tokens_out.shape == (2, 1 + expected[-1], 128)
+    fused = int(method == "learned")  # learned fuses its dropped patches into one more token
+    assert trace.tokens_per_stage() == [196, *(k + fused for k in expected)]
+    assert tokens_out.shape == (2, 1 + expected[-1] + fused, 128)
     for stage in trace.stages:
         assert stage.kept.shape[0] == 2  # one k for the whole batch
         assert stage.groups.shape == (2, 196)
-        assert ((stage.kept >= 0) & (stage.kept < 196)).all()
-    if method == "tome":
+        patches = stage.kept[:, : stage.kept.shape[1] - fused]  # a fused token's position is -1
+        assert ((patches >= 0) & (patches < 196)).all()
+    if method in ("tome", "learned"):
         assert (trace.stages[-1].groups >= 0).all()  # merging keeps every patch in some group
     else:
         assert (trace.stages[-1].groups >= 0).sum(1).tolist() == [expected[-1]] * 2
@@ -165,24 +167,28 @@ def test_spec_validation():
         PruneSpec("text_guided", 0.5)
 
 
-def test_learned_predictor_receives_gradients():
+def test_learned_keeps_top_logits_and_fuses_the_rest_by_size():
+    x = tokens()
+    logits = torch.tensor([[0.1, 0.9, 0.0, 0.5, -1.0, 0.2]])
+    red = pruning.learned(x, 2, Signals(learned=logits))
+    assert red.x[0, 1:3, 0].tolist() == [2.0, 4.0]  # patches 1 and 3, in their original order
+    assert red.x[0, 3, 0].item() == pytest.approx((1 + 3 + 5 + 6) / 4)  # the mean of the dropped four
+    assert red.size[0].tolist() == [1.0, 1.0, 1.0, 4.0]
+    assert red.rep[0].tolist() == [1, 3, -1] and red.source[0].tolist() == [2, 0, 2, 1, 2, 2]
+    # A second stage fuses the first one's token again, weighted by its size: still one fused token.
+    red2 = pruning.learned(red.x, 1, Signals(learned=torch.tensor([[0.0, 1.0, 99.0]]), size=red.size))
+    assert red2.x[0, 1, 0].item() == 4.0  # the fused token's logit of 99 does not keep it
+    assert red2.size[0].tolist() == [1.0, 1.0, 5.0]
+    assert red2.x[0, 2, 0].item() == pytest.approx((1 + 2 + 3 + 5 + 6) / 5)  # the mean of every dropped patch
+
+
+def test_learned_sizes_bias_attention_so_the_fused_token_weighs_its_patches():
     torch.manual_seed(0)
-    model = DualEncoder(get_preset("tiny").model).train()
-    z, trace = model.encode_image_with_trace(torch.randn(4, 3, 32, 32), PruneSpec("learned", 0.3, seed=1))
-    assert len(trace.stages) == 2 and trace.tokens_per_stage()[-1] == keep_counts(16, 0.3, 2)[-1]
-    (z @ torch.randn(z.shape[1])).sum().backward()
-    for predictor in model.visual.predictors:
-        grads = [p.grad for p in predictor.parameters()]
-        assert all(g is not None for g in grads)
-        assert all(g.abs().sum() > 0 for g in grads)
-
-
-def test_gumbel_topk_mask_is_hard_forward_soft_backward():
-    logits = torch.randn(3, 10, requires_grad=True)
-    alive = torch.ones(3, 10, dtype=torch.bool)
-    alive[:, :4] = False
-    mask = pruning.gumbel_topk_mask(logits, 3, 1.0, alive=alive, generator=torch.Generator().manual_seed(0))
-    assert mask.detach().sum(1).tolist() == [3.0, 3.0, 3.0]
-    assert mask.detach()[:, :4].sum() == 0  # dead tokens are never chosen again
-    (mask * torch.arange(10.0)).sum().backward()
-    assert logits.grad.abs().sum() > 0
+    model = DualEncoder(get_preset("default").model).eval()
+    with torch.inference_mode():
+        tokens_out, trace = model.visual.forward_features(torch.randn(2, 3, 112, 112), PruneSpec("learned", 0.3))
+    k = keep_counts(196, 0.3, 2)
+    assert trace.tokens_per_stage() == [196, k[0] + 1, k[1] + 1]  # a fused token included
+    assert tokens_out.shape[1] == 1 + k[1] + 1
+    assert (trace.stages[-1].groups >= 0).all()  # every patch is kept or inside the fused token
+    assert (trace.stages[-1].kept[:, -1] == -1).all()

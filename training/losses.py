@@ -32,3 +32,21 @@ def contrastive_loss(
 def distill_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """1 - cosine between the pruned student's and the frozen teacher's embeddings, averaged."""
     return (1.0 - F.cosine_similarity(student, teacher.detach(), dim=-1)).mean()
+
+
+def keep_rank_loss(logits: torch.Tensor, saliency: torch.Tensor) -> torch.Tensor:
+    """Listwise cross-entropy from a teacher's patch saliency to a keep predictor's logits.
+
+    The target is the saliency normalised to a distribution over the patches, so the
+    predictor learns the teacher's ranking at every keep ratio at once (top-k of the
+    logits is what `learned` keeps, whatever k is).
+
+    Args:
+        logits: (B, n) keep logits.
+        saliency: (B, n) non-negative importances; a row of zeros is ignored.
+
+    Returns:
+        The mean over rows of ``-sum(q * log_softmax(logits))``.
+    """
+    q = saliency / saliency.sum(1, keepdim=True).clamp_min(1e-12)
+    return -(q * F.log_softmax(logits, dim=1)).sum(1).mean()

@@ -7,11 +7,13 @@
 
 Phases:
 1. **baseline**: the dual encoder from scratch, symmetric contrastive loss.
-2. **pruned**: initialised from the baseline; the keep predictors train with
-   ``learned`` pruning active (DynamicViT-style Gumbel top-k masks with straight-through
-   gradients, so the predictors learn), a keep ratio drawn per batch from
-   ``keep_ratio_range`` so one checkpoint serves the whole slider, contrastive loss plus
-   cosine distillation to the frozen baseline's image embeddings. The towers stay frozen.
+2. **pruned**: initialised from the baseline; the DynamicViT-style keep predictors
+   learn to rank patches like the frozen baseline's saliency (`training.saliency`: the
+   gradient norm of the image-caption cosine at each stage's input), with a listwise
+   loss that serves every keep ratio at once. The towers stay frozen, so both
+   checkpoints share one caption embedding. Each step also reports, without training
+   on it, the cosine distillation loss of the pruned embedding to the baseline's at a
+   keep ratio drawn from ``keep_ratio_range``: the log shows it fall as the predictors learn.
 3. **evaluate**: `training.evaluate` writes metrics.json, report.md and tradeoff.png.
 
 Every random choice derives from ``--seed`` and the (epoch, step), and the resume
@@ -42,7 +44,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from training.data import TrainDataset, load_objects, load_splits, make_collate
-from training.losses import contrastive_loss, distill_loss
+from training.losses import contrastive_loss, distill_loss, keep_rank_loss
+from training.saliency import stage_saliency
 from vlm_demo.config import ModelConfig, Preset, TrainConfig, get_preset
 from vlm_demo.model import DualEncoder, atomic_folder, load_checkpoint, save_checkpoint
 from vlm_demo.pruning import PruneSpec
@@ -96,7 +99,7 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
 
 
 def step_seed(seed: int, epoch: int, step: int) -> int:
-    """A seed for one step's keep ratio and Gumbel noise, independent of earlier steps."""
+    """A seed for one step's random draws (the monitored keep ratio), independent of earlier steps."""
     return (seed * 1_000_003 + epoch * 10_007 + step) % (2**31 - 1)
 
 
@@ -170,14 +173,13 @@ def run_phase(
     device = torch.device(args.device)
 
     # Baseline: everything but the idle predictors trains. Pruned: only the predictors train; the
-    # frozen towers keep both checkpoints on one caption embedding, and straight-through gradients
-    # never reach (and degrade) the backbone.
+    # frozen towers keep both checkpoints on one caption embedding.
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith("visual.predictors.") == pruned)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     opt = torch.optim.AdamW(param_groups(params, tcfg.weight_decay), lr=peak, betas=(0.9, 0.98), eps=1e-6)
     net: nn.Module = model
-    if dd.world > 1:
+    if dd.world > 1 and not pruned:  # the predictors are called directly; their gradients are averaged by hand
         net = nn.parallel.DistributedDataParallel(model, device_ids=[dd.local_rank] if device.type == "cuda" else None)
 
     per_rank = max(1, tcfg.batch_size // dd.world)
@@ -191,7 +193,9 @@ def run_phase(
         raise ValueError(f"{len(dataset)} training images are fewer than one batch of {per_rank}; lower --batch-size.")
     total = epochs * steps_per_epoch
     state_dir = Path(args.out) / ".resume" / phase
-    meta = {"epoch_done": 0, "losses": [], "seconds_per_epoch": []}
+    meta: dict[str, Any] = {"epoch_done": 0, "losses": [], "seconds_per_epoch": []}
+    if pruned:
+        meta["distill"] = []  # per epoch: mean monitored distillation loss at the drawn keep ratios
     if args.resume:
         restored = load_state(state_dir, model, opt)
         if restored is not None:
@@ -206,7 +210,7 @@ def run_phase(
         if teacher is not None:
             teacher.eval()
         t0 = time.perf_counter()
-        loss_sum, n = 0.0, 0
+        loss_sum, distill_sum, n = 0.0, 0.0, 0
         with _progress(steps_per_epoch, f"{phase} {epoch + 1}/{epochs}", dd.main and not args.quiet) as bar:
             for step, (images, ids, index) in enumerate(loader):
                 global_step = epoch * steps_per_epoch + step
@@ -218,22 +222,26 @@ def run_phase(
                 if hard_negatives is not None:
                     hard = tokenizer.encode_batch([hard_negatives[i] for i in index.tolist()]).to(device)
                 if pruned:
+                    assert teacher is not None
+                    with torch.no_grad():
+                        text = teacher.encode_text(ids)
+                    tokens, saliency, target = stage_saliency(teacher, images, text)
+                    predictors = model.visual.predictors
+                    loss = sum(keep_rank_loss(f(t), s) for f, t, s in zip(predictors, tokens, saliency)) / len(tokens)
                     g = torch.Generator().manual_seed(step_seed(args.seed, epoch, step))
                     keep = lo + (hi - lo) * float(torch.rand((), generator=g))
-                    spec = PruneSpec("learned", keep, seed=step_seed(args.seed + 1, epoch, step))
-                    with torch.no_grad():
-                        text = model.encode_text(ids)
-                        hard_text = None if hard is None else model.encode_text(hard)
-                        target = teacher.encode_image(images)
-                    z, _ = net(images, prune=spec)
-                    loss = contrastive_loss(z, text, model.logit_scale, hard_text)
-                    loss = loss + tcfg.distill_weight * distill_loss(z, target)
+                    with torch.no_grad():  # monitored, not trained on: top-k has no gradient
+                        distill_sum += distill_loss(model.encode_image(images, PruneSpec("learned", keep)), target).item()
                 else:
                     img, txt = net(images, ids=ids)
                     hard_text = None if hard is None else model.encode_text(hard)
                     loss = contrastive_loss(img, txt, model.logit_scale, hard_text)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if pruned and dd.world > 1:
+                    for _, p in params:
+                        dist.all_reduce(p.grad)
+                        p.grad /= dd.world
                 nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
                 opt.step()
                 with torch.no_grad():
@@ -246,10 +254,15 @@ def run_phase(
         meta["epoch_done"] = epoch + 1
         meta["losses"].append(loss_sum / n)
         meta["seconds_per_epoch"].append(seconds)
+        monitor = ""
+        if pruned:
+            meta["distill"].append(distill_sum / n)
+            monitor = f"  distill@keep~U{tuple(tcfg.keep_ratio_range)} {distill_sum / n:.4f}"
         if dd.main:
             log.info(
-                "%s epoch %d/%d  loss %.4f  lr %.2e  %.1f s", phase, epoch + 1, epochs, loss_sum / n, lr, seconds
-            )
+                "%s epoch %d/%d  loss %.4f  lr %.2e  %.1f s%s", phase, epoch + 1, epochs, loss_sum / n, lr, seconds,
+                monitor,
+            )  # fmt: skip
             save_state(state_dir, model, opt, meta)
         dd.barrier()
     return meta
@@ -351,7 +364,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                 losses=meta["losses"], seconds_per_epoch=_median(meta["seconds_per_epoch"]),
                                 epoch_seconds=meta["seconds_per_epoch"], **facts)  # fmt: skip
                 bank = [c for caps in splits["test"].captions for c in caps]
-                (out / CAPTION_BANK_FILE).write_text(json.dumps({"split": "test", "captions": bank}))
+                tmp = out / f".{CAPTION_BANK_FILE}.tmp"  # written whole, then renamed: a kill leaves no half file
+                tmp.write_text(json.dumps({"split": "test", "captions": bank}))
+                os.replace(tmp, out / CAPTION_BANK_FILE)
             summary["baseline"] = meta
             dd.barrier()
 

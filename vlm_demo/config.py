@@ -46,7 +46,6 @@ class PruningConfig:
     stages: tuple[int, ...] = (1, 3)  # block indices that a pruning stage runs *before*; after block 0, the
     # tokens have context, and pruning early is where the cost goes down (most MACs sit in the blocks)
     predictor_hidden: int = 64  # hidden size of the learned (DynamicViT-style) keep-score MLP, one per stage
-    gumbel_tau: float = 1.0  # temperature of the Gumbel noise and of the straight-through soft mask in training
     fuse_dropped: bool = False  # cls_attention only: fuse the dropped tokens into one extra token (EViT option)
 
 
@@ -86,14 +85,12 @@ class TrainConfig:
     baseline_epochs: int = 9  # epochs of contrastive training from scratch (about 3 min each on 2 cores)
     pruned_epochs: int = 1  # epochs of training the keep predictors, initialised from the baseline (~9 min)
     lr: float = 1e-3  # peak AdamW learning rate for the baseline
-    pruned_lr: float = 1e-3  # peak learning rate of the keep predictors in the pruned fine-tune. The backbone stays
-    # frozen there: updating it through the straight-through gradients wrecked it (loss 0.6 -> 12 within 150 steps,
-    # at backbone rates 3e-4 and 3e-5 alike), so the pruned checkpoint is the baseline plus trained predictors
+    pruned_lr: float = 1e-3  # peak learning rate of the keep predictors; the towers stay frozen in that phase, so
+    # the pruned checkpoint is the baseline plus trained predictors (see training/train.py)
     weight_decay: float = 0.05  # AdamW weight decay (not on norms, biases, embeddings)
     warmup_steps: int = 100  # linear warm-up before cosine decay
-    distill_weight: float = 1.0  # weight of the cosine distillation to the frozen baseline's embeddings
     hard_negatives: bool = True  # add each image's hard-negative caption (objects.json) as an extra wrong answer
-    keep_ratio_range: tuple[float, float] = (0.1, 1.0)  # keep ratios sampled per batch in the pruned fine-tune
+    keep_ratio_range: tuple[float, float] = (0.1, 1.0)  # keep ratios the pruned phase monitors (one per batch)
     num_images: int = 8000  # images in the generated synthetic dataset
     eval_images: int = 1000  # test images scored by the evaluation (the Flickr8k protocol uses 1,000)
     num_workers: int = 0  # DataLoader workers; 0 keeps CPU runs deterministic and light

@@ -39,7 +39,7 @@ ZERO_MAC_OPS = (
     "aten::gelu", "aten::softmax", "aten::log", "aten::exp", "aten::sigmoid", "aten::mean", "aten::sum",
     "aten::amax", "aten::max", "aten::linalg_vector_norm", "aten::clamp", "aten::clamp_min", "aten::expand_as",
     "aten::topk", "aten::sort", "aten::argsort", "aten::gather", "aten::scatter", "aten::scatter_",
-    "aten::scatter_add", "aten::lt", "aten::gt", "aten::ge", "aten::eq", "aten::where", "aten::masked_fill",
+    "aten::scatter_add", "aten::scatter_add_", "aten::clone", "aten::lt", "aten::gt", "aten::ge", "aten::eq", "aten::where", "aten::masked_fill",
     "aten::rand", "aten::log_", "aten::full", "aten::full_like", "aten::ones", "aten::zeros", "aten::eye",
     "aten::index", "aten::index_put_", "aten::arange", "aten::fill_", "aten::copy_", "aten::empty",
     "aten::empty_like", "aten::repeat", "aten::flatten", "aten::cat", "aten::stack", "aten::detach",
@@ -144,7 +144,10 @@ def tokens_per_block(cfg: ModelConfig, method: str, keep_ratio: float, fuse: boo
     n, out = P, []
     for i in range(cfg.vision.depth):
         if i in stages:
-            n = counts[stages.index(i)] + (1 if fuse and method == "cls_attention" and counts[stages.index(i)] < n else 0)
+            k = counts[stages.index(i)]
+            # learned fuses whatever it has dropped so far into one token; EViT fuses each stage's drop.
+            fused = (method == "learned" and k < P) or (fuse and method == "cls_attention" and k < n)
+            n = k + fused
         out.append(1 + n)
     return out
 

@@ -10,7 +10,8 @@ Limits (both are keyword arguments of `load_image`):
 - ``max_pixels`` (default `DEFAULT_MAX_PIXELS`, 40 million): the decompression-
   bomb limit on width * height. It is checked from the file header, before any
   pixel data is decoded, so a tiny file that claims to be 100,000 x 100,000
-  pixels costs nothing. Pillow's own global guard (`PIL.Image.MAX_IMAGE_PIXELS`)
+  pixels costs nothing. WebP, which decodes through three full-size buffers,
+  gets a third of it. Pillow's own global guard (`PIL.Image.MAX_IMAGE_PIXELS`)
   is not relied on and is never changed permanently: when ``max_pixels`` is
   above it, it is raised for the duration of the header read only, under a
   lock, and restored afterwards.
@@ -34,7 +35,7 @@ import warnings
 import zlib
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS: int = 40_000_000  # width * height; ~160 MB as RGBA, checked before decoding
 DEFAULT_MAX_SIDE: int = 1024  # longer side after loading; the models use 112-224 px anyway
@@ -61,6 +62,23 @@ _DECODE_ERRORS: tuple[type[BaseException], ...] = (
     RuntimeError,
 )
 
+# libwebp decodes into its own canvas, which Pillow copies into a bytes object
+# and then into the image: three full-size RGBA buffers where other formats need
+# one, so WebP gets a third of the pixel budget (and of the decode time).
+_WEBP_COST = 3
+
+# EXIF orientation -> the transpose that displays the image upright (as in
+# Pillow's ImageOps.exif_transpose, applied here to the downsized image).
+_EXIF_TRANSPOSE: dict[int, Image.Transpose] = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
 # Serialises the header read: it is the only code that touches process-wide
 # state (the warnings filters and, sometimes, Image.MAX_IMAGE_PIXELS), and
 # Gradio calls handlers from several threads.
@@ -86,7 +104,8 @@ def load_image(
             image (its current frame is used; the caller's image is not changed,
             though a lazily opened one gets loaded).
         max_pixels: reject images with more than this many pixels
-            (width * height), judged from the header before decoding.
+            (width * height; a third of it for WebP), judged from the header
+            before decoding.
         max_side: downsize images whose longer side exceeds this, keeping the
             aspect ratio; each side of the result is at least 1 px.
 
@@ -106,7 +125,7 @@ def load_image(
     if isinstance(source, Image.Image):
         # The caller owns this image: never close it, and skip `draft`, which
         # would change its size in place.
-        _check_pixels(source.size, max_pixels)
+        _check_pixels(source.size, max_pixels, source.format)
         _decode(source)
         return _finish(source, max_side)
 
@@ -114,7 +133,7 @@ def load_image(
     # animated images keep reading it after load(). Every step in `_finish`
     # returns a new image, so the result outlives the file.
     with _open_stream(source) as stream, _open_header(stream, max_pixels) as image:
-        _check_pixels(image.size, max_pixels)
+        _check_pixels(image.size, max_pixels, image.format)
         if image.format in ("JPEG", "MPO"):
             target = _fit(image.size, max_side)
             if target != image.size:
@@ -212,18 +231,21 @@ def _open_header(stream: io.BufferedIOBase | io.BytesIO, max_pixels: int) -> Ima
         raise ValueError(f"The image file is truncated or corrupt: {error}") from error
 
 
-def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:
-    """Raise the user-facing bomb error if `size` has more than `max_pixels` pixels."""
+def _check_pixels(size: tuple[int, int], max_pixels: int, fmt: str | None = None) -> None:
+    """Raise the user-facing bomb error if `size` has more pixels than `fmt` may decode."""
     width, height = size
     if width < 1 or height < 1:
         raise ValueError(f"The image has no pixels (size {width}x{height}).")
-    if width * height > max_pixels:
-        raise ValueError(_too_large_message(max_pixels, f"it is {width}x{height} = {width * height:,} pixels"))
+    limit, kind = max_pixels, ""
+    if fmt == "WEBP":
+        limit, kind = max(1, max_pixels // _WEBP_COST), " for WebP, which takes three times the memory to decode"
+    if width * height > limit:
+        raise ValueError(_too_large_message(limit, f"it is {width}x{height} = {width * height:,} pixels", kind))
 
 
-def _too_large_message(max_pixels: int, detail: str) -> str:
+def _too_large_message(max_pixels: int, detail: str, kind: str = "") -> str:
     return (
-        f"The image is too large to load safely ({detail}; the limit is {max_pixels:,} pixels). "
+        f"The image is too large to load safely ({detail}; the limit is {max_pixels:,} pixels{kind}). "
         "Please upload a smaller image."
     )
 
@@ -242,20 +264,61 @@ def _decode(image: Image.Image) -> None:
 
 
 def _finish(image: Image.Image, max_side: int) -> Image.Image:
-    """Orient, convert to RGB and downsize a decoded image (always returns a new image)."""
-    try:
-        oriented = ImageOps.exif_transpose(image)
-    except _DECODE_ERRORS:
-        # Broken EXIF should not cost the user their upload: the pixels are
-        # fine, only the orientation hint is lost.
-        oriented = image.copy()
-    rgb = _to_rgb(oriented)
+    """Downsize, convert to RGB and orient a decoded image (always returns a new image).
+
+    Shrinking comes first and orienting last, on the small image: converting and
+    orienting at full size made up to five full-size copies (0.9 GB and 4 s for
+    a 40 M-pixel RGBA PNG of 170 kB).
+    """
+    transpose = _orientation(image)
+    rgb = _to_rgb(_shrink(image, max_side))
     target = _fit(rgb.size, max_side)
     if target != rgb.size:
         # reducing_gap box-filters by an integer factor first: much faster on
         # big images, and indistinguishable at these output sizes.
         rgb = rgb.resize(target, Image.Resampling.LANCZOS, reducing_gap=3.0)
-    return rgb
+    return rgb if transpose is None else rgb.transpose(transpose)
+
+
+def _orientation(image: Image.Image) -> Image.Transpose | None:
+    """The transpose that the image's EXIF (or XMP) orientation asks for, if any."""
+    try:
+        return _EXIF_TRANSPOSE.get(image.getexif().get(ExifTags.Base.Orientation))
+    except _DECODE_ERRORS:
+        # Broken EXIF should not cost the user their upload: the pixels are
+        # fine, only the orientation hint is lost.
+        return None
+
+
+def _shrink(image: Image.Image, max_side: int) -> Image.Image:
+    """Box-average a big image down by an integer factor, in (nearly) its own mode.
+
+    The result's longer side stays at least `max_side`, so the LANCZOS resize in
+    `_finish` still sets the final size. Returns `image` itself when it is less
+    than twice `max_side`.
+    """
+    factor = max(image.size) // max_side
+    if factor < 2:
+        return image
+    if image.mode.startswith("I;16"):
+        # `reduce` refuses 16-bit modes; a BOX resize is the same average.
+        size = (max(1, image.width // factor), max(1, image.height // factor))
+        return image.resize(size, Image.Resampling.BOX, reducing_gap=None)
+    if _has_alpha(image) and image.mode not in ("RGBA", "RGBa", "LA", "La"):
+        # A transparent palette index or colour key would not survive averaging:
+        # make it a real alpha channel first (`reduce` premultiplies it).
+        image = image.convert("RGBA")
+    elif image.mode in ("1", "P"):
+        # Average levels and colours, not bits or palette indices.
+        image = image.convert("L" if image.mode == "1" else "RGB")
+    try:
+        return image.reduce(factor)
+    except ValueError:
+        return image  # a mode `reduce` does not know: `_finish` converts it at full size
+
+
+def _has_alpha(image: Image.Image) -> bool:
+    return image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or image.info.get("transparency") is not None
 
 
 def _fit(size: tuple[int, int], max_side: int) -> tuple[int, int]:
@@ -287,9 +350,8 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     if mode == "La":
         # Premultiplied luminance + alpha: Pillow has no direct La -> RGBA path.
         image, mode = image.convert("LA"), "LA"
-    has_alpha = mode in ("RGBA", "RGBa", "LA", "PA") or image.info.get("transparency") is not None
     try:
-        if has_alpha:
+        if _has_alpha(image):
             # Transparent pixels often hold arbitrary (frequently black) colour;
             # white is what viewers and browsers show, so the model sees that too.
             rgba = image.convert("RGBA")

@@ -7,8 +7,10 @@ full grid, C width, h heads, d head width, L caption length, E embedding size.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -16,18 +18,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
-from safetensors.torch import load_model
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .config import ModelConfig, PruningConfig, TextConfig, VisionConfig
-from .pruning import REGISTRY, KeepPredictor, PruneSpec, Signals, Stage, Trace, gumbel_topk_mask, keep_counts
-from .tokenizer import Tokenizer
+from .pruning import REGISTRY, KeepPredictor, PruneSpec, Signals, Stage, Trace, keep_counts
+from .tokenizer import VOCAB_FILE, Tokenizer
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")  # refused: loading them unpickles
 
 
 @dataclass
@@ -51,7 +55,6 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,
         bias: torch.Tensor | None = None,
-        policy: torch.Tensor | None = None,
         aux: tuple[bool, bool] = (False, False),
     ) -> tuple[torch.Tensor, BlockAux | None]:
         """Multi-head self-attention.
@@ -60,8 +63,6 @@ class Attention(nn.Module):
             x: (B, N, C).
             bias: additive logit bias broadcastable to (B, h, N, N): padding masks, or
                 ToMe's log(size) for proportional attention.
-            policy: (B, N) soft keep mask (training-time learned pruning): dropped tokens
-                are masked out as keys, as in DynamicViT.
             aux: (want CLS attention, want keys) for the next pruning stage.
 
         Returns:
@@ -80,39 +81,8 @@ class Attention(nn.Module):
                 out_aux.cls_attn = logits.softmax(-1).mean(1)[:, 0, 1:]  # (B, n)
             if aux[1]:
                 out_aux.keys = k.mean(1)[:, 1:]  # (B, n, d)
-        if policy is None:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        else:
-            y = _policy_attention(q, k, v, policy, bias)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return self.proj(y.transpose(1, 2).reshape(B, N, C)), out_aux
-
-
-def _policy_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, policy: torch.Tensor, bias: torch.Tensor | None
-) -> torch.Tensor:
-    """DynamicViT's softmax with a keep policy: dropped keys get no weight, yet the
-    policy stays differentiable. Every token still attends to itself, so rows never
-    empty out.
-
-    The softmax is stabilised by the largest logit among the *kept* keys: DynamicViT
-    subtracts the largest of all keys, and when a dropped key's logit is far above the
-    kept ones every kept weight underflows, the epsilon takes over and attention turns
-    uniform over all tokens, dropped ones included (training then diverged here).
-    """
-    N = q.shape[-2]
-    logits = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, h, N, N)
-    if bias is not None:
-        logits = logits + bias
-    eye = torch.eye(N, dtype=q.dtype, device=q.device)
-    keep = policy[:, None, None, :]  # (B, 1, 1, N)
-    keep = keep + (1.0 - keep) * eye
-    live = keep.detach() > 0.5
-    top = logits.detach().masked_fill(~live, float("-inf")).amax(-1, keepdim=True)
-    # Dropped keys above the kept maximum are capped before exp: their weight is 0 anyway.
-    weights = (logits - top).clamp(max=30.0).exp() * keep
-    eps = 1e-6
-    weights = (weights + eps / N) / (weights.sum(-1, keepdim=True) + eps)
-    return weights @ v
 
 
 class Block(nn.Module):
@@ -130,10 +100,9 @@ class Block(nn.Module):
         self,
         x: torch.Tensor,
         bias: torch.Tensor | None = None,
-        policy: torch.Tensor | None = None,
         aux: tuple[bool, bool] = (False, False),
     ) -> tuple[torch.Tensor, BlockAux | None]:
-        y, block_aux = self.attn(self.norm1(x), bias=bias, policy=policy, aux=aux)
+        y, block_aux = self.attn(self.norm1(x), bias=bias, aux=aux)
         x = x + y
         return x + self.mlp(self.norm2(x)), block_aux
 
@@ -177,9 +146,8 @@ class VisionTransformer(nn.Module):
     def forward_features(self, pixels: torch.Tensor, prune: PruneSpec | None = None) -> tuple[torch.Tensor, Trace]:
         """Run the blocks, pruning at each stage.
 
-        In training mode, ``learned`` keeps every token and masks attention with a
-        differentiable keep policy (so the predictor learns); everywhere else the
-        pruned tokens are really removed, so the later blocks cost less.
+        The pruned tokens are really removed (in training too), so the later blocks
+        cost less.
 
         Args:
             pixels: (B, 3, H, W).
@@ -195,70 +163,42 @@ class VisionTransformer(nn.Module):
         stages = self.pruning.stages if prune.active else ()
         counts = dict(zip(stages, keep_counts(self.cfg.num_patches, prune.keep_ratio, len(stages))))
         method = REGISTRY[prune.method]
-        soft = self.training and prune.method == "learned"
         want = (prune.method == "cls_attention", prune.method == "tome")
         generator = None
-        if prune.method == "random" or soft:
+        if prune.method == "random":
             generator = torch.Generator(device=pixels.device).manual_seed(prune.seed)
 
         groups = torch.arange(N - 1, device=x.device).expand(B, -1)  # (B, P) token of each original patch
         pos = groups  # (B, n) original patch each token stands for
         size: torch.Tensor | None = None  # (B, 1 + n) ToMe sizes
-        policy: torch.Tensor | None = None  # (B, 1 + n) soft keep mask (training-time learned)
         aux: BlockAux | None = None
         for i, block in enumerate(self.blocks):
             if i in counts:
                 k = counts[i]
                 si = stages.index(i)
-                if soft:
-                    policy, stage = self._soft_stage(x, policy, k, si, generator, i)
-                    trace.stages.append(stage)
-                else:
-                    sig = Signals(size=size, generator=generator, fuse=prune.fuse)
-                    if aux is not None:
-                        sig.cls_attn, sig.keys = aux.cls_attn, aux.keys
-                    if prune.method == "learned":
-                        sig.learned = self.predictors[si](x[:, 1:])
-                    elif prune.method == "text_guided":
-                        sig.text = self.patch_scores_against(x[:, 1:], prune.text.to(x.dtype))
-                    red = method(x, k, sig)
-                    stage_scores = None
-                    if red.scores is not None:
-                        # One spare column takes a fused token's score (its position is -1).
-                        stage_scores = torch.full((B, N), float("nan"), device=x.device)
-                        stage_scores.scatter_(1, torch.where(pos >= 0, pos, N - 1), red.scores.float())
-                        stage_scores = stage_scores[:, : N - 1]
-                    alive = groups >= 0
-                    groups = torch.where(alive, red.source.gather(1, groups.clamp_min(0)), groups)
-                    pos = torch.where(red.rep >= 0, pos.gather(1, red.rep.clamp_min(0)), red.rep)
-                    x, size = red.x, red.size
-                    trace.stages.append(Stage(block=i, kept=pos, groups=groups, scores=stage_scores))
+                sig = Signals(size=size, generator=generator, fuse=prune.fuse)
+                if aux is not None:
+                    sig.cls_attn, sig.keys = aux.cls_attn, aux.keys
+                if prune.method == "learned":
+                    sig.learned = self.predictors[si](x[:, 1:])
+                elif prune.method == "text_guided":
+                    sig.text = self.patch_scores_against(x[:, 1:], prune.text.to(x.dtype))
+                red = method(x, k, sig)
+                stage_scores = None
+                if red.scores is not None:
+                    # One spare column takes a fused token's score (its position is -1).
+                    stage_scores = torch.full((B, N), float("nan"), device=x.device)
+                    stage_scores.scatter_(1, torch.where(pos >= 0, pos, N - 1), red.scores.float())
+                    stage_scores = stage_scores[:, : N - 1]
+                alive = groups >= 0
+                groups = torch.where(alive, red.source.gather(1, groups.clamp_min(0)), groups)
+                pos = torch.where(red.rep >= 0, pos.gather(1, red.rep.clamp_min(0)), red.rep)
+                x, size = red.x, red.size
+                trace.stages.append(Stage(block=i, kept=pos, groups=groups, scores=stage_scores))
             bias = None if size is None else size.log()[:, None, None, :]
             next_is_stage = (i + 1) in counts
-            x, aux = block(x, bias=bias, policy=policy, aux=want if next_is_stage else (False, False))
+            x, aux = block(x, bias=bias, aux=want if next_is_stage else (False, False))
         return x, trace
-
-    def _soft_stage(
-        self,
-        x: torch.Tensor,
-        policy: torch.Tensor | None,
-        k: int,
-        si: int,
-        generator: torch.Generator | None,
-        block: int,
-    ) -> tuple[torch.Tensor, Stage]:
-        """Training-time learned stage: a Gumbel top-k mask with straight-through gradients."""
-        B, N, _ = x.shape
-        patch_policy = None if policy is None else policy[:, 1:]
-        logits = self.predictors[si](x[:, 1:], patch_policy)  # (B, n)
-        alive = None if patch_policy is None else patch_policy.detach() > 0.5
-        mask = gumbel_topk_mask(logits, k, self.pruning.gumbel_tau, alive=alive, generator=generator)
-        patch_policy = mask if patch_policy is None else patch_policy * mask
-        policy = torch.cat([torch.ones(B, 1, dtype=x.dtype, device=x.device), patch_policy], dim=1)
-        kept = (patch_policy.detach() > 0.5).nonzero()[:, 1].reshape(B, k)
-        groups = torch.full((B, N - 1), -1, dtype=torch.long, device=x.device)
-        groups.scatter_(1, kept, torch.arange(k, device=x.device).expand(B, -1))
-        return policy, Stage(block=block, kept=kept, groups=groups, scores=logits.detach().float())
 
     def forward_head(self, tokens: torch.Tensor) -> torch.Tensor:
         """Pool any number of tokens (the CLS token) and project: (B, N, C) -> (B, E)."""
@@ -354,15 +294,19 @@ def atomic_folder(folder: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling folder that replaces `folder` only if the block succeeds.
 
     An interrupted writer (even SIGKILL) leaves either the old folder or the new one,
-    never a half-written mix; a stale temporary folder starts with a dot.
+    never a half-written mix; a stale temporary folder starts with a dot. Killed
+    between its two renames, it leaves no `folder` and the previous one in
+    ``.<name>.old``. The next write into `folder` removes what killed writers left.
     """
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    _remove_stale_temporaries(folder)
+    # The pid in the name tells a later writer whether this one is still running.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-{os.getpid()}-", dir=folder.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint is meant to be shared
     try:
         yield tmp
-        old = folder.with_name(f".{folder.name}.old")
+        old = _old_folder(folder)
         if old.exists():
             shutil.rmtree(old)
         if folder.exists():
@@ -371,6 +315,28 @@ def atomic_folder(folder: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _old_folder(folder: Path) -> Path:
+    return folder.with_name(f".{folder.name}.old")
+
+
+def _remove_stale_temporaries(folder: Path) -> None:
+    """Delete the temporary folders of writers into `folder` that died (their pid is gone)."""
+    for tmp in folder.parent.glob(f".{glob.escape(folder.name)}.tmp-*"):
+        found = re.fullmatch(rf"\.{re.escape(folder.name)}\.tmp-(\d+)-\w+", tmp.name)
+        if found is None or not _process_exists(int(found.group(1))):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def save_checkpoint(model: DualEncoder, tokenizer: Tokenizer, folder: str | os.PathLike, **extra: Any) -> Path:
@@ -396,7 +362,15 @@ def save_checkpoint(model: DualEncoder, tokenizer: Tokenizer, folder: str | os.P
 
 
 def load_checkpoint(folder: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[DualEncoder, Tokenizer]:
-    """Load a checkpoint folder written by `save_checkpoint`; never touches the network.
+    """Load a checkpoint folder written by `save_checkpoint`; never touches the network, never unpickles.
+
+    Every file is checked before any weight is read, and each problem is a ValueError
+    that names the file: a missing file, a pickle (``.bin``, ``.pt``, ...) instead of
+    safetensors, a config.json that is not JSON or not a model, a truncated or corrupt
+    safetensors header, tensors missing, unexpected or misshapen for config.json, a
+    vocabulary the model cannot embed, and weights that are NaN or infinite.
+    safetensors has no checksum: a flipped byte inside the tensor data goes unnoticed
+    unless it makes a value NaN or infinite.
 
     Args:
         folder: a local folder with config.json, model.safetensors and vocab.json.
@@ -404,11 +378,95 @@ def load_checkpoint(folder: str | os.PathLike, device: str | torch.device = "cpu
 
     Returns:
         (model in eval mode, tokenizer).
+
+    Raises:
+        ValueError: the folder is not a complete, consistent checkpoint (see above).
     """
     folder = Path(folder)
-    missing = [f for f in (CONFIG_FILE, WEIGHTS_FILE) if not (folder / f).is_file()]
+    _check_checkpoint_files(folder)
+    config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    cfg, expected = _read_config(config_path)
+    tokenizer = Tokenizer.load(folder)
+    vocab_path = folder / VOCAB_FILE
+    if len(tokenizer) > cfg.text.vocab_size or tokenizer.context_length > cfg.text.context_length:
+        raise ValueError(
+            f"{vocab_path} does not fit {config_path}: {len(tokenizer)} words and captions of "
+            f"{tokenizer.context_length} tokens, but the text encoder has room for {cfg.text.vocab_size} words "
+            f"and {cfg.text.context_length} tokens. Save the checkpoint again with its own vocabulary."
+        )
+    _check_weights(weights_path, expected, config_path)
+    try:
+        # A local folder: the mixin reads config.json and model.safetensors and makes no Hub call.
+        model = DualEncoder.from_pretrained(str(folder), map_location=str(device), strict=True)
+    except (SafetensorError, RuntimeError, OSError) as error:
+        raise ValueError(f"{weights_path} could not be read: {error}") from error
+    for name, tensor in model.state_dict().items():
+        # numpy, not torch: a hundred tiny OpenMP kernels can stall for seconds on busy cores.
+        if tensor.is_floating_point() and not np.isfinite(tensor.detach().cpu().float().numpy()).all():
+            raise ValueError(
+                f"{weights_path}: tensor {name} holds NaN or infinite values (a corrupt file, or a run that "
+                "diverged). Use an earlier checkpoint or train again."
+            )
+    return model.to(device).eval(), tokenizer
+
+
+def _check_checkpoint_files(folder: Path) -> None:
+    """Raise a ValueError that says what is missing from `folder`, or which pickle it holds instead."""
+    if not folder.is_dir():
+        old = _old_folder(folder)
+        hint = f" A save into it was interrupted; the previous checkpoint is in {old}." if old.is_dir() else ""
+        raise ValueError(f"{folder} is not a checkpoint folder: it does not exist.{hint}")
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles and not (folder / WEIGHTS_FILE).is_file():
+        raise ValueError(
+            f"{folder / pickles[0]} is a pickle, which vlm_demo never loads (unpickling can run arbitrary code), "
+            f"and {folder} has no {WEIGHTS_FILE}. Convert the weights to safetensors, or save the model "
+            "with vlm_demo.model.save_checkpoint."
+        )
+    missing = [f for f in (CONFIG_FILE, WEIGHTS_FILE, VOCAB_FILE) if not (folder / f).is_file()]
     if missing:
         raise ValueError(f"{folder} is not a checkpoint folder: {', '.join(missing)} missing.")
-    # A local folder: the mixin reads config.json and model.safetensors and makes no Hub call.
-    model = DualEncoder.from_pretrained(str(folder), map_location=str(device))
-    return model.to(device).eval(), Tokenizer.load(folder)
+
+
+def _read_config(path: Path) -> tuple[ModelConfig, dict[str, tuple[int, ...]]]:
+    """The config in `path` and the shape of every tensor its model has."""
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}): the checkpoint is damaged; save it again.") from error
+    try:
+        cfg = ModelConfig.from_dict(data)
+        with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+            shapes = {name: tuple(t.shape) for name, t in DualEncoder(cfg).state_dict().items()}
+    except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as error:
+        raise ValueError(f"{path} does not describe a model vlm_demo can build: {error}") from error
+    return cfg, shapes
+
+
+def _check_weights(path: Path, expected: dict[str, tuple[int, ...]], config_path: Path) -> None:
+    """Read the safetensors header of `path` and compare its tensors with `expected`."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            found = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(
+            f"{path} is truncated or corrupt ({error}). Save the checkpoint again, or download it again."
+        ) from error
+    problems = []
+    if missing := sorted(expected.keys() - found.keys()):
+        problems.append(f"{len(missing)} tensor(s) missing ({_some(missing)})")
+    if unexpected := sorted(found.keys() - expected.keys()):
+        problems.append(f"{len(unexpected)} unexpected tensor(s) ({_some(unexpected)})")
+    misshapen = [f"{n} is {list(found[n])}, not {list(expected[n])}" for n in sorted(expected.keys() & found.keys())
+                 if found[n] != expected[n]]  # fmt: skip
+    if misshapen:
+        problems.append(f"{len(misshapen)} tensor(s) of the wrong shape ({_some(misshapen)})")
+    if problems:
+        raise ValueError(
+            f"{path} does not match {config_path}: {'; '.join(problems)}. Were the weights and the config "
+            "taken from different checkpoints, or was config.json edited?"
+        )
+
+
+def _some(items: list[str], n: int = 3) -> str:
+    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")

@@ -18,7 +18,7 @@ Each method maps the tokens of one stage and a keep count ``k`` to a
 | name | score | anchor |
 | --- | --- | --- |
 | none | - (identity) | baseline |
-| learned | trained MLP predictor (`KeepPredictor`) | DynamicViT, NeurIPS 2021 |
+| learned | trained MLP predictor (`KeepPredictor`); the rest fused into one size-weighted token | DynamicViT, NeurIPS 2021 |
 | cls_attention | CLS attention, mean over heads; optional fusion of the rest | EViT, ICLR 2022 |
 | text_guided | cosine of each patch (through the image head) with the caption embedding | FastV / SparseVLM idea |
 | tome | merges most similar pairs (keys), size-weighted, proportional attention | ToMe, ICLR 2023 |
@@ -228,8 +228,32 @@ def none(x: torch.Tensor, k: int, sig: Signals) -> Reduction:
 
 
 def learned(x: torch.Tensor, k: int, sig: Signals) -> Reduction:
-    """DynamicViT at inference: top-k of the trained predictor's logits."""
-    return topk_keep(x, _need(sig.learned, "learned", "predictor logits"), k)
+    """DynamicViT's predictor picks the k patches to keep; the rest become one background token.
+
+    The dropped tokens are fused into their size-weighted mean, and that token's size
+    (the patches it stands for) enters attention as ToMe's ``log(size)`` bias, so the
+    background keeps its share of attention. Without this, a selection that favours the
+    objects distorts the proportions the model has learned (how much of the picture an
+    object covers is what "large" and "small" mean): keeping every object patch and a
+    random rest scored 13 mean R@1 at keep ratio 0.3 on the baseline, against 31 for
+    random; with the fused token it scored 52. A fused token from an earlier stage is
+    always fused again, so there is at most one.
+    """
+    scores = _need(sig.learned, "learned", "predictor logits")
+    B, N, _ = x.shape
+    if k >= N - 1:
+        ident = _identity(x)
+        return Reduction(x=x, source=ident.source, rep=ident.rep, size=sig.size, scores=scores)
+    size = sig.size if sig.size is not None else torch.ones(B, N, dtype=x.dtype, device=x.device)
+    if sig.size is not None:  # the last token is the earlier stage's fused token
+        scores = scores.clone()
+        scores[:, -1] = -math.inf
+    red = topk_keep(x, scores, k, fuse_weights=size[:, 1:])
+    new_size = torch.zeros(B, red.x.shape[1], dtype=size.dtype, device=x.device)
+    new_size[:, 0] = size[:, 0]
+    new_size[:, 1:].scatter_add_(1, red.source, size[:, 1:])
+    red.size = new_size
+    return red
 
 
 def cls_attention(x: torch.Tensor, k: int, sig: Signals) -> Reduction:
@@ -355,51 +379,15 @@ class KeepPredictor(nn.Module):
         self.local = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, hidden), nn.GELU())
         self.head = nn.Sequential(nn.Linear(2 * hidden, hidden), nn.GELU(), nn.Linear(hidden, 1))
 
-    def forward(self, patches: torch.Tensor, policy: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
         """Keep logits.
 
         Args:
             patches: (B, n, C) patch tokens.
-            policy: (B, n) soft keep mask of the tokens still alive (training), or None.
 
         Returns:
             (B, n) logits; higher keeps.
         """
         h = self.local(patches)  # (B, n, H)
-        if policy is None:
-            g = h.mean(1, keepdim=True)
-        else:
-            g = (h * policy[..., None]).sum(1, keepdim=True) / policy.sum(1).clamp_min(1e-6)[:, None, None]
+        g = h.mean(1, keepdim=True)
         return self.head(torch.cat([h, g.expand_as(h)], dim=-1)).squeeze(-1)
-
-
-def gumbel_topk_mask(
-    logits: torch.Tensor, k: int, tau: float, alive: torch.Tensor | None = None, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """A hard top-k keep mask whose gradient flows to `logits` (straight-through).
-
-    Gumbel noise explores during training; the forward value is exactly k ones per
-    row, so training sees the same token budget as inference. The backward pass uses
-    the gradient of ``sigmoid(logits / tau)`` on the *dropped* tokens only: there it
-    asks "would letting this token in lower the loss?", which is the keep decision.
-    On a kept token the same gradient asks whether to weight it *more than fully*, a
-    different question; with it the predictor learned to rank object patches last
-    (object recall 0.13 at keep ratio 0.3, against 0.30 for random).
-
-    Args:
-        logits: (B, n) keep logits.
-        k: tokens to keep per row.
-        tau: temperature.
-        alive: (B, n) bool, tokens still present; dead ones are never chosen.
-        generator: seeded generator for the noise.
-
-    Returns:
-        (B, n) float mask: values in {0, 1}, gradients of the soft mask.
-    """
-    u = torch.rand(logits.shape, generator=generator, device=logits.device).clamp(1e-6, 1 - 1e-6)
-    noisy = logits.detach() - torch.log(-torch.log(u)) * tau
-    if alive is not None:
-        noisy = noisy.masked_fill(~alive, -math.inf)
-    hard = torch.zeros_like(logits).scatter_(1, noisy.topk(k, dim=1).indices, 1.0)
-    soft = torch.sigmoid(logits / tau)
-    return hard + (soft - soft.detach()) * (1.0 - hard)

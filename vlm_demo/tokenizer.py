@@ -84,8 +84,16 @@ class Tokenizer:
         path = Path(folder) / VOCAB_FILE
         if not path.is_file():
             raise ValueError(f"No {VOCAB_FILE} in {folder}: is this a checkpoint folder written by vlm_demo?")
-        data = json.loads(path.read_text())
-        itos = data["itos"]
+        try:
+            data = json.loads(path.read_text())
+            itos, context_length = data["itos"], data["context_length"]
+            words_ok = isinstance(itos, list) and all(isinstance(w, str) for w in itos)
+            if not words_ok or type(context_length) is not int:
+                raise TypeError("'itos' must be a list of words and 'context_length' an integer")
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
+            raise ValueError(
+                f"{path} is not a vocabulary written by vlm_demo ({error!r}); save the checkpoint again."
+            ) from error
         if tuple(itos[: len(SPECIALS)]) != SPECIALS:
             raise ValueError(f"{path} does not start with the special tokens {SPECIALS}.")
-        return cls(itos[len(SPECIALS):], data["context_length"])
+        return cls(itos[len(SPECIALS):], context_length)
