@@ -9,22 +9,27 @@ then runs `--concurrency` clients until the time is up. Every client opens a new
 session now and then, and mixes:
 - valid requests: the example images (docs/examples) x every method x keep
   ratios (slider stops and off-grid values);
-- invalid requests: non-image bytes, a truncated PNG, an empty file, a
-  decompression bomb, no image, empty, blank, 20,000-character and symbols-only
-  captions, unknown methods (one with HTML in it), keep ratios 0, -0.5, 1.5 and "abc";
+- invalid requests: tests/test_app.py's bad inputs (non-image bytes, a truncated
+  PNG, an empty file, a decompression bomb, empty, blank, over-long and emoji-only
+  captions, an unknown method, keep ratios 0 and 1.5), and no image, HTML as the
+  method, keep ratios -0.5 and "abc";
 - bursts: every `BURST_EVERY`-th request, all clients send the same valid request
-  at the same moment. Identical outputs written at once are the case that races
-  in Gradio's content-hash file cache (GRADIO6.md); the app writes uniquely named
-  files instead, and this is the proof.
+  at the same moment. Identical outputs are the case that races in Gradio's
+  content-hash file cache (GRADIO6.md): identical answers share one file, which
+  is rewritten while it may be downloaded. The app writes a uniquely named file
+  per answer instead; the soak downloads every overlay as the page would and
+  fails if two answers ever came in the same file (with the overlay returned as a
+  PIL image, i.e. through Gradio's cache, it does fail).
 
-Expected: a valid request answered with the right method, keep ratio and token
-count and a PNG overlay of the input's size, pixel-identical to every other answer
-to the same request; an invalid request refused with gradio_client's AppError
-whose message names the problem. Unexpected: everything else (another exception,
-a valid request refused or answered wrongly, an invalid one accepted, no answer
-within `REQUEST_TIMEOUT_S`) and every traceback or LocalProtocolError in the
-server's log. PASS: 0 unexpected errors and server RSS growth <= 10% from the
-end of the warm-up to the end. The exit status is 1 on FAIL.
+Expected: a valid request answered with the right method and keep ratio, in an
+overlay file of its own (a PNG of the input's size), pixel-identical and with the
+same tokens per stage as every other answer to the same request; an invalid
+request refused with gradio_client's AppError whose message names the problem.
+Unexpected: everything else (another exception, a valid request refused or
+answered wrongly, an invalid one accepted, no answer within `REQUEST_TIMEOUT_S`)
+and every traceback or LocalProtocolError in the server's log. PASS: 0
+unexpected errors and server RSS growth <= 10% from the end of the warm-up to the
+end. The exit status is 1 on FAIL.
 """
 
 from __future__ import annotations
@@ -34,21 +39,27 @@ import hashlib
 import io
 import itertools
 import json
+import math
 import random
 import sys
 import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import httpx
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
 from PIL import Image, ImageOps
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from app_server import EXAMPLES, ROOT, Server, running_app, wait_for_output  # noqa: E402
 from bench_app import pct, rss_mb  # noqa: E402
+from test_app import BAD, CAPTION  # noqa: E402  (the bad inputs, and the words their refusals must contain)
 
 from vlm_demo.pruning import METHODS  # noqa: E402
 
@@ -74,9 +85,13 @@ class Case:
 
     @property
     def args(self) -> tuple[Any, ...]:
-        from gradio_client import handle_file
-
         return (handle_file(str(self.image)) if self.image else None, self.caption, self.method, self.keep_ratio)
+
+
+def shown_size(image: Path) -> tuple[int, int]:
+    """The picture's size once EXIF orientation is applied: the overlay's size."""
+    with Image.open(image) as im:
+        return ImageOps.exif_transpose(im).size
 
 
 def valid_cases() -> list[Case]:
@@ -89,35 +104,29 @@ def valid_cases() -> list[Case]:
 
 
 def invalid_cases(folder: Path) -> list[Case]:
-    """The bad inputs, written into `folder`."""
+    """tests/test_app.py's bad inputs (one table for both) and a few more; the bad files go into `folder`."""
     scene = EXAMPLES / "scene_7000.png"
+    bomb = io.BytesIO()
+    Image.new("1", (8000, 8000)).save(bomb, "PNG")  # 64 MP in a few KB: over the loader's 40 MP limit
     files = {
-        "not_image.png": b"this is plain text, not a picture\n" * 20,
-        "truncated.png": scene.read_bytes()[: scene.stat().st_size // 2],
-        "empty.png": b"",
+        "not_image": b"this is plain text, not a picture\n" * 20,
+        "truncated": scene.read_bytes()[: scene.stat().st_size // 2],
+        "empty": b"",
+        "bomb": bomb.getvalue(),
     }
-    buf = io.BytesIO()
-    Image.new("1", (8000, 8000)).save(buf, "PNG")  # 64 MP in a few KB: over the loader's 40 MP limit
-    files["bomb.png"] = buf.getvalue()
-    for name, data in files.items():
-        (folder / name).write_bytes(data)
-    ok = "a large yellow star in the center"
-    bad_file = [("non-image bytes", "not_image.png", "not an image"), ("truncated PNG", "truncated.png", "truncated"),
-                ("empty file", "empty.png", "empty"), ("decompression bomb", "bomb.png", "too large")]  # fmt: skip
-    bad_value = [
-        ("no image", None, ok, "learned", 0.5, "image"),
-        ("empty caption", scene, "", "learned", 0.5, "caption"),
-        ("blank caption", scene, " \n\t ", "tome", 0.5, "caption"),
-        ("20,000-character caption", scene, "a red circle " * 1540, "learned", 0.5, "caption"),
-        ("symbols-only caption", scene, "🙂 ?! ⭐", "text_guided", 0.5, "caption"),
-        ("unknown method", scene, ok, "magic", 0.5, "method"),
-        ("HTML as method", scene, ok, "<img src=x onerror=alert(1)>", 0.5, "method"),
-        ("keep ratio 0", scene, ok, "learned", 0, "keep ratio"),
-        ("keep ratio -0.5", scene, ok, "random", -0.5, "keep ratio"),
-        ("keep ratio 1.5", scene, ok, "cls_attention", 1.5, "keep ratio"),
-        ("keep ratio 'abc'", scene, ok, "learned", "abc", "keep ratio"),
+    for key, data in files.items():
+        (folder / f"{key}.png").write_bytes(data)
+    cases = [
+        Case(name, folder / f"{key}.png" if key else scene, caption, method, ratio, words)
+        for name, key, caption, method, ratio, words in BAD
+        if key is None or key in files
     ]
-    return [Case(n, folder / f, ok, "learned", 0.5, w) for n, f, w in bad_file] + [Case(*c) for c in bad_value]
+    return cases + [
+        Case("no-image", None, CAPTION, "learned", 0.5, "image"),
+        Case("html-as-method", scene, CAPTION, "<img src=x onerror=alert(1)>", 0.5, "method"),
+        Case("keep-ratio-negative", scene, CAPTION, "random", -0.5, "keep ratio"),
+        Case("keep-ratio-text", scene, CAPTION, "tome", "abc", "keep ratio"),
+    ]
 
 
 @dataclass
@@ -140,12 +149,12 @@ class Tally:
 class Load:
     """`concurrency` gradio_client clients sending a seeded mix of `valid` and `invalid` cases."""
 
-    def __init__(self, url: str, valid: list[Case], invalid: list[Case], concurrency: int, download_dir: Path):
-        self.url, self.valid, self.invalid = url, valid, invalid
-        self.concurrency, self.download_dir = concurrency, download_dir
-        self.sizes = {c.image: ImageOps.exif_transpose(Image.open(c.image)).size for c in valid}
-        self.digests: dict[tuple[Any, ...], tuple[str, list[int]]] = {}  # request -> first answer
-        self.digest_lock = threading.Lock()
+    def __init__(self, url: str, valid: list[Case], invalid: list[Case], concurrency: int):
+        self.url, self.valid, self.invalid, self.concurrency = url, valid, invalid, concurrency
+        self.sizes = {image: shown_size(image) for image in {c.image for c in valid}}
+        self.answers: dict[tuple[Any, ...], tuple[str, list[int]]] = {}  # request -> (overlay pixels, tokens)
+        self.served_files: set[str] = set()  # the server's overlay files that answers came in
+        self.lock = threading.Lock()
 
     def run(self, seconds: float, seed: int = 0) -> Tally:
         tally, stop_at = Tally(), time.monotonic() + seconds
@@ -169,7 +178,6 @@ class Load:
             for i in itertools.count():
                 if time.monotonic() >= stop_at:
                     break
-                case = None
                 if i % BURST_EVERY == 0:
                     case = burst(i // BURST_EVERY)
                     if case is None:
@@ -194,25 +202,25 @@ class Load:
             t.join()
         return tally
 
-    def client(self, tally: Tally) -> Any:
-        from gradio_client import Client
-
+    def client(self, tally: Tally) -> Client | None:
         try:
-            return Client(self.url, verbose=False, download_files=str(self.download_dir))
+            return Client(self.url, verbose=False, download_files=False)  # answers name the server's files
         except Exception as e:  # noqa: BLE001 - counted, not raised
             with tally.lock:
                 tally.unexpected.append(f"new session: {type(e).__name__}: {e}")
             time.sleep(1.0)
             return None
 
-    def request(self, client: Any, case: Case, tally: Tally, in_burst: bool) -> None:
-        from gradio_client.exceptions import AppError
-
+    def request(self, client: Client, case: Case, tally: Tally, in_burst: bool) -> None:
         t0, elapsed, problem = time.perf_counter(), 0.0, None
         try:
             overlay, readout = client.submit(*case.args, api_name="/analyze").result(timeout=REQUEST_TIMEOUT_S)
-            elapsed = time.perf_counter() - t0
-            problem = "invalid input accepted" if case.reject else self.check(case, overlay, readout)
+            if case.reject:
+                problem = "invalid input accepted"
+            else:  # download the overlay as the page would, while other answers are being written
+                png = httpx.get(overlay["url"], timeout=REQUEST_TIMEOUT_S).raise_for_status().content
+                elapsed = time.perf_counter() - t0
+                problem = self.check(case, overlay["path"], png, readout)
         except AppError as e:
             message = str(e).strip()
             if case.reject is None:
@@ -233,20 +241,23 @@ class Load:
             if problem:
                 tally.unexpected.append(f"{case.name}: {problem}")
 
-    def check(self, case: Case, overlay: str, readout: dict[str, Any]) -> str | None:
+    def check(self, case: Case, server_path: str, png: bytes, readout: dict[str, Any]) -> str | None:
         """What is wrong with the answer to a valid request (None: nothing).
 
-        The answer must be for this request, and agree with every other answer to
+        The answer must be for this request, come in an overlay file that no
+        other answer came in (a file shared by two answers is a file that can be
+        rewritten while it is downloaded), and agree with every other answer to
         the same request: overlay pixels and tokens per stage (the model is
         deterministic, so any difference is a mixed-up or half-written answer).
         """
-        path = Path(overlay)
-        try:
-            with Image.open(path) as im:
-                im.load()
-                fmt, size, pixels = im.format, im.size, hashlib.sha1(im.tobytes()).hexdigest()
-        finally:
-            path.unlink(missing_ok=True)
+        with self.lock:
+            shared = server_path in self.served_files
+            self.served_files.add(server_path)
+        if shared:
+            return f"overlay file {server_path} was served for an earlier answer too"
+        with Image.open(io.BytesIO(png)) as im:
+            im.load()
+            fmt, size, pixels = im.format, im.size, hashlib.sha1(im.tobytes()).hexdigest()
         if fmt != "PNG" or size != self.sizes[case.image]:
             return f"overlay is {fmt} {size}, expected PNG {self.sizes[case.image]}"
         if readout["method"] != case.method or readout["keep_ratio"] != case.keep_ratio:
@@ -254,8 +265,8 @@ class Load:
         P, tokens = readout["baseline"]["tokens"], readout["pruned"]["tokens_per_stage"]
         if tokens[0] != P or sorted(tokens, reverse=True) != tokens or (case.method == "none" and tokens[-1] != P):
             return f"tokens per stage {tokens} (of {P} patches)"
-        with self.digest_lock:
-            first = self.digests.setdefault((case.image, case.caption, case.method, case.keep_ratio), (pixels, tokens))
+        with self.lock:
+            first = self.answers.setdefault((case.image, case.caption, case.method, case.keep_ratio), (pixels, tokens))
         return None if (pixels, tokens) == first else "answer differs from an earlier answer to the same request"
 
 
@@ -285,24 +296,31 @@ class Result:
 
 
 def log_problems(server: Server) -> list[str]:
-    """Crashes the server logged: every traceback and every truncated response."""
+    """The server's own failures: its exit, every traceback and every truncated response it logged."""
     out = server.output()
-    return [f"server log: {n} x {what}" for what in ("Traceback", "LocalProtocolError") if (n := out.count(what))]
+    exited = [f"server exited with {server.proc.returncode}"] if server.proc.poll() is not None else []
+    return exited + [f"server log: {n} x {w}" for w in ("Traceback", "LocalProtocolError") if (n := out.count(w))]
+
+
+def rss_now(server: Server) -> float:
+    """The server's resident set, MB (NaN once it has exited: the soak then fails)."""
+    try:
+        return rss_mb(server.proc.pid)[0]
+    except OSError:
+        return math.nan
 
 
 def soak(server: Server, seconds: float, concurrency: int, warmup_s: float, seed: int = 0) -> Result:
     """Load `server` for `warmup_s` (not counted, bar its errors), then for `seconds`; RSS before and after."""
     with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
-        tmp = Path(tmp)
-        (tmp / "downloads").mkdir()
-        load = Load(server.url, valid_cases(), invalid_cases(tmp), concurrency, tmp / "downloads")
+        load = Load(server.url, valid_cases(), invalid_cases(Path(tmp)), concurrency)
         warm = load.run(warmup_s, seed=seed + 1) if warmup_s > 0 else Tally()
-        samples = [rss_mb(server.proc.pid)[0]]
+        samples = [rss_now(server)]
         sampling = threading.Event()
 
         def sample() -> None:
             while not sampling.wait(5.0):
-                samples.append(rss_mb(server.proc.pid)[0])
+                samples.append(rss_now(server))
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
@@ -311,7 +329,7 @@ def soak(server: Server, seconds: float, concurrency: int, warmup_s: float, seed
         elapsed = time.perf_counter() - t0
         sampling.set()
         sampler.join()
-        samples.append(rss_mb(server.proc.pid)[0])
+        samples.append(rss_now(server))
     tally.unexpected[:0] = [f"warm-up: {e}" for e in warm.unexpected]
     return Result(elapsed, concurrency, tally, samples[0], samples[-1], samples, log_problems(server))
 
@@ -349,8 +367,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoints", default=str(ROOT / "checkpoints"))
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-
-    from importlib.metadata import version
 
     with tempfile.TemporaryDirectory(prefix="soak-server-") as tmp:
         with running_app(Path(args.checkpoints), Path(tmp) / "app.log") as server:
