@@ -234,7 +234,7 @@ def cost_rows(a: api.Analysis) -> list[list[str]]:
     """The cost table: tokens, GMACs and latency, baseline against pruned."""
     b, p = a.baseline, a.pruned
     rows = [
-        ["Patch tokens per stage", fmt_tokens(b.tokens_per_stage), fmt_tokens(p.tokens_per_stage),
+        ["Tokens per stage (CLS excluded; a fused token counts)", fmt_tokens(b.tokens_per_stage), fmt_tokens(p.tokens_per_stage),
          fmt_ratio(p.tokens, b.tokens)],
         ["GMACs, batch 1 (fvcore; 1 MAC = 2 FLOPs)", f"{b.gmacs:.4g}", f"{p.gmacs:.4g}", fmt_ratio(p.gmacs, b.gmacs)],
         ["Latency, batch 1 (ms, median ± IQR)", fmt_ms(b.latency_ms, b.latency_iqr_ms),
@@ -337,7 +337,7 @@ def status_line(a: api.Analysis, context_length: int) -> str:
     d = a.to_dict()
     text = (
         f"**{METHOD_LABELS.get(a.method, a.method)}** at keep ratio {a.keep_ratio:g}: "
-        f"{fmt_tokens(a.pruned.tokens_per_stage)} patch tokens, {d['gmacs_ratio']:.2f}× the baseline's GMACs, "
+        f"{fmt_tokens(a.pruned.tokens_per_stage)} tokens, {d['gmacs_ratio']:.2f}× the baseline's GMACs, "
         f"{d['latency_ratio']:.2f}× its batch-1 latency."
     )
     if a.caption_truncated:

@@ -81,20 +81,20 @@ def test_upload_caption_and_live_slider(server, tmp_path):
             page.locator("input[type=file]").first.set_input_files(str(EXAMPLES / "scene_7005.png"))
             page.locator("#caption textarea").fill("a green cross and a large green diamond")
             page.wait_for_function(CHANGED, arg=src0)
-            page.wait_for_function("document.querySelector('#costs').innerText.includes('196 → 139 → 98')")
+            page.wait_for_function("document.querySelector('#costs').innerText.includes('196 → 140 → 99')")
             src1, costs1 = _src(page), _text(page, "#costs")
-            assert "GMACs" in costs1 and "0.50×" in costs1
+            assert "GMACs" in costs1 and "0.51×" in costs1  # 99 / 196 tokens (98 patches + the fused one)
 
             # Move the slider from 0.5 to 0.3 with the keyboard: four steps of 0.05.
             slider = page.locator("#keep-ratio input[type=range]")
             slider.focus()
             for _ in range(4):
                 slider.press("ArrowLeft")
-            page.wait_for_function("document.querySelector('#costs').innerText.includes('196 → 107 → 59')")
+            page.wait_for_function("document.querySelector('#costs').innerText.includes('196 → 108 → 60')")
             page.wait_for_function(CHANGED, arg=src1)
             src2, costs2 = _src(page), _text(page, "#costs")
             assert src2 != src1 and costs2 != costs1
-            assert "0.30×" in costs2  # 59 / 196 patch tokens
+            assert "0.31×" in costs2  # 60 / 196 tokens
             assert "Something went wrong" not in page.content()
 
             shot = tmp_path / "screenshot.png"
