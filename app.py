@@ -55,6 +55,7 @@ DEFAULT_KEEP_RATIO = 0.5
 DEFAULT_REPEATS = 10
 DEFAULT_STYLE = api.overlay.STYLES[0]
 SLIDER_RATIOS = [round(0.05 * i, 2) for i in range(1, 21)]  # the slider's stops, warmed at start-up
+WARMUP_PAUSE_S = 0.02  # between warm-up steps, so a waiting request gets the model lock
 DEDUPE_S = 1.0  # a live event identical to the run that ended less than this long ago is a duplicate
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024  # launch(max_file_size=...), and the same cap on images sent inline
 QUEUE_SIZE = 64  # requests that may wait for the model; more are answered "busy" (HTTP 503)
@@ -689,6 +690,9 @@ def warm_gmacs_in_background(
 
     Each step holds the request lock, so a request waits for at most one trace
     and its timings never overlap the warm-up. The default method goes first.
+    A lock is not fair: released and re-acquired at once, it starved the first
+    request for the whole warm-up (10 s), so each step ends with a short pause
+    in which a waiting request takes the lock.
     """
     order = [first, "none"] + [m for m in api.METHODS if m not in (first, "none")]
 
@@ -698,6 +702,7 @@ def warm_gmacs_in_background(
             for r in [1.0] if m == "none" else SLIDER_RATIOS:
                 with app_lock:
                     session.warm_gmacs([r], (m,))
+                time.sleep(WARMUP_PAUSE_S)
         log.info("GMACs cache warm: %d methods x %d keep ratios in %.0f s", len(order), len(SLIDER_RATIOS),
                  time.perf_counter() - t0)  # fmt: skip
 
