@@ -219,7 +219,7 @@ def run_phase(
                     g["lr"] = lr
                 images, ids = images.to(device), ids.to(device)
                 hard = None
-                if hard_negatives is not None:
+                if hard_negatives is not None and not pruned:
                     hard = tokenizer.encode_batch([hard_negatives[i] for i in index.tolist()]).to(device)
                 if pruned:
                     assert teacher is not None
