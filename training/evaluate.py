@@ -40,7 +40,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from training import metrics as M
-from training.data import EvalData, eval_data, load_objects, load_splits
+from training.data import EvalData, eval_data, load_objects, load_splits, write_text_atomic
 from vlm_demo import flops
 from vlm_demo.latency import fixed_threads, interleaved
 from vlm_demo.model import DualEncoder, load_checkpoint
@@ -635,18 +635,12 @@ def plot_tradeoff(m: dict[str, Any], path: str | os.PathLike) -> Path:
     return path
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_outputs(m: dict[str, Any], out: str | os.PathLike) -> None:
     """Write ``metrics.json``, ``report.md`` and ``tradeoff.png`` into `out` (each atomically)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _write_text(out / "metrics.json", json.dumps(m, indent=2, allow_nan=False) + "\n")
-    _write_text(out / "report.md", render_report(m))
+    write_text_atomic(out / "metrics.json", json.dumps(m, indent=2, allow_nan=False) + "\n")
+    write_text_atomic(out / "report.md", render_report(m))
     plot_tradeoff(m, out / "tradeoff.png")
 
 

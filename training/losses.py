@@ -43,7 +43,7 @@ def keep_rank_loss(logits: torch.Tensor, saliency: torch.Tensor) -> torch.Tensor
 
     Args:
         logits: (B, n) keep logits.
-        saliency: (B, n) non-negative importances; a row of zeros is ignored.
+        saliency: (B, n) non-negative importances; a row of zeros adds 0 to the mean.
 
     Returns:
         The mean over rows of ``-sum(q * log_softmax(logits))``.

@@ -43,7 +43,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from training.data import TrainDataset, load_objects, load_splits, make_collate
+from training.data import TrainDataset, load_objects, load_splits, make_collate, write_text_atomic
 from training.losses import contrastive_loss, distill_loss, keep_rank_loss
 from training.saliency import stage_saliency
 from vlm_demo.config import ModelConfig, Preset, TrainConfig, get_preset
@@ -364,9 +364,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                 losses=meta["losses"], seconds_per_epoch=_median(meta["seconds_per_epoch"]),
                                 epoch_seconds=meta["seconds_per_epoch"], **facts)  # fmt: skip
                 bank = [c for caps in splits["test"].captions for c in caps]
-                tmp = out / f".{CAPTION_BANK_FILE}.tmp"  # written whole, then renamed: a kill leaves no half file
-                tmp.write_text(json.dumps({"split": "test", "captions": bank}))
-                os.replace(tmp, out / CAPTION_BANK_FILE)
+                write_text_atomic(out / CAPTION_BANK_FILE, json.dumps({"split": "test", "captions": bank}))
             summary["baseline"] = meta
             dd.barrier()
 

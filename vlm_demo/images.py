@@ -281,7 +281,7 @@ def _finish(image: Image.Image, max_side: int) -> Image.Image:
 
 
 def _orientation(image: Image.Image) -> Image.Transpose | None:
-    """The transpose that the image's EXIF (or XMP) orientation asks for, if any."""
+    """The transpose that the image's EXIF orientation asks for, if any."""
     try:
         return _EXIF_TRANSPOSE.get(image.getexif().get(ExifTags.Base.Orientation))
     except _DECODE_ERRORS:
