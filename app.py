@@ -43,7 +43,8 @@ matplotlib.use("Agg")
 from matplotlib.figure import Figure  # noqa: E402  (after choosing the backend)
 from PIL import Image, ImageChops  # noqa: E402
 
-from vlm_demo import api  # noqa: E402
+from vlm_demo import api, pruning  # noqa: E402
+from vlm_demo.pruning import BASELINE  # noqa: E402
 
 log = logging.getLogger("app")
 
@@ -61,27 +62,18 @@ MAX_UPLOAD_BYTES = 10 * 1024 * 1024  # launch(max_file_size=...), and the same c
 QUEUE_SIZE = 64  # requests that may wait for the model; more are answered "busy" (HTTP 503)
 GENERIC_ERROR = "Something went wrong analysing this image; try another image."
 
-# (label, value): the order of the selector. "none" is accepted by the API but not offered here.
-METHOD_CHOICES = [
-    ("Learned (DynamicViT-style)", "learned"),
-    ("CLS attention (EViT)", "cls_attention"),
-    ("Text-guided", "text_guided"),
-    ("ToMe merging", "tome"),
-    ("Random", "random"),
-]
-METHOD_LABELS = {value: label for label, value in METHOD_CHOICES} | {"none": "No pruning"}
-METHOD_NOTES = {
-    "learned": "A small MLP per stage, trained to rank patches like the baseline's caption saliency, scores every "
-    "patch; the top-k go on and the rest are fused into one background token that keeps their weight (DynamicViT "
-    "predictor). Runs the *pruned* checkpoint: the baseline plus the trained predictors.",
-    "cls_attention": "Keeps the patches the CLS token attends to most, averaged over heads (EViT). Training-free.",
-    "text_guided": "Keeps the patches closest to the caption's embedding, so editing the caption moves them "
-    "(query-aware, FastV / SparseVLM idea). Training-free.",
-    "tome": "Merges the most similar tokens in pairs instead of dropping them (ToMe bipartite soft matching); "
-    "every patch still counts. Training-free.",
-    "random": "Keeps a seeded random subset of patches: the control that every method should beat.",
-    "none": "No pruning: the baseline model.",
-}
+# (label, value): the order of the selector; the baseline is accepted by the API but not offered here.
+METHOD_CHOICES = [(pruning.get(m).label, m) for m in pruning.names(prunes_only=True)]
+def method_note_text(method: Any) -> str:
+    """The registry's line for `method`, its paper, and which weights it runs."""
+    if method not in pruning.REGISTRY:
+        return ""
+    info = pruning.get(method)
+    paper = "" if info.paper == "-" else f" ({info.paper})"
+    weights = " Runs the *pruned* checkpoint: the baseline plus the trained predictors." if info.needs_predictor else ""
+    return f"{info.summary}{paper}.{weights}"
+
+
 STYLE_CHOICES = [
     ("Dim dropped patches", "dim"),
     ("Grey out dropped patches", "grey"),
@@ -304,14 +296,14 @@ def tradeoff_figure(metrics: dict[str, Any] | None, method: str, keep_ratio: flo
     title = "Accuracy vs compute on the test set (checkpoints/metrics.json); star and dotted line: this analysis"
     fig.suptitle(title, fontsize=10)
     panels = ((2, "mean R@1 (i2t, t2i), %", "Retrieval vs compute"), (3, "pair accuracy, %", "Hard-negative pairs"))
-    colours = {m: f"C{i}" for i, m in enumerate(api.METHODS)}
+    colours = {m: f"C{i}" for i, m in enumerate(pruning.names())}
     for k, (col, ylabel, title) in enumerate(panels):
         ax = fig.add_subplot(1, 2, k + 1)
         for m, pts in curves.items():
             xy = [(p[1], p[col]) for p in pts if p[col] is not None]
             if not xy:
                 continue
-            if m == "none":
+            if not pruning.get(m).prunes:
                 ax.plot(*zip(*xy), marker="D", ls="none", ms=7, color="black", label="baseline", zorder=4)
             else:
                 current = m == method
@@ -337,7 +329,7 @@ def status_line(a: api.Analysis, context_length: int) -> str:
     """One line under the inputs; holds no user text (nothing to escape)."""
     d = a.to_dict()
     text = (
-        f"**{METHOD_LABELS.get(a.method, a.method)}** at keep ratio {a.keep_ratio:g}: "
+        f"**{pruning.get(a.method).label}** at keep ratio {a.keep_ratio:g}: "
         f"{fmt_tokens(a.pruned.tokens_per_stage)} tokens, {d['gmacs_ratio']:.2f}× the baseline's GMACs, "
         f"{d['latency_ratio']:.2f}× its batch-1 latency."
     )
@@ -525,7 +517,7 @@ def build_demo(
                     placeholder="e.g. a small red circle at the top left", elem_id="caption",
                 )  # fmt: skip
                 method = gr.Radio(METHOD_CHOICES, value=DEFAULT_METHOD, label="Pruning method", elem_id="method")
-                method_note = gr.Markdown(METHOD_NOTES[DEFAULT_METHOD], elem_id="method-note")
+                method_note = gr.Markdown(method_note_text(DEFAULT_METHOD), elem_id="method-note")
                 keep_ratio = gr.Slider(
                     0.05, 1.0, value=DEFAULT_KEEP_RATIO, step=0.05, label="Keep ratio",
                     info=f"Fraction of the {P} patches left after the last stage (earlier stages keep a share "
@@ -670,7 +662,7 @@ def build_demo(
             **model_events,
         )  # fmt: skip
         method.change(  # unprocessed: Gradio's own check of a Radio echoes a bad value, unescaped, in its error
-            lambda m: METHOD_NOTES.get(m, "") if isinstance(m, str) else "", method, method_note,
+            method_note_text, method, method_note,
             api_name="method_note", api_visibility="private", show_progress="hidden", queue=False, preprocess=False,
         )  # fmt: skip
         compare_btn.click(
@@ -694,12 +686,12 @@ def warm_gmacs_in_background(
     request for the whole warm-up (10 s), so each step ends with a short pause
     in which a waiting request takes the lock.
     """
-    order = [first, "none"] + [m for m in api.METHODS if m not in (first, "none")]
+    order = [first, BASELINE] + [m for m in pruning.names(prunes_only=True) if m != first]
 
     def run() -> None:
         t0 = time.perf_counter()
         for m in order:
-            for r in [1.0] if m == "none" else SLIDER_RATIOS:
+            for r in SLIDER_RATIOS if pruning.get(m).prunes else [1.0]:
                 with app_lock:
                     session.warm_gmacs([r], (m,))
                 time.sleep(WARMUP_PAUSE_S)

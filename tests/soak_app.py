@@ -61,7 +61,7 @@ from app_server import EXAMPLES, ROOT, Server, running_app, wait_for_output  # n
 from bench_app import pct, rss_mb  # noqa: E402
 from test_app import BAD, CAPTION  # noqa: E402  (the bad inputs, and the words their refusals must contain)
 
-from vlm_demo.pruning import METHODS  # noqa: E402
+from vlm_demo.pruning import names  # noqa: E402
 
 RATIOS = [0.05, 0.1, 0.25, 0.3, 0.5, 0.75, 1.0, 0.33, 0.777]  # slider stops, and two off the grid
 BURST_EVERY = 5  # every 5th request of each client (the first included) is a burst
@@ -99,7 +99,7 @@ def valid_cases() -> list[Case]:
     pairs = [(EXAMPLES / e["image"], e["caption"]) for e in examples]
     return [
         Case(f"{image.name} {method} {ratio}", image, caption, method, ratio)
-        for (image, caption), method, ratio in itertools.product(pairs, METHODS, RATIOS)
+        for (image, caption), method, ratio in itertools.product(pairs, names(), RATIOS)
     ]
 
 

@@ -93,7 +93,7 @@ def test_odd_but_valid_captions(session, image):
 def test_bad_inputs(session, image):
     with pytest.raises(ValueError):
         session.analyze(b"not an image", "a red circle")
-    with pytest.raises(ValueError, match="Unknown method"):
+    with pytest.raises(ValueError, match="Unknown pruning method"):
         session.analyze(image, "a red circle", method="magic")
     with pytest.raises(ValueError, match="keep_ratio"):
         session.analyze(image, "a red circle", keep_ratio=0)

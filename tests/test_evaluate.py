@@ -154,7 +154,9 @@ def _tiny_checkpoints(tmp_path: Path) -> tuple[Path, Path]:
 
 def test_main_writes_metrics_report_and_plot(tiny: tuple[Path, Path], tmp_path: Path) -> None:
     from training.evaluate import main
-    from vlm_demo.pruning import METHODS
+    from vlm_demo.pruning import names
+
+    METHODS = names()
 
     _, ckpt = tiny
     out = tmp_path / "eval"

@@ -6,7 +6,10 @@ import torch
 from vlm_demo import flops
 from vlm_demo.config import get_preset
 from vlm_demo.model import DualEncoder
-from vlm_demo.pruning import METHODS, PruneSpec
+from vlm_demo import pruning
+from vlm_demo.pruning import PruneSpec
+
+METHODS = pruning.names()
 
 RATIOS = (1.0, 0.7, 0.5, 0.3, 0.2, 0.1)
 

@@ -6,7 +6,9 @@ import torch
 from vlm_demo import pruning
 from vlm_demo.config import get_preset
 from vlm_demo.model import DualEncoder
-from vlm_demo.pruning import METHODS, PruneSpec, Signals, keep_counts
+from vlm_demo.pruning import PruneSpec, Signals, keep_counts
+
+METHODS = pruning.names()
 
 
 def tokens(n: int = 6, c: int = 3) -> torch.Tensor:
@@ -102,10 +104,10 @@ def test_tome_several_rounds_reach_k():
 def test_every_method_is_identity_at_full_keep(method):
     x = torch.randn(2, 1 + 8, 4)
     sig = Signals(
-        cls_attn=torch.rand(2, 8), keys=torch.randn(2, 8, 4), learned=torch.randn(2, 8), text=torch.randn(2, 8),
+        cls_attn=torch.rand(2, 8), keys=torch.randn(2, 8, 4), predictor=torch.randn(2, 8), text=torch.randn(2, 8),
         generator=torch.Generator().manual_seed(0),
     )  # fmt: skip
-    red = pruning.REGISTRY[method](x, 8, sig)
+    red = pruning.REGISTRY[method].fn(x, 8, sig)
     assert torch.equal(red.x, x)
 
 
@@ -170,13 +172,13 @@ def test_spec_validation():
 def test_learned_keeps_top_logits_and_fuses_the_rest_by_size():
     x = tokens()
     logits = torch.tensor([[0.1, 0.9, 0.0, 0.5, -1.0, 0.2]])
-    red = pruning.learned(x, 2, Signals(learned=logits))
+    red = pruning.learned(x, 2, Signals(predictor=logits))
     assert red.x[0, 1:3, 0].tolist() == [2.0, 4.0]  # patches 1 and 3, in their original order
     assert red.x[0, 3, 0].item() == pytest.approx((1 + 3 + 5 + 6) / 4)  # the mean of the dropped four
     assert red.size[0].tolist() == [1.0, 1.0, 1.0, 4.0]
     assert red.rep[0].tolist() == [1, 3, -1] and red.source[0].tolist() == [2, 0, 2, 1, 2, 2]
     # A second stage fuses the first one's token again, weighted by its size: still one fused token.
-    red2 = pruning.learned(red.x, 1, Signals(learned=torch.tensor([[0.0, 1.0, 99.0]]), size=red.size))
+    red2 = pruning.learned(red.x, 1, Signals(predictor=torch.tensor([[0.0, 1.0, 99.0]]), size=red.size))
     assert red2.x[0, 1, 0].item() == 4.0  # the fused token's logit of 99 does not keep it
     assert red2.size[0].tolist() == [1.0, 1.0, 5.0]
     assert red2.x[0, 2, 0].item() == pytest.approx((1 + 2 + 3 + 5 + 6) / 5)  # the mean of every dropped patch

@@ -44,14 +44,14 @@ from training.data import EvalData, eval_data, load_objects, load_splits, write_
 from vlm_demo import flops
 from vlm_demo.latency import fixed_threads, interleaved
 from vlm_demo.model import DualEncoder, load_checkpoint
-from vlm_demo.pruning import METHODS, PruneSpec, Trace, keep_counts
+from vlm_demo import pruning
+from vlm_demo.pruning import BASELINE, PruneSpec, Trace
 from vlm_demo.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_KEEP_RATIOS = (1.0, 0.7, 0.5, 0.3, 0.2, 0.1)
 LATENCY_BATCH = 32  # the throughput batch; batch 1 is a user's latency
-PRUNED_METHODS = ("learned",)  # methods that run the fine-tuned pruned/ checkpoint
 RECALL_KS = (1, 5, 10)
 LATENCY_KEYS = ("latency_ms", "latency_iqr_ms", "baseline_latency_ms", "latency_ratio")  # each with _bs1, _bs32
 
@@ -97,14 +97,13 @@ def _resolve_data(data: str | os.PathLike | None, recorded: Any, checkpoints: Pa
 
 
 def _validate(methods: Sequence[str], keep_ratios: Sequence[float]) -> tuple[list[str], list[float]]:
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"Unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}.")
+    for m in methods:
+        pruning.get(m)  # a clear error for an unknown name
     bad = [r for r in keep_ratios if not 0.0 < float(r) <= 1.0]
     if bad or not keep_ratios:
         raise ValueError(f"Keep ratios must be in (0, 1], got {list(keep_ratios)}.")
     # The none row is the reference of lossy-ness and of every ratio, so it is always evaluated.
-    ordered = ["none"] + [m for m in METHODS if m in methods and m != "none"]
+    ordered = [BASELINE] + [m for m in pruning.names(prunes_only=True) if m in methods]
     return ordered, sorted({float(r) for r in keep_ratios}, reverse=True)
 
 
@@ -178,12 +177,10 @@ def _encode_images(
     return _Pass(emb=torch.cat(embs), kept=torch.cat(kept), tokens=tokens or [])
 
 
-def _tokens_per_stage(model: DualEncoder, method: str, keep_ratio: float) -> list[int]:
+def _tokens_per_stage(model: DualEncoder, method: str, keep_ratio: float, fuse: bool) -> list[int]:
     """What `Trace.tokens_per_stage` reports, without running the model."""
-    P, S = model.cfg.vision.num_patches, len(model.cfg.pruning.stages)
-    if method == "none" or keep_ratio >= 1.0:
-        return [P] * (S + 1)
-    return [P] + keep_counts(P, keep_ratio, S)
+    per_block = flops.tokens_per_block(model.cfg, method, keep_ratio, fuse)
+    return [per_block[0] - 1] + [per_block[s] - 1 for s in model.cfg.pruning.stages]
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -209,7 +206,7 @@ def evaluate(
     out: str | os.PathLike,
     data: str | os.PathLike | None = None,
     *,
-    methods: Sequence[str] = METHODS,
+    methods: Sequence[str] | None = None,
     keep_ratios: Sequence[float] = DEFAULT_KEEP_RATIOS,
     limit: int | None = None,
     latency_repeats: int = 15,
@@ -242,7 +239,7 @@ def evaluate(
     Raises:
         ValueError: for a missing checkpoint or dataset, bad options, or an empty test split.
     """
-    methods, keep_ratios = _validate(methods, keep_ratios)
+    methods, keep_ratios = _validate(pruning.names() if methods is None else methods, keep_ratios)
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
     if latency and latency_repeats < 1:
@@ -281,9 +278,10 @@ def _evaluate(
     base_training = _read_training(base_dir)
     pruned: DualEncoder | None = None
     pruned_training: dict[str, Any] = {}
-    if "learned" in methods:
+    need_pruned = [m for m in methods if pruning.get(m).needs_predictor]
+    if need_pruned:
         if not pruned_dir.is_dir():
-            raise ValueError(f"{pruned_dir} is missing: train the pruned model, or leave 'learned' out of --methods.")
+            raise ValueError(f"{pruned_dir} is missing: train the pruned model, or leave {need_pruned} out of --methods.")
         pruned, _ = load_checkpoint(pruned_dir)
         pruned_training = _read_training(pruned_dir)
         if pruned.cfg.vision != base.cfg.vision or pruned.cfg.pruning.stages != base.cfg.pruning.stages:
@@ -347,7 +345,7 @@ def _evaluate(
     def measure(model: DualEncoder, method: str, keep_ratio: float, fuse: bool) -> dict[str, Any]:
         result: dict[str, Any] = {}
         for bs, x in lat_images.items():
-            text = lat_text[bs] if method == "text_guided" else None
+            text = lat_text[bs] if pruning.get(method).needs_caption else None
             spec = PruneSpec(method, keep_ratio, text=text, seed=seed, fuse=fuse)
             timings = interleaved(
                 {"baseline": lambda: base.encode_image(x), "method": lambda: model.encode_image(x, spec)},
@@ -362,8 +360,8 @@ def _evaluate(
             result[f"latency_ratio_bs{bs}"] = m.median_ms / b.median_ms if b.median_ms > 0 else None
         return result
 
-    grid_rows = [("none", 1.0)] + [(m, r) for m in methods if m != "none" for r in keep_ratios]
-    base_gmacs = flops.gmacs(cfg, "none", 1.0, 1)
+    grid_rows = [(BASELINE, 1.0)] + [(m, r) for m in methods if pruning.get(m).prunes for r in keep_ratios]
+    base_gmacs = flops.gmacs(cfg, BASELINE, 1.0, 1)
     reference: _Pass | None = None
     reference_pair: float | None = None
     rows: list[dict[str, Any]] = []
@@ -371,10 +369,11 @@ def _evaluate(
         bar = tqdm(grid_rows, desc="evaluate", unit="row", disable=not progress)
         for method, r in bar:
             bar.set_postfix_str(f"{method} {r:g}")
-            model = pruned if method in PRUNED_METHODS else base
+            info = pruning.get(method)
+            model = pruned if info.needs_predictor else base
             assert model is not None
-            fuse = method == "cls_attention" and cfg.pruning.fuse_dropped
-            spec_active = method != "none" and r < 1.0
+            fuse = info.fusion == "stage" and cfg.pruning.fuse_dropped
+            spec_active = info.prunes and r < 1.0
             row: dict[str, Any] = {
                 "method": method,
                 "keep_ratio": r,
@@ -383,15 +382,15 @@ def _evaluate(
             recalls: dict[str, float] | None = None
             pair: float | None = None
             kept: torch.Tensor | None = None
-            tokens = _tokens_per_stage(model, method, r)
+            tokens = _tokens_per_stage(model, method, r, fuse)
             reuse = model is base and not spec_active and reference is not None
             if reuse:
                 # An inactive spec on the baseline is the baseline itself: reuse its embeddings.
                 assert reference is not None
-                if method != "text_guided":
+                if not info.needs_caption:
                     recalls = M.recall_at_k(reference.emb @ text_emb.T, ed.caption_to_image, RECALL_KS)
                 pair, kept, tokens = reference_pair, reference.kept, reference.tokens
-            elif method == "text_guided":
+            elif info.needs_caption:
                 # Query-aware: one pass per (image, caption) pair, so no retrieval recalls.
                 if have_neg is not None or have_boxes is not None:
                     with_pos = _encode_images(
@@ -415,7 +414,7 @@ def _evaluate(
                 )  # fmt: skip
                 recalls = M.recall_at_k(run.emb @ text_emb.T, ed.caption_to_image, RECALL_KS)
                 pair, kept, tokens = pair_acc(run.emb), run.kept, run.tokens
-                if method == "none":
+                if not info.prunes:
                     reference, reference_pair = run, pair
 
             g = flops.gmacs(cfg, method, r, 1, fuse)
@@ -578,20 +577,21 @@ def plot_tradeoff(m: dict[str, Any], path: str | os.PathLike) -> Path:
 
     rows = m["rows"]
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    colours = {name: plt.get_cmap("tab10")(i) for i, name in enumerate(METHODS)}
+    colours = {name: plt.get_cmap("tab10")(i) for i, name in enumerate(pruning.names())}
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), gridspec_kw={"width_ratios": [1.2, 0.9, 1.2]})
     ax_r1, ax_pair, ax_lat = axes
     for method in methods:
         pts = sorted((r for r in rows if r["method"] == method), key=lambda r: r["gmacs"])
         x = [r["gmacs"] for r in pts]
-        big = method == "none"
+        info = pruning.get(method)
+        big = not info.prunes
         style = {"color": colours[method], "marker": "*" if big else "o", "markersize": 12 if big else 5}
-        label = method if method != "none" else "none (baseline)"
+        label = f"{method} (baseline)" if big else method
         r1 = [(xi, r["mean_r1"]) for xi, r in zip(x, pts) if r["mean_r1"] is not None]
         if r1:
             ax_r1.plot(*zip(*r1), label=label, **style)
-        elif method == "text_guided":
-            ax_r1.plot([], [], label="text_guided (no R@1: per-caption pruning)", **style)
+        elif info.needs_caption:
+            ax_r1.plot([], [], label=f"{method} (no R@1: per-caption pruning)", **style)
         pair = [(xi, r["pair_acc"]) for xi, r in zip(x, pts) if r["pair_acc"] is not None]
         if pair:
             ax_pair.plot(*zip(*pair), label=label, **style)
@@ -653,7 +653,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder for metrics.json, report.md, tradeoff.png")
     p.add_argument("--data", default=None, help="dataset root (default: the one recorded in baseline/training.json)")
     p.add_argument(
-        "--methods", nargs="+", default=list(METHODS), choices=METHODS,
+        "--methods", nargs="+", default=list(pruning.names()), choices=pruning.names(),
         help="methods to evaluate (default: all; none is always included)",
     )  # fmt: skip
     p.add_argument(

@@ -1,8 +1,8 @@
 """The one entry point for inference: `load` a `Session`, then `Session.analyze`.
 
-Which checkpoint serves which method: ``learned`` runs the fine-tuned ``pruned/``
-checkpoint; ``none``, ``cls_attention``, ``text_guided``, ``tome`` and
-``random`` are training-free and run ``baseline/``. Both checkpoints share the
+Which checkpoint serves which method is the registry's answer: a method that
+needs the keep predictor (``learned``) runs the ``pruned/`` checkpoint, the
+training-free ones run ``baseline/``. Both checkpoints share the
 baseline's text tower (it is frozen in the pruned fine-tune), so every image
 embedding is scored against the same caption embedding.
 
@@ -28,7 +28,8 @@ from .hub import looks_like_repo_id, pull
 from .images import load_image
 from .latency import Timing, interleaved
 from .model import DualEncoder, load_checkpoint
-from .pruning import METHODS, PruneSpec, Trace
+from . import pruning
+from .pruning import BASELINE, PruneSpec, Trace
 from .tokenizer import Tokenizer, normalize
 from .transforms import to_batch, to_tensor
 
@@ -36,7 +37,6 @@ log = logging.getLogger(__name__)
 
 CAPTION_BANK_FILE = "caption_bank.json"
 METRICS_FILE = "metrics.json"
-IMAGE_METHODS = ("none", "learned", "cls_attention", "tome", "random")  # methods that need no caption
 MAX_CAPTION_CHARS = 10_000
 
 
@@ -142,9 +142,7 @@ class Session:
 
     def model_for(self, method: str) -> DualEncoder:
         """The checkpoint that serves `method`."""
-        if method not in METHODS:
-            raise ValueError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
-        return self.pruned if method == "learned" else self.baseline
+        return self.pruned if pruning.get(method).needs_predictor else self.baseline
 
     @torch.inference_mode()
     def _embed_ids(self, ids: torch.Tensor, chunk: int = 512) -> torch.Tensor:
@@ -159,19 +157,20 @@ class Session:
 
     @torch.inference_mode()
     def embed_images(
-        self, images: list[Any], method: str = "none", keep_ratio: float = 1.0, batch_size: int = 64, seed: int = 0
+        self, images: list[Any], method: str = BASELINE, keep_ratio: float = 1.0, batch_size: int = 64, seed: int = 0
     ) -> np.ndarray:
         """(N, E) L2-normalised image embeddings under a pruning method.
 
         Args:
             images: paths, bytes or PIL images.
-            method: one of `IMAGE_METHODS` (``text_guided`` needs a caption: use `analyze`).
+            method: a method that needs no caption (``pruning.names(image_only=True)``); for the others use
+                `analyze`.
             keep_ratio: see `vlm_demo.pruning`.
             batch_size: images per forward pass; every image in a pass keeps the same count.
             seed: seed of ``random``.
         """
-        if method not in IMAGE_METHODS:
-            raise ValueError(f"embed_images supports {', '.join(IMAGE_METHODS)}; text_guided needs a caption.")
+        if pruning.get(method).needs_caption:
+            raise ValueError(f"{method} needs a caption: use analyze(), or one of {', '.join(pruning.names(image_only=True))}.")
         model, spec = self.model_for(method), PruneSpec(method, keep_ratio, seed=seed)
         size = self.cfg.vision.image_size
         out = []
@@ -221,7 +220,7 @@ class Session:
         Args:
             image: a path, bytes or PIL image (decoded safely by `vlm_demo.images`).
             caption: the text to align with the image.
-            method: a pruning method from `vlm_demo.pruning.METHODS`.
+            method: a registered pruning method (`vlm_demo.pruning.names`).
             keep_ratio: see `vlm_demo.pruning`.
             latency_repeats: measured batch-1 passes per model (interleaved, after 2 warm-up passes).
             style: the kept-patch overlay style, one of `vlm_demo.overlay.STYLES`.
@@ -234,8 +233,7 @@ class Session:
         Raises:
             ValueError: for a bad image, caption, method or keep ratio, with a message for the user.
         """
-        if method not in METHODS:
-            raise ValueError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
+        info = pruning.get(method)
         if style not in overlay.STYLES:
             raise ValueError(f"Unknown overlay style {style!r}; choose one of {', '.join(overlay.STYLES)}.")
         if not 1 <= int(latency_repeats) <= 200:
@@ -244,7 +242,7 @@ class Session:
         img = load_image(image)
         pixels = to_tensor(img, self.cfg.vision.image_size)[None].to(self.device)  # (1, 3, S, S)
         text = self._embed_ids(self.tokenizer.encode_batch([caption]))  # (1, E)
-        spec = PruneSpec(method, float(keep_ratio), text=text if method == "text_guided" else None, seed=seed)
+        spec = PruneSpec(method, float(keep_ratio), text=text if info.needs_caption else None, seed=seed)
         model = self.model_for(method)
 
         z_base, base_trace = self.baseline.encode_image_with_trace(pixels)
@@ -269,7 +267,7 @@ class Session:
                 score=float(z[0] @ text[0]),
                 tokens=per_stage[-1],
                 tokens_per_stage=per_stage,
-                gmacs=flops.gmacs(self.cfg, m, spec.keep_ratio if m != "none" else 1.0),
+                gmacs=flops.gmacs(self.cfg, m, spec.keep_ratio if pruning.get(m).prunes else 1.0),
                 latency_ms=t.median_ms,
                 latency_iqr_ms=t.iqr_ms,
                 top_captions=self.top_captions(z[0]),
@@ -282,7 +280,7 @@ class Session:
         heat = overlay.heatmap_overlay(img, trace)
         if heat is not None:
             overlays["heatmap"] = heat
-        if method == "tome":
+        if info.reduction == "merge":
             groups = overlay.groups_overlay(img, trace)
             if groups is not None:
                 overlays["groups"] = groups
@@ -290,7 +288,7 @@ class Session:
             method=method,
             keep_ratio=spec.keep_ratio,
             caption=caption,
-            baseline=side(z_base, base_trace, "none", timing["baseline"]),
+            baseline=side(z_base, base_trace, BASELINE, timing["baseline"]),
             pruned=side(z_pruned, trace, method, timing["pruned"]),
             trace=trace,
             overlays=overlays,
@@ -300,7 +298,7 @@ class Session:
 
     @torch.inference_mode()
     def compare(
-        self, image: Any, caption: str, keep_ratio: float = 0.5, style: str = "dim", methods: tuple[str, ...] = METHODS[1:]
+        self, image: Any, caption: str, keep_ratio: float = 0.5, style: str = "dim", methods: tuple[str, ...] | None = None
     ) -> list[MethodSummary]:
         """Every method at one keep ratio: overlay, score and GMACs (no latency, to stay quick)."""
         caption, _ = self.check_caption(caption)
@@ -308,8 +306,8 @@ class Session:
         pixels = to_tensor(img, self.cfg.vision.image_size)[None].to(self.device)
         text = self._embed_ids(self.tokenizer.encode_batch([caption]))
         out = []
-        for m in methods:
-            spec = PruneSpec(m, float(keep_ratio), text=text if m == "text_guided" else None)
+        for m in pruning.names(prunes_only=True) if methods is None else methods:
+            spec = PruneSpec(m, float(keep_ratio), text=text if pruning.get(m).needs_caption else None)
             z, trace = self.model_for(m).encode_image_with_trace(pixels, spec)
             out.append(
                 MethodSummary(
@@ -322,10 +320,10 @@ class Session:
             )
         return out
 
-    def warm_gmacs(self, keep_ratios: list[float], methods: tuple[str, ...] = METHODS) -> None:
+    def warm_gmacs(self, keep_ratios: list[float], methods: tuple[str, ...] | None = None) -> None:
         """Fill the GMACs cache ahead of requests (fvcore traces take ~0.2 s each)."""
         for r in keep_ratios:
-            for m in methods:
+            for m in pruning.names() if methods is None else methods:
                 flops.gmacs(self.cfg, m, r)
 
 

@@ -22,7 +22,7 @@ from . import flops
 from .config import ModelConfig, get_preset
 from .latency import interleaved
 from .model import DualEncoder, load_checkpoint
-from .pruning import PruneSpec
+from .pruning import BASELINE, PruneSpec
 
 TARGET_SLACK = 1.15  # allowed latency ratio / GMACs ratio at batch 32
 
@@ -51,7 +51,7 @@ class Row:
 
 def keep_ratio_for(cfg: ModelConfig, method: str, fraction: float = 0.5) -> float:
     """The keep ratio (to 0.01) whose GMACs are closest to `fraction` of the baseline's."""
-    base = flops.closed_form_gmacs(cfg, "none")
+    base = flops.closed_form_gmacs(cfg, BASELINE)
     grid = [r / 100 for r in range(1, 101)]
     return min(grid, key=lambda r: abs(flops.closed_form_gmacs(cfg, method, r) / base - fraction))
 
@@ -77,7 +77,7 @@ def run(
             rows.append(
                 Row(
                     method=method, keep_ratio=r, batch=b, tokens=flops.tokens_per_block(cfg, method, r),
-                    gmacs_base=flops.gmacs(cfg, "none", 1.0, b), gmacs=flops.gmacs(cfg, method, r, b),
+                    gmacs_base=flops.gmacs(cfg, BASELINE, 1.0, b), gmacs=flops.gmacs(cfg, method, r, b),
                     ms_base=t["base"].median_ms, iqr_base=t["base"].iqr_ms, ms=t["pruned"].median_ms,
                     iqr=t["pruned"].iqr_ms,
                 )  # fmt: skip

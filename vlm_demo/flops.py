@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
-from .pruning import METHODS, PruneSpec, keep_counts
+from .pruning import PruneSpec, StageShape, get, token_schedule
 
 # Ops that do no multiply-accumulate: counted as 0 MACs, explicitly.
 ZERO_MAC_OPS = (
@@ -104,7 +104,7 @@ def analysis(model: nn.Module, spec: PruneSpec, batch: int = 1):
 
 def _spec_for(cfg: ModelConfig, method: str, keep_ratio: float, fuse: bool) -> PruneSpec:
     text = None
-    if method == "text_guided":
+    if get(method).needs_caption:
         text = torch.nn.functional.normalize(torch.ones(1, cfg.embed_dim), dim=-1)
     return PruneSpec(method=method, keep_ratio=keep_ratio, text=text, fuse=fuse)
 
@@ -132,25 +132,14 @@ def gmacs(cfg: ModelConfig, method: str = "none", keep_ratio: float = 1.0, batch
     Returns:
         Giga multiply-accumulates for the whole batch.
     """
-    if method not in METHODS:
-        raise ValueError(f"Unknown pruning method {method!r}; choose one of {', '.join(METHODS)}.")
+    get(method)  # a clear error for an unknown name
     return _cached_gmacs(json.dumps(cfg.to_dict(), sort_keys=True), method, float(keep_ratio), int(batch), bool(fuse))
 
 
 def tokens_per_block(cfg: ModelConfig, method: str, keep_ratio: float, fuse: bool = False) -> list[int]:
-    """Tokens (CLS included) that each block sees."""
-    P = cfg.vision.num_patches
-    stages = cfg.pruning.stages
-    counts = keep_counts(P, keep_ratio, len(stages)) if method != "none" and keep_ratio < 1 else [P] * len(stages)
-    n, out = P, []
-    for i in range(cfg.vision.depth):
-        if i in stages:
-            k = counts[stages.index(i)]
-            # learned fuses whatever it has dropped so far into one token; EViT fuses each stage's drop.
-            fused = (method == "learned" and k < P) or (fuse and method == "cls_attention" and k < n)
-            n = k + fused
-        out.append(1 + n)
-    return out
+    """Tokens (CLS included) that each block sees; see `vlm_demo.pruning.token_schedule`."""
+    v = cfg.vision
+    return token_schedule(v.num_patches, cfg.pruning.stages, v.depth, method, keep_ratio, fuse)
 
 
 def closed_form_gmacs(
@@ -161,30 +150,19 @@ def closed_form_gmacs(
     Per block with N tokens, width C, MLP width H: QKV ``3NC^2`` + projection ``NC^2``
     + MLP ``2NCH`` + attention matmuls ``2N^2 C`` + two layer norms ``2 * 5NC``
     (fvcore's convention for an affine norm). Plus the patch embedding, the head,
-    and each stage's scoring cost: the predictor (learned), the CLS-attention row
-    (cls_attention), the patch head (text_guided) or the bipartite similarities (tome).
+    and each stage's scoring cost, which the method's registry entry states
+    (`MethodInfo.scoring_macs`).
     """
     v, p = cfg.vision, cfg.pruning
     C, H, P, E = v.width, int(v.width * v.mlp_ratio), v.num_patches, cfg.embed_dim
     macs = P * C * 3 * v.patch_size**2  # patch embedding
     tokens = tokens_per_block(cfg, method, keep_ratio, fuse)
+    info = get(method)
     for i, N in enumerate(tokens):
         macs += 4 * N * C * C + 2 * N * C * H + 2 * N * N * C + 10 * N * C
-        if i in p.stages and method != "none" and keep_ratio < 1:
-            n_in = tokens[i - 1] - 1  # patch tokens entering the stage
-            if method == "learned":
-                h = p.predictor_hidden
-                macs += n_in * (5 * C + C * h + 2 * h * h + h)
-            elif method == "cls_attention":
-                macs += (n_in + 1) * C  # one query row against every key
-            elif method == "text_guided":
-                macs += n_in * (5 * C + C * E)
-            elif method == "tome":
-                d, n, k = C // v.heads, n_in, N - 1
-                while n > k:
-                    na, nb = (n + 1) // 2, n // 2
-                    macs += na * nb * d
-                    n -= min(n - k, na)
+        if i in p.stages and info.prunes and keep_ratio < 1:
+            shape = StageShape(tokens[i - 1] - 1, N - 1, C, v.heads, E, p.predictor_hidden)
+            macs += info.scoring_macs(shape)
     macs += 5 * C + C * E  # final norm and projection of the CLS token
     return batch * macs / 1e9
 

@@ -26,7 +26,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .config import ModelConfig, PruningConfig, TextConfig, VisionConfig
-from .pruning import REGISTRY, KeepPredictor, PruneSpec, Signals, Stage, Trace, keep_counts
+from .pruning import KeepPredictor, PruneSpec, Signals, Stage, Trace, get, keep_counts
 from .tokenizer import VOCAB_FILE, Tokenizer
 
 CONFIG_FILE = "config.json"
@@ -162,15 +162,15 @@ class VisionTransformer(nn.Module):
         trace = Trace(prune.method, float(prune.keep_ratio), self.cfg.grid, stage_blocks=self.pruning.stages)
         stages = self.pruning.stages if prune.active else ()
         counts = dict(zip(stages, keep_counts(self.cfg.num_patches, prune.keep_ratio, len(stages))))
-        method = REGISTRY[prune.method]
-        want = (prune.method == "cls_attention", prune.method == "tome")
+        info = get(prune.method)
+        want = ("cls_attn" in info.signals, "keys" in info.signals)
         generator = None
-        if prune.method == "random":
+        if "seed" in info.signals:
             generator = torch.Generator(device=pixels.device).manual_seed(prune.seed)
 
         groups = torch.arange(N - 1, device=x.device).expand(B, -1)  # (B, P) token of each original patch
         pos = groups  # (B, n) original patch each token stands for
-        size: torch.Tensor | None = None  # (B, 1 + n) ToMe sizes
+        size: torch.Tensor | None = None  # (B, 1 + n) sizes, for methods that merge or fuse by size
         aux: BlockAux | None = None
         for i, block in enumerate(self.blocks):
             if i in counts:
@@ -179,11 +179,11 @@ class VisionTransformer(nn.Module):
                 sig = Signals(size=size, generator=generator, fuse=prune.fuse)
                 if aux is not None:
                     sig.cls_attn, sig.keys = aux.cls_attn, aux.keys
-                if prune.method == "learned":
-                    sig.learned = self.predictors[si](x[:, 1:])
-                elif prune.method == "text_guided":
+                if info.needs_predictor:
+                    sig.predictor = self.predictors[si](x[:, 1:])
+                if info.needs_caption:
                     sig.text = self.patch_scores_against(x[:, 1:], prune.text.to(x.dtype))
-                red = method(x, k, sig)
+                red = info.fn(x, k, sig)
                 stage_scores = None
                 if red.scores is not None:
                     # One spare column takes a fused token's score (its position is -1).

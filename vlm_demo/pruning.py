@@ -15,14 +15,10 @@ Each method maps the tokens of one stage and a keep count ``k`` to a
 `Reduction`. Dropping methods keep the top-k patches by a per-patch score;
 ``tome`` merges instead of dropping (bipartite soft matching).
 
-| name | score | anchor |
-| --- | --- | --- |
-| none | - (identity) | baseline |
-| learned | trained MLP predictor (`KeepPredictor`); the rest fused into one size-weighted token | DynamicViT, NeurIPS 2021 |
-| cls_attention | CLS attention, mean over heads; optional fusion of the rest | EViT, ICLR 2022 |
-| text_guided | cosine of each patch (through the image head) with the caption embedding | FastV / SparseVLM idea |
-| tome | merges most similar pairs (keys), size-weighted, proportional attention | ToMe, ICLR 2023 |
-| random | seeded uniform scores: the control | - |
+`REGISTRY` holds one `MethodInfo` per method: its function, the signals it
+needs, whether it fuses or merges, which weights it runs on, its display name,
+one line and its paper. The model, flops, the api, the evaluation and the app
+ask the registry; adding a method is one `register` call.
 """
 
 from __future__ import annotations
@@ -35,15 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-METHODS = ("none", "learned", "cls_attention", "text_guided", "tome", "random")
-
-
 @dataclass(frozen=True)
 class PruneSpec:
     """What to prune in one forward pass.
 
     Args:
-        method: a name from `METHODS`.
+        method: a registered method name (see `names`).
         keep_ratio: see the module docstring; in (0, 1].
         text: (B, E) or (1, E) caption embeddings, needed by ``text_guided``.
         seed: seed of ``random``; the same seed keeps the same patches.
@@ -57,17 +50,16 @@ class PruneSpec:
     fuse: bool = False
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"Unknown pruning method {self.method!r}; choose one of {', '.join(METHODS)}.")
+        info = get(self.method)
         if not (isinstance(self.keep_ratio, (int, float)) and 0.0 < self.keep_ratio <= 1.0):
             raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio!r}.")
-        if self.method == "text_guided" and self.text is None:
-            raise ValueError("text_guided pruning needs a caption embedding (PruneSpec.text).")
+        if info.needs_caption and self.text is None:
+            raise ValueError(f"{self.method} pruning needs a caption embedding (PruneSpec.text).")
 
     @property
     def active(self) -> bool:
         """False when the pass is the unpruned model."""
-        return self.method != "none" and self.keep_ratio < 1.0
+        return get(self.method).prunes and self.keep_ratio < 1.0
 
 
 def keep_counts(num_patches: int, keep_ratio: float, num_stages: int) -> list[int]:
@@ -93,7 +85,7 @@ class Signals:
     Attributes:
         cls_attn: (B, n) previous block's CLS attention to each patch, mean over heads.
         keys: (B, n, d) previous block's keys of the patch tokens, mean over heads (ToMe metric).
-        learned: (B, n) keep logits of the learned predictor.
+        predictor: (B, n) keep logits of the learned predictor.
         text: (B, n) cosine of each patch with the caption embedding.
         size: (B, 1 + n) tokens' sizes (patches merged into each), for ToMe.
         generator: the seeded generator of ``random``.
@@ -102,7 +94,7 @@ class Signals:
 
     cls_attn: torch.Tensor | None = None
     keys: torch.Tensor | None = None
-    learned: torch.Tensor | None = None
+    predictor: torch.Tensor | None = None
     text: torch.Tensor | None = None
     size: torch.Tensor | None = None
     generator: torch.Generator | None = None
@@ -228,7 +220,7 @@ def none(x: torch.Tensor, k: int, sig: Signals) -> Reduction:
 
 
 def learned(x: torch.Tensor, k: int, sig: Signals) -> Reduction:
-    """DynamicViT's predictor picks the k patches to keep; the rest become one background token.
+    """A keep predictor (after DynamicViT's) picks the k patches to keep; the rest become one background token.
 
     The dropped tokens are fused into their size-weighted mean, and that token's size
     (the patches it stands for) enters attention as ToMe's ``log(size)`` bias, so the
@@ -238,7 +230,7 @@ def learned(x: torch.Tensor, k: int, sig: Signals) -> Reduction:
     selection of every object patch did worse than a random one until the rest was fused.
     A fused token from an earlier stage is always fused again, so there is at most one.
     """
-    scores = _need(sig.learned, "learned", "predictor logits")
+    scores = _need(sig.predictor, "learned", "predictor logits")
     B, N, _ = x.shape
     if k >= N - 1:
         ident = _identity(x)
@@ -351,15 +343,174 @@ def tome(x: torch.Tensor, k: int, sig: Signals) -> Reduction:
 
 Method = Callable[[torch.Tensor, int, Signals], Reduction]
 
-REGISTRY: dict[str, Method] = {
-    "none": none,
-    "learned": learned,
-    "cls_attention": cls_attention,
-    "text_guided": text_guided,
-    "tome": tome,
-    "random": random,
-}
-assert tuple(REGISTRY) == METHODS
+SIGNALS = ("cls_attn", "keys", "predictor", "text", "seed")  # what a stage can hand a method (see `Signals`)
+BASELINE = "none"  # the method that prunes nothing: every comparison's reference
+
+
+@dataclass(frozen=True)
+class StageShape:
+    """The sizes a stage's scoring cost depends on (for `MethodInfo.scoring_macs`)."""
+
+    n_in: int  # patch tokens entering the stage
+    n_out: int  # patch tokens leaving it (a fused token included)
+    width: int  # token width C
+    heads: int  # attention heads h
+    embed_dim: int  # shared embedding size E
+    predictor_hidden: int  # hidden width of the keep predictor
+
+
+def _no_cost(s: StageShape) -> int:
+    return 0
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """Everything the rest of the code knows about one pruning method.
+
+    The model asks it which signals to compute, flops which tokens and scoring cost
+    a stage adds, the api which weights to run and whether a caption is needed,
+    and the app and the evaluation what to call it. Nothing else compares names.
+    """
+
+    name: str  # registry key, used in the API, CLIs and metrics.json
+    fn: Method  # (tokens, keep count, signals) -> Reduction
+    label: str  # display name
+    summary: str  # one line for the UI and docs
+    paper: str  # what it follows ("-" if nothing)
+    signals: tuple[str, ...] = ()  # subset of `SIGNALS` the model computes for it
+    reduction: str = "drop"  # "identity", "drop" (top-k) or "merge" (ToMe groups)
+    fusion: str = ""  # "" none; "background": everything dropped so far is one size-weighted token;
+    # "stage": each stage's dropped tokens become one extra token, only with `PruneSpec.fuse` (EViT)
+    scoring_macs: Callable[[StageShape], int] = _no_cost  # MACs a stage spends choosing (closed form)
+
+    def __post_init__(self) -> None:
+        unknown = set(self.signals) - set(SIGNALS)
+        if unknown:
+            raise ValueError(f"{self.name}: unknown signal(s) {sorted(unknown)}; choose from {SIGNALS}.")
+        if self.reduction not in ("identity", "drop", "merge") or self.fusion not in ("", "background", "stage"):
+            raise ValueError(f"{self.name}: bad reduction {self.reduction!r} or fusion {self.fusion!r}.")
+
+    @property
+    def needs_caption(self) -> bool:
+        """The caption embedding steers it, so it cannot run on an image alone."""
+        return "text" in self.signals
+
+    @property
+    def needs_predictor(self) -> bool:
+        """It runs on the checkpoint with trained keep predictors (``pruned/``), not the baseline."""
+        return "predictor" in self.signals
+
+    @property
+    def prunes(self) -> bool:
+        """False only for the baseline."""
+        return self.reduction != "identity"
+
+    def fused(self, k: int, n: int, num_patches: int, fuse: bool) -> bool:
+        """Whether a stage that keeps k of n patch tokens (of `num_patches`) adds a fused token."""
+        if self.fusion == "background":
+            return k < num_patches
+        return self.fusion == "stage" and fuse and k < n
+
+
+def _learned_cost(s: StageShape) -> int:
+    C, h = s.width, s.predictor_hidden
+    return s.n_in * (5 * C + C * h + 2 * h * h + h)  # norm, local layer, head (two layers) per token
+
+
+def _tome_cost(s: StageShape) -> int:
+    # Bipartite similarities of every round it takes to get from n_in to n_out tokens.
+    d, n, macs = s.width // s.heads, s.n_in, 0
+    while n > s.n_out:
+        na, nb = (n + 1) // 2, n // 2
+        macs += na * nb * d
+        n -= min(n - s.n_out, na)
+    return macs
+
+
+REGISTRY: dict[str, MethodInfo] = {}
+
+
+def register(info: MethodInfo) -> MethodInfo:
+    """Add a method (or replace one of the same name); returns it."""
+    REGISTRY[info.name] = info
+    return info
+
+
+def get(name: str) -> MethodInfo:
+    """The `MethodInfo` of `name`; a clear ValueError for an unknown one."""
+    try:
+        return REGISTRY[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"Unknown pruning method {name!r}; choose one of {', '.join(REGISTRY)}.") from None
+
+
+def names(prunes_only: bool = False, image_only: bool = False) -> tuple[str, ...]:
+    """Registered method names, in registry order.
+
+    Args:
+        prunes_only: leave out the baseline.
+        image_only: leave out methods that need a caption.
+    """
+    return tuple(
+        m.name for m in REGISTRY.values() if (m.prunes or not prunes_only) and not (image_only and m.needs_caption)
+    )
+
+
+for _info in (
+    MethodInfo(BASELINE, none, "No pruning", "No pruning: the baseline model.", "-", reduction="identity"),
+    MethodInfo(
+        "learned", learned, "Learned keep predictor",
+        "A small MLP per stage, trained to rank patches like the baseline's caption saliency, keeps the top-k; "
+        "the rest become one size-weighted background token.",
+        "after DynamicViT's predictor (NeurIPS 2021)",
+        signals=("predictor",), fusion="background", scoring_macs=_learned_cost,
+    ),
+    MethodInfo(
+        "cls_attention", cls_attention, "CLS attention (EViT)",
+        "Keeps the patches the CLS token attends to most, averaged over heads; optionally fuses the rest. "
+        "Training-free.",
+        "EViT (ICLR 2022)",
+        signals=("cls_attn",), fusion="stage", scoring_macs=lambda s: (s.n_in + 1) * s.width,  # one query row
+    ),
+    MethodInfo(
+        "text_guided", text_guided, "Text-guided",
+        "Keeps the patches closest to the caption's embedding, so editing the caption moves them. Training-free.",
+        "FastV / SparseVLM idea",
+        signals=("text",), scoring_macs=lambda s: s.n_in * (5 * s.width + s.width * s.embed_dim),  # patch head
+    ),
+    MethodInfo(
+        "tome", tome, "ToMe merging",
+        "Merges the most similar tokens in pairs instead of dropping them (bipartite soft matching), "
+        "with proportional attention. Training-free.",
+        "ToMe (ICLR 2023)",
+        signals=("keys",), reduction="merge", scoring_macs=_tome_cost,
+    ),
+    MethodInfo(
+        "random", random, "Random", "Keeps a seeded random subset of patches: the control every method should beat.",
+        "-", signals=("seed",),
+    ),
+):
+    register(_info)
+
+
+def token_schedule(
+    num_patches: int, stages: tuple[int, ...], depth: int, method: str, keep_ratio: float, fuse: bool = False
+) -> list[int]:
+    """Tokens (CLS and any fused token included) that each of the `depth` blocks sees.
+
+    The one place the token count per block is derived from a method and keep ratio;
+    flops, the evaluation and the UI ask it, and the tests hold it to the model's trace.
+    """
+    info = get(method)
+    active = info.prunes and keep_ratio < 1
+    counts = keep_counts(num_patches, keep_ratio, len(stages)) if active else [num_patches] * len(stages)
+    n, out = num_patches, []
+    for i in range(depth):
+        if i in stages:
+            k = counts[stages.index(i)]
+            n = k + info.fused(k, n, num_patches, fuse)
+        out.append(1 + n)
+    return out
 
 
 # ----------------------------------------------------------------------------- the learned scorer
