@@ -196,8 +196,10 @@ def test_main_writes_metrics_report_and_plot(tiny: tuple[Path, Path], tmp_path: 
     for method in METHODS[1:]:
         full, half = by[(method, 1.0)], by[(method, 0.5)]
         assert half["gmacs"] < full["gmacs"], method
-        fused = int(method == "learned")  # learned fuses the dropped patches into one more token
-        assert half["tokens"] == [16, 11 + fused, 8 + fused] and full["tokens"] == [16, 16, 16]  # tiny: 4x4, 2 stages
+        # Tiny: 4x4 patches, 4 blocks, each method at its paper placement (see test_api for the hand working).
+        expected = {"learned": [16, 12, 9], "cls_attention": [16, 14, 11, 9], "tome": [16, 14, 12, 10, 8]}
+        assert half["tokens"] == expected.get(method, [16, 11, 8]), method
+        assert full["tokens"] == [16] * len(half["tokens"]), method
     # At keep ratio 1 a baseline-checkpoint method is the baseline itself.
     assert by[("random", 1.0)]["r1_t2i"] == none["r1_t2i"]
     assert by[("random", 1.0)]["same_as_baseline"] and not by[("learned", 1.0)]["same_as_baseline"]

@@ -3,10 +3,9 @@
 import pytest
 import torch
 
-from vlm_demo import flops
+from vlm_demo import flops, pruning
 from vlm_demo.config import get_preset
 from vlm_demo.model import DualEncoder
-from vlm_demo import pruning
 from vlm_demo.pruning import PruneSpec
 
 METHODS = pruning.names()
@@ -21,8 +20,11 @@ def test_fvcore_matches_closed_form_and_falls_with_keep_ratio(preset, method):
     counted = [flops.gmacs(cfg, method, r) for r in RATIOS]
     for r, g in zip(RATIOS, counted):
         assert g == pytest.approx(flops.closed_form_gmacs(cfg, method, r), rel=0.02), (method, r)
-    if method == "none":
+    if not pruning.get(method).prunes:
         assert len(set(counted)) == 1
+    elif pruning.get(method).counts == "constant_r":
+        # ToMe's whole-token r per block can tie on a 16-patch grid (0.3 and 0.2 both give r = 3).
+        assert all(a >= b for a, b in zip(counted, counted[1:])) and counted[0] > counted[-1], counted
     else:
         assert all(a > b for a, b in zip(counted, counted[1:])), counted
 
@@ -50,9 +52,9 @@ def test_attention_is_counted_exactly():
 def test_batch_scales_linearly_and_fusion_adds_a_token():
     cfg = get_preset("tiny").model
     assert flops.gmacs(cfg, "tome", 0.5, batch=4) == pytest.approx(4 * flops.gmacs(cfg, "tome", 0.5))
-    fused = flops.gmacs(cfg, "cls_attention", 0.5, fuse=True)
-    assert fused > flops.gmacs(cfg, "cls_attention", 0.5)
-    assert fused == pytest.approx(flops.closed_form_gmacs(cfg, "cls_attention", 0.5, fuse=True), rel=0.02)
+    fused = flops.gmacs(cfg, "cls_attention", 0.5)  # EViT fuses by default
+    assert fused > flops.gmacs(cfg, "cls_attention", 0.5, fuse=False)
+    assert fused == pytest.approx(flops.closed_form_gmacs(cfg, "cls_attention", 0.5), rel=0.02)
 
 
 def test_results_are_cached():

@@ -52,7 +52,7 @@ def _hand_trace() -> Trace:
     scores[0, 2] = 5.0
     scores[0, 15] = float("nan")
     stage = Stage(block=1, kept=kept, groups=groups, scores=scores)
-    return Trace("learned", 0.125, 4, stage_blocks=(1,), stages=[stage])
+    return Trace("learned", 4, stage_blocks=(1,), stages=[stage])
 
 
 def _uniform(size: tuple[int, int] = (112, 112)) -> Image.Image:
@@ -260,6 +260,6 @@ def test_groups_overlay_on_real_tome_trace(tiny_traces: dict[str, Trace]) -> Non
 
 
 def test_legend_text(tiny_traces: dict[str, Trace]) -> None:
-    assert ov.legend_text(tiny_traces["tome"]) == "tome: 16 -> 9 -> 5 patch tokens"
+    assert ov.legend_text(tiny_traces["tome"]) == "tome: 16 -> 13 -> 10 -> 7 -> 4 patch tokens"  # r = 3 per block
     assert ov.legend_text(tiny_traces["none"]) == "none: 16 patch tokens (no pruning)"
     assert "\n" not in ov.legend_text(tiny_traces["fused"])

@@ -40,9 +40,10 @@ def test_cls_attention_fuses_the_inattentive_tokens():
     x = tokens()
     attn = torch.tensor([[0.10, 0.50, 0.05, 0.30, 0.02, 0.03]])
     red = pruning.cls_attention(x, 2, Signals(cls_attn=attn, fuse=True))
-    # Dropped patches 0, 2, 4, 5 (values 1, 3, 5, 6) weighted 0.10, 0.05, 0.02, 0.03 -> 2.35 / 0.20.
+    # EViT's extra token is the attention-weighted *sum* of the dropped tokens, as in its code:
+    # patches 0, 2, 4, 5 (values 1, 3, 5, 6) weighted 0.10, 0.05, 0.02, 0.03 -> 0.10 + 0.15 + 0.10 + 0.18 = 0.53.
     assert red.x.shape == (1, 4, 3)
-    assert torch.allclose(red.x[0, 3], torch.full((3,), (0.10 * 1 + 0.05 * 3 + 0.02 * 5 + 0.03 * 6) / 0.20))
+    assert torch.allclose(red.x[0, 3], torch.full((3,), 0.53))
     assert red.source.tolist() == [[2, 0, 2, 1, 2, 2]]
     assert red.rep.tolist() == [[1, 3, -1]]
 
@@ -132,19 +133,65 @@ def test_pruned_forward_keeps_cls_and_the_schedule(method):
     spec = PruneSpec(method, 0.3, text=text if method == "text_guided" else None)
     with torch.inference_mode():
         tokens_out, trace = model.visual.forward_features(pixels, spec)
-    expected = keep_counts(196, 0.3, 2)
-    fused = int(method == "learned")  # learned fuses its dropped patches into one more token
-    assert trace.tokens_per_stage() == [196, *(k + fused for k in expected)]
-    assert tokens_out.shape == (2, 1 + expected[-1] + fused, 128)
-    for stage in trace.stages:
+    # Paper placements on 6 blocks: EViT inside blocks 1, 3, 4; ToMe in all 6; the others before 1 and 3.
+    blocks = {"cls_attention": (1, 3, 4), "tome": tuple(range(6))}.get(method, (1, 3))
+    assert trace.stage_blocks == blocks and [s.block for s in trace.stages] == list(blocks)
+    fused = method in ("learned", "cls_attention")  # a fused token rides along, its position -1
+    final = trace.tokens_per_stage()[-1]
+    assert tokens_out.shape == (2, 1 + final, 128)
+    for i, stage in enumerate(trace.stages):
         assert stage.kept.shape[0] == 2  # one k for the whole batch
         assert stage.groups.shape == (2, 196)
-        patches = stage.kept[:, : stage.kept.shape[1] - fused]  # a fused token's position is -1
-        assert ((patches >= 0) & (patches < 196)).all()
-    if method in ("tome", "learned"):
-        assert (trace.stages[-1].groups >= 0).all()  # merging keeps every patch in some group
+        assert ((stage.kept >= -1) & (stage.kept < 196)).all()
+        # learned keeps one background token; EViT may keep an earlier stage's fused token as a token.
+        most = {"learned": 1, "cls_attention": i + 1}.get(method, 0)
+        assert ((stage.kept == -1).sum(1) <= most).all() and (not fused or (stage.kept[:, -1] == -1).all())
+    if method in ("tome", "learned", "cls_attention"):
+        assert (trace.stages[-1].groups >= 0).all()  # merged or fused: every patch is in some token
     else:
-        assert (trace.stages[-1].groups >= 0).sum(1).tolist() == [expected[-1]] * 2
+        assert (trace.stages[-1].groups >= 0).sum(1).tolist() == [final] * 2
+
+
+def test_stage_counts_follow_each_papers_convention():
+    # DynamicViT / EViT: a per-stage keep rate r ** (1 / S); ToMe: a constant r per block.
+    assert pruning.stage_counts("cls_attention", 196, 0.343, 3) == [137, 96, 67]  # 0.7 per stage, as EViT-S
+    assert pruning.stage_counts("tome", 196, 0.5, 12) == [188 - 8 * i for i in range(12)]  # r = round(98 / 12) = 8
+    assert pruning.stage_counts("tome", 16, 0.1, 2) == [9, 5]  # r = 7, then capped at half of 9
+    assert pruning.quarter_points(12) == (3, 6, 9) and pruning.quarter_points(6) == (1, 3, 4)
+    assert pruning.resolve_stages("tome", 12, (1, 3)) == tuple(range(12))
+    assert pruning.resolve_stages("tome", 12, (1, 3), "shared") == (1, 3)
+    assert pruning.resolve_stages("random", 12, (1, 3), (9, 2)) == (2, 9)
+    with pytest.raises(ValueError, match="trained for blocks"):
+        pruning.resolve_stages("learned", 6, (1, 3), (2, 4))
+    with pytest.raises(ValueError, match="blocks 1..5"):
+        pruning.resolve_stages("random", 6, (1, 3), (0, 2))  # before block 0 there is no block to score with
+    with pytest.raises(ValueError, match="Unknown placement"):
+        pruning.resolve_stages("random", 6, (1, 3), "everywhere")
+
+
+def test_evit_prunes_inside_the_block_from_its_own_attention():
+    """One block by hand: EViT's order is attention, prune and fuse by that attention, then the MLP."""
+    torch.manual_seed(0)
+    cfg = get_preset("tiny").model
+    model = DualEncoder(cfg).eval()
+    vit = model.visual
+    pixels = torch.randn(1, 3, 32, 32)
+    spec = PruneSpec("cls_attention", 0.5, stages=(2,))
+    with torch.inference_mode():
+        got, trace = vit.forward_features(pixels, spec)
+        x = vit.embed(pixels)
+        for block in vit.blocks[:2]:
+            x, _ = block(x)
+        y, aux = vit.blocks[2].attend(x, aux=(True, False))
+        attn = aux.cls_attn  # (1, 16): block 2's own CLS attention
+        keep = attn.topk(8, dim=1).indices.sort(dim=1).values
+        dropped = torch.ones(16, dtype=torch.bool)
+        dropped[keep[0]] = False
+        fused = (attn[0, dropped, None] * y[0, 1:][dropped]).sum(0)
+        x = torch.cat([y[:, :1], y[:, 1:][:, keep[0]], fused[None, None]], dim=1)
+        x = vit.blocks[3](vit.blocks[2].feed_forward(x))[0]
+    assert trace.stages[0].kept[0, :8].tolist() == keep[0].tolist()
+    assert torch.allclose(got, x, atol=1e-6)
 
 
 def test_text_guided_follows_the_caption():

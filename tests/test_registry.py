@@ -76,17 +76,17 @@ def test_bad_entries_and_names_are_refused():
 
 
 @pytest.mark.parametrize("method", pruning.names())
+@pytest.mark.parametrize("placement", ["paper", "shared"])
 @pytest.mark.parametrize("fuse", [False, True])
-def test_token_schedule_matches_the_model(method, fuse):
+def test_token_schedule_matches_the_model(method, placement, fuse):
     cfg = get_preset("default").model
     model = DualEncoder(cfg).eval()
     text = torch.nn.functional.normalize(torch.randn(1, cfg.embed_dim), dim=-1)
-    spec = PruneSpec(method, 0.3, text=text, fuse=fuse)
+    spec = PruneSpec(method, 0.3, text=text, fuse=fuse, stages=placement)
     with torch.inference_mode():
         tokens, trace = model.visual.forward_features(torch.randn(1, 3, 112, 112), spec)
-    schedule = flops.tokens_per_block(cfg, method, 0.3, fuse)
-    assert schedule[-1] == tokens.shape[1]
-    assert [schedule[0] - 1] + [schedule[s] - 1 for s in cfg.pruning.stages] == trace.tokens_per_stage()
+    assert flops.block_tokens(cfg, method, 0.3, fuse, placement)[-1][1] == tokens.shape[1]
+    assert flops.tokens_per_stage(cfg, method, 0.3, fuse, placement) == trace.tokens_per_stage()
 
 
 def test_stage_shape_costs():

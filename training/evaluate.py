@@ -177,12 +177,6 @@ def _encode_images(
     return _Pass(emb=torch.cat(embs), kept=torch.cat(kept), tokens=tokens or [])
 
 
-def _tokens_per_stage(model: DualEncoder, method: str, keep_ratio: float, fuse: bool) -> list[int]:
-    """What `Trace.tokens_per_stage` reports, without running the model."""
-    per_block = flops.tokens_per_block(model.cfg, method, keep_ratio, fuse)
-    return [per_block[0] - 1] + [per_block[s] - 1 for s in model.cfg.pruning.stages]
-
-
 # ----------------------------------------------------------------------------- evaluation
 
 
@@ -372,7 +366,7 @@ def _evaluate(
             info = pruning.get(method)
             model = pruned if info.needs_predictor else base
             assert model is not None
-            fuse = info.fusion == "stage" and cfg.pruning.fuse_dropped
+            fuse = True  # EViT's fused token, as EViT evaluates it (PruneSpec's default)
             spec_active = info.prunes and r < 1.0
             row: dict[str, Any] = {
                 "method": method,
@@ -382,14 +376,14 @@ def _evaluate(
             recalls: dict[str, float] | None = None
             pair: float | None = None
             kept: torch.Tensor | None = None
-            tokens = _tokens_per_stage(model, method, r, fuse)
+            tokens = flops.tokens_per_stage(cfg, method, r, fuse)
             reuse = model is base and not spec_active and reference is not None
             if reuse:
                 # An inactive spec on the baseline is the baseline itself: reuse its embeddings.
                 assert reference is not None
                 if not info.needs_caption:
                     recalls = M.recall_at_k(reference.emb @ text_emb.T, ed.caption_to_image, RECALL_KS)
-                pair, kept, tokens = reference_pair, reference.kept, reference.tokens
+                pair, kept = reference_pair, reference.kept
             elif info.needs_caption:
                 # Query-aware: one pass per (image, caption) pair, so no retrieval recalls.
                 if have_neg is not None or have_boxes is not None:

@@ -245,7 +245,7 @@ class Session:
         spec = PruneSpec(method, float(keep_ratio), text=text if info.needs_caption else None, seed=seed)
         model = self.model_for(method)
 
-        z_base, base_trace = self.baseline.encode_image_with_trace(pixels)
+        z_base = self.baseline.encode_image(pixels)
         z_pruned, trace = model.encode_image_with_trace(pixels, spec)
         timing = interleaved(
             {"baseline": lambda: self.baseline.encode_image(pixels), "pruned": lambda: model.encode_image(pixels, spec)},
@@ -261,8 +261,7 @@ class Session:
                 warmup=1,
             )
 
-        def side(z: torch.Tensor, tr: Trace, m: str, t: Timing) -> Side:
-            per_stage = tr.tokens_per_stage()
+        def side(z: torch.Tensor, per_stage: list[int], m: str, t: Timing) -> Side:
             return Side(
                 score=float(z[0] @ text[0]),
                 tokens=per_stage[-1],
@@ -288,8 +287,9 @@ class Session:
             method=method,
             keep_ratio=spec.keep_ratio,
             caption=caption,
-            baseline=side(z_base, base_trace, BASELINE, timing["baseline"]),
-            pruned=side(z_pruned, trace, method, timing["pruned"]),
+            # The baseline's tokens, stage for stage with the pruned side's.
+            baseline=side(z_base, [trace.num_patches] * len(trace.tokens_per_stage()), BASELINE, timing["baseline"]),
+            pruned=side(z_pruned, trace.tokens_per_stage(), method, timing["pruned"]),
             trace=trace,
             overlays=overlays,
             latency_bs32=bs32,

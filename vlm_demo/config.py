@@ -43,10 +43,11 @@ class TextConfig:
 
 @dataclass(frozen=True)
 class PruningConfig:
-    stages: tuple[int, ...] = (1, 3)  # block indices that a pruning stage runs *before*; after block 0, the
-    # tokens have context, and pruning early is where the cost goes down (most MACs sit in the blocks)
+    stages: tuple[int, ...] = (1, 3)  # the blocks the learned keep predictors run before (one predictor each), and
+    # the "shared" placement; after block 0 the tokens have context, and pruning early is where the cost goes down
     predictor_hidden: int = 64  # hidden size of the learned (DynamicViT-style) keep-score MLP, one per stage
-    fuse_dropped: bool = False  # cls_attention only: fuse the dropped tokens into one extra token (EViT option)
+    placement: str = "paper"  # where the other methods' stages sit: "paper", each method's paper default for
+    # the depth (EViT inside blocks at 1/4, 1/2, 3/4; ToMe in every block), or "shared", every method at `stages`
 
 
 @dataclass(frozen=True)

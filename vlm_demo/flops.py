@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
-from .pruning import PruneSpec, StageShape, get, token_schedule
+from .pruning import PruneSpec, StageShape, get, plan, resolve_stages, token_schedule
 
 # Ops that do no multiply-accumulate: counted as 0 MACs, explicitly.
 ZERO_MAC_OPS = (
@@ -102,24 +102,32 @@ def analysis(model: nn.Module, spec: PruneSpec, batch: int = 1):
     return fca
 
 
-def _spec_for(cfg: ModelConfig, method: str, keep_ratio: float, fuse: bool) -> PruneSpec:
+Placement = str | tuple[int, ...] | None  # see `PruneSpec.stages`; None: the config's pruning.placement
+
+
+def _spec_for(cfg: ModelConfig, method: str, keep_ratio: float, fuse: bool, placement: Placement) -> PruneSpec:
     text = None
     if get(method).needs_caption:
         text = torch.nn.functional.normalize(torch.ones(1, cfg.embed_dim), dim=-1)
-    return PruneSpec(method=method, keep_ratio=keep_ratio, text=text, fuse=fuse)
+    return PruneSpec(method=method, keep_ratio=keep_ratio, text=text, fuse=fuse, stages=placement)
 
 
 @functools.lru_cache(maxsize=4096)
-def _cached_gmacs(config_json: str, method: str, keep_ratio: float, batch: int, fuse: bool) -> float:
+def _cached_gmacs(
+    config_json: str, method: str, keep_ratio: float, batch: int, fuse: bool, placement: Placement
+) -> float:
     from .model import DualEncoder
 
     cfg = ModelConfig.from_dict(json.loads(config_json))
     torch.manual_seed(0)
     model = DualEncoder(cfg)
-    return analysis(model, _spec_for(cfg, method, keep_ratio, fuse), batch).total() / 1e9
+    return analysis(model, _spec_for(cfg, method, keep_ratio, fuse, placement), batch).total() / 1e9
 
 
-def gmacs(cfg: ModelConfig, method: str = "none", keep_ratio: float = 1.0, batch: int = 1, fuse: bool = False) -> float:
+def gmacs(
+    cfg: ModelConfig, method: str = "none", keep_ratio: float = 1.0, batch: int = 1, fuse: bool = True,
+    placement: Placement = None,
+) -> float:  # fmt: skip
     """fvcore GMACs of one image-encoder forward pass (cached).
 
     Args:
@@ -127,28 +135,57 @@ def gmacs(cfg: ModelConfig, method: str = "none", keep_ratio: float = 1.0, batch
         method: a pruning method.
         keep_ratio: the keep ratio.
         batch: images per pass.
-        fuse: the ``cls_attention`` fusion option.
+        fuse: EViT's fused token (see `PruneSpec.fuse`).
+        placement: where the stages sit (see `PruneSpec.stages`).
 
     Returns:
         Giga multiply-accumulates for the whole batch.
     """
     get(method)  # a clear error for an unknown name
-    return _cached_gmacs(json.dumps(cfg.to_dict(), sort_keys=True), method, float(keep_ratio), int(batch), bool(fuse))
+    if isinstance(placement, list):
+        placement = tuple(placement)
+    key = json.dumps(cfg.to_dict(), sort_keys=True)
+    return _cached_gmacs(key, method, float(keep_ratio), int(batch), bool(fuse), placement)
 
 
-def tokens_per_block(cfg: ModelConfig, method: str, keep_ratio: float, fuse: bool = False) -> list[int]:
-    """Tokens (CLS included) that each block sees; see `vlm_demo.pruning.token_schedule`."""
-    v = cfg.vision
-    return token_schedule(v.num_patches, cfg.pruning.stages, v.depth, method, keep_ratio, fuse)
+def block_tokens(
+    cfg: ModelConfig, method: str, keep_ratio: float, fuse: bool = True, placement: Placement = None
+) -> list[tuple[int, int]]:
+    """(attention, MLP) tokens, CLS included, of each block; see `vlm_demo.pruning.token_schedule`."""
+    v, p = cfg.vision, cfg.pruning
+    where = p.placement if placement is None else placement
+    return token_schedule(v.num_patches, p.stages, v.depth, method, keep_ratio, fuse, where)
+
+
+def tokens_per_block(
+    cfg: ModelConfig, method: str, keep_ratio: float, fuse: bool = True, placement: Placement = None
+) -> list[int]:
+    """Tokens (CLS included) that enter each block."""
+    return [a for a, _ in block_tokens(cfg, method, keep_ratio, fuse, placement)]
+
+
+def tokens_per_stage(
+    cfg: ModelConfig, method: str, keep_ratio: float, fuse: bool = True, placement: Placement = None
+) -> list[int]:
+    """Patch tokens (a fused token included) before the first stage and after each one.
+
+    What `Trace.tokens_per_stage` reports for the same pass, without running the model.
+    """
+    v, p = cfg.vision, cfg.pruning
+    blocks = resolve_stages(method, v.depth, p.stages, p.placement if placement is None else placement)
+    pairs = block_tokens(cfg, method, keep_ratio, fuse, placement)
+    return [v.num_patches] + [pairs[b][1] - 1 for b in blocks]
 
 
 def closed_form_gmacs(
-    cfg: ModelConfig, method: str = "none", keep_ratio: float = 1.0, batch: int = 1, fuse: bool = False
-) -> float:
+    cfg: ModelConfig, method: str = "none", keep_ratio: float = 1.0, batch: int = 1, fuse: bool = True,
+    placement: Placement = None,
+) -> float:  # fmt: skip
     """GMACs from a per-block formula at the actual token counts.
 
-    Per block with N tokens, width C, MLP width H: QKV ``3NC^2`` + projection ``NC^2``
-    + MLP ``2NCH`` + attention matmuls ``2N^2 C`` + two layer norms ``2 * 5NC``
+    Per block with N tokens at attention and M at the MLP (they differ where a stage
+    prunes inside the block), width C, MLP width H: QKV ``3NC^2`` + projection ``NC^2``
+    + attention matmuls ``2N^2 C`` + MLP ``2MCH`` + two layer norms ``5NC + 5MC``
     (fvcore's convention for an affine norm). Plus the patch embedding, the head,
     and each stage's scoring cost, which the method's registry entry states
     (`MethodInfo.scoring_macs`).
@@ -156,13 +193,16 @@ def closed_form_gmacs(
     v, p = cfg.vision, cfg.pruning
     C, H, P, E = v.width, int(v.width * v.mlp_ratio), v.num_patches, cfg.embed_dim
     macs = P * C * 3 * v.patch_size**2  # patch embedding
-    tokens = tokens_per_block(cfg, method, keep_ratio, fuse)
     info = get(method)
-    for i, N in enumerate(tokens):
-        macs += 4 * N * C * C + 2 * N * C * H + 2 * N * N * C + 10 * N * C
-        if i in p.stages and info.prunes and keep_ratio < 1:
-            shape = StageShape(tokens[i - 1] - 1, N - 1, C, v.heads, E, p.predictor_hidden)
-            macs += info.scoring_macs(shape)
+    where = p.placement if placement is None else placement
+    stages = {st.block for st in plan(method, keep_ratio, P, v.depth, p.stages, where)}
+    pairs = block_tokens(cfg, method, keep_ratio, fuse, placement)
+    for i, (N, M) in enumerate(pairs):
+        macs += 4 * N * C * C + 2 * N * N * C + 5 * N * C + 2 * M * C * H + 5 * M * C
+        if i in stages:
+            n_in = (N if info.inside else pairs[i - 1][1]) - 1  # patch tokens the stage receives
+            n_out = (M if info.inside else N) - 1
+            macs += info.scoring_macs(StageShape(n_in, n_out, C, v.heads, E, p.predictor_hidden))
     macs += 5 * C + C * E  # final norm and projection of the CLS token
     return batch * macs / 1e9
 

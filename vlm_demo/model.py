@@ -26,7 +26,9 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .config import ModelConfig, PruningConfig, TextConfig, VisionConfig
-from .pruning import KeepPredictor, PruneSpec, Signals, Stage, Trace, get, keep_counts
+from .pruning import (
+    KeepPredictor, MethodInfo, PruneSpec, Signals, Stage, StagePlan, Trace, get, plan, resolve_stages,
+)
 from .tokenizer import VOCAB_FILE, Tokenizer
 
 CONFIG_FILE = "config.json"
@@ -96,19 +98,54 @@ class Block(nn.Module):
         hidden = int(width * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
 
+    def attend(
+        self,
+        x: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        aux: tuple[bool, bool] = (False, False),
+    ) -> tuple[torch.Tensor, BlockAux | None]:
+        """The attention half, residual included: where EViT and ToMe prune, before the MLP."""
+        y, block_aux = self.attn(self.norm1(x), bias=bias, aux=aux)
+        return x + y, block_aux
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The MLP half, residual included."""
+        return x + self.mlp(self.norm2(x))
+
     def forward(
         self,
         x: torch.Tensor,
         bias: torch.Tensor | None = None,
         aux: tuple[bool, bool] = (False, False),
     ) -> tuple[torch.Tensor, BlockAux | None]:
-        y, block_aux = self.attn(self.norm1(x), bias=bias, aux=aux)
-        x = x + y
-        return x + self.mlp(self.norm2(x)), block_aux
+        x, block_aux = self.attend(x, bias=bias, aux=aux)
+        return self.feed_forward(x), block_aux
+
+
+@dataclass
+class _Walk:
+    """What a forward pass carries from stage to stage, in original patch positions."""
+
+    info: MethodInfo
+    want: tuple[bool, bool]  # (CLS attention, keys): the signals the method's stages read from a block
+    groups: torch.Tensor  # (B, P) token each original patch now belongs to, -1 if dropped
+    pos: torch.Tensor  # (B, n) original patch each token stands for, -1 for a fused token
+    size: torch.Tensor | None = None  # (B, 1 + n) patches per token, for methods that merge or fuse by size
+    generator: torch.Generator | None = None  # the seeded generator of ``random``
+
+    @classmethod
+    def start(cls, x: torch.Tensor, prune: PruneSpec, info: MethodInfo) -> "_Walk":
+        B, N, _ = x.shape
+        ident = torch.arange(N - 1, device=x.device).expand(B, -1)
+        generator = None
+        if "seed" in info.signals:
+            generator = torch.Generator(device=x.device).manual_seed(prune.seed)
+        want = ("cls_attn" in info.signals, "keys" in info.signals)
+        return cls(info, want, groups=ident, pos=ident, generator=generator)
 
 
 class VisionTransformer(nn.Module):
-    """A ViT with a CLS token and pruning stages between its blocks."""
+    """A ViT with a CLS token and pruning stages before or inside its blocks."""
 
     def __init__(self, cfg: VisionConfig, pruning: PruningConfig, embed_dim: int):
         super().__init__()
@@ -143,8 +180,15 @@ class VisionTransformer(nn.Module):
         z = F.normalize(self.proj(self.norm(patches)), dim=-1)  # (B, n, E)
         return (z * text[:, None, :]).sum(-1)
 
+    def stage_plan(self, prune: PruneSpec) -> tuple[tuple[int, ...], list[StagePlan]]:
+        """The blocks where `prune` runs its stages, and the stages it runs (see `vlm_demo.pruning.plan`)."""
+        placement = self.pruning.placement if prune.stages is None else prune.stages
+        args = (self.cfg.depth, self.pruning.stages, placement)
+        blocks = resolve_stages(prune.method, *args)
+        return blocks, plan(prune.method, prune.keep_ratio, self.cfg.num_patches, *args)
+
     def forward_features(self, pixels: torch.Tensor, prune: PruneSpec | None = None) -> tuple[torch.Tensor, Trace]:
-        """Run the blocks, pruning at each stage.
+        """Run the blocks, pruning at each stage (before a block, or inside it after attention).
 
         The pruned tokens are really removed (in training too), so the later blocks
         cost less.
@@ -157,48 +201,53 @@ class VisionTransformer(nn.Module):
             (B, 1 + k', C) final tokens and the `Trace`.
         """
         prune = prune or PruneSpec()
-        x = self.embed(pixels)
-        B, N, _ = x.shape
-        trace = Trace(prune.method, float(prune.keep_ratio), self.cfg.grid, stage_blocks=self.pruning.stages)
-        stages = self.pruning.stages if prune.active else ()
-        counts = dict(zip(stages, keep_counts(self.cfg.num_patches, prune.keep_ratio, len(stages))))
         info = get(prune.method)
-        want = ("cls_attn" in info.signals, "keys" in info.signals)
-        generator = None
-        if "seed" in info.signals:
-            generator = torch.Generator(device=pixels.device).manual_seed(prune.seed)
-
-        groups = torch.arange(N - 1, device=x.device).expand(B, -1)  # (B, P) token of each original patch
-        pos = groups  # (B, n) original patch each token stands for
-        size: torch.Tensor | None = None  # (B, 1 + n) sizes, for methods that merge or fuse by size
+        blocks, stages = self.stage_plan(prune)
+        plan_at = {st.block: st for st in stages}
+        x = self.embed(pixels)
+        trace = Trace(prune.method, self.cfg.grid, stage_blocks=blocks)
+        walk = _Walk.start(x, prune, info)
         aux: BlockAux | None = None
         for i, block in enumerate(self.blocks):
-            if i in counts:
-                k = counts[i]
-                si = stages.index(i)
-                sig = Signals(size=size, generator=generator, fuse=prune.fuse)
-                if aux is not None:
-                    sig.cls_attn, sig.keys = aux.cls_attn, aux.keys
-                if info.needs_predictor:
-                    sig.predictor = self.predictors[si](x[:, 1:])
-                if info.needs_caption:
-                    sig.text = self.patch_scores_against(x[:, 1:], prune.text.to(x.dtype))
-                red = info.fn(x, k, sig)
-                stage_scores = None
-                if red.scores is not None:
-                    # One spare column takes a fused token's score (its position is -1).
-                    stage_scores = torch.full((B, N), float("nan"), device=x.device)
-                    stage_scores.scatter_(1, torch.where(pos >= 0, pos, N - 1), red.scores.float())
-                    stage_scores = stage_scores[:, : N - 1]
-                alive = groups >= 0
-                groups = torch.where(alive, red.source.gather(1, groups.clamp_min(0)), groups)
-                pos = torch.where(red.rep >= 0, pos.gather(1, red.rep.clamp_min(0)), red.rep)
-                x, size = red.x, red.size
-                trace.stages.append(Stage(block=i, kept=pos, groups=groups, scores=stage_scores))
-            bias = None if size is None else size.log()[:, None, None, :]
-            next_is_stage = (i + 1) in counts
-            x, aux = block(x, bias=bias, aux=want if next_is_stage else (False, False))
+            st = plan_at.get(i)
+            if st is not None and not info.inside:
+                x = self._prune(x, st, aux, walk, trace, blocks.index(i), prune)
+            bias = None if walk.size is None else walk.size.log()[:, None, None, :]
+            if st is not None and info.inside:
+                x, aux = block.attend(x, bias=bias, aux=walk.want)
+                x = block.feed_forward(self._prune(x, st, aux, walk, trace, blocks.index(i), prune))
+            else:
+                nxt = plan_at.get(i + 1)
+                x, aux = block(x, bias=bias, aux=walk.want if nxt is not None and not info.inside else (False, False))
         return x, trace
+
+    def _prune(
+        self, x: torch.Tensor, st: StagePlan, aux: BlockAux | None, walk: "_Walk", trace: Trace, index: int,
+        prune: PruneSpec,
+    ) -> torch.Tensor:  # fmt: skip
+        """Run one stage on (B, 1 + n, C) tokens; records it in `trace` and returns the new tokens."""
+        B, N, _ = x.shape
+        P = self.cfg.num_patches
+        sig = Signals(size=walk.size, generator=walk.generator, fuse=prune.fuse)
+        if aux is not None:
+            sig.cls_attn, sig.keys = aux.cls_attn, aux.keys
+        if walk.info.needs_predictor:
+            sig.predictor = self.predictors[index](x[:, 1:])
+        if walk.info.needs_caption:
+            sig.text = self.patch_scores_against(x[:, 1:], prune.text.to(x.dtype))
+        red = walk.info.fn(x, st.keep, sig)
+        stage_scores = None
+        if red.scores is not None:
+            # One spare column takes a fused token's score (its position is -1).
+            stage_scores = torch.full((B, P + 1), float("nan"), device=x.device)
+            stage_scores.scatter_(1, torch.where(walk.pos >= 0, walk.pos, P), red.scores.float())
+            stage_scores = stage_scores[:, :P]
+        alive = walk.groups >= 0
+        walk.groups = torch.where(alive, red.source.gather(1, walk.groups.clamp_min(0)), walk.groups)
+        walk.pos = torch.where(red.rep >= 0, walk.pos.gather(1, red.rep.clamp_min(0)), red.rep)
+        walk.size = red.size
+        trace.stages.append(Stage(block=st.block, kept=walk.pos, groups=walk.groups, scores=stage_scores))
+        return red.x
 
     def forward_head(self, tokens: torch.Tensor) -> torch.Tensor:
         """Pool any number of tokens (the CLS token) and project: (B, N, C) -> (B, E)."""

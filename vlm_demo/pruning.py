@@ -40,14 +40,19 @@ class PruneSpec:
         keep_ratio: see the module docstring; in (0, 1].
         text: (B, E) or (1, E) caption embeddings, needed by ``text_guided``.
         seed: seed of ``random``; the same seed keeps the same patches.
-        fuse: ``cls_attention`` only: fuse the dropped tokens into one extra token (EViT).
+        fuse: ``cls_attention`` only: fuse the dropped tokens into one extra token, as EViT
+            evaluates it (the default); False is the ablation without it.
+        stages: where the stages sit: ``"paper"`` (each method's paper default for the
+            depth), ``"shared"`` (every method at the config's ``pruning.stages``), block
+            indices, or None for the config's ``pruning.placement``. See `resolve_stages`.
     """
 
     method: str = "none"
     keep_ratio: float = 1.0
     text: torch.Tensor | None = None
     seed: int = 0
-    fuse: bool = False
+    fuse: bool = True
+    stages: str | tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         info = get(self.method)
@@ -142,9 +147,8 @@ class Trace:
     """What pruning did in one forward pass; overlays and tests read only this."""
 
     method: str
-    keep_ratio: float
     grid: int
-    stage_blocks: tuple[int, ...] = ()  # the blocks the model's stages run before, pruning or not
+    stage_blocks: tuple[int, ...] = ()  # the blocks where the method's stages sit, pruning or not
     stages: list[Stage] = field(default_factory=list)  # the stages that pruned (none at keep ratio 1)
 
     @property
@@ -170,7 +174,9 @@ def _identity(x: torch.Tensor) -> Reduction:
     return Reduction(x=x, source=idx, rep=idx)
 
 
-def topk_keep(x: torch.Tensor, scores: torch.Tensor, k: int, fuse_weights: torch.Tensor | None = None) -> Reduction:
+def topk_keep(
+    x: torch.Tensor, scores: torch.Tensor, k: int, fuse_weights: torch.Tensor | None = None, mean: bool = True
+) -> Reduction:
     """Keep the k patch tokens with the highest scores, in their original order.
 
     Args:
@@ -178,7 +184,9 @@ def topk_keep(x: torch.Tensor, scores: torch.Tensor, k: int, fuse_weights: torch
         scores: (B, n) patch scores.
         k: patch tokens to keep; ``k >= n`` returns the tokens unchanged.
         fuse_weights: (B, n) non-negative weights; if given, the dropped tokens are
-            fused into one extra token, their weighted mean (EViT).
+            fused into one extra token.
+        mean: the fused token is the weighted mean; False: the weighted sum, EViT's
+            attention-weighted token (its weights, CLS attention, sum to less than 1).
 
     Returns:
         The `Reduction`.
@@ -198,7 +206,9 @@ def topk_keep(x: torch.Tensor, scores: torch.Tensor, k: int, fuse_weights: torch
     if fuse_weights is not None:
         dropped = source < 0  # (B, n)
         w = fuse_weights * dropped  # (B, n)
-        fused = (w.unsqueeze(-1) * patches).sum(1, keepdim=True) / w.sum(1).clamp_min(1e-12)[:, None, None]
+        fused = (w.unsqueeze(-1) * patches).sum(1, keepdim=True)  # (B, 1, C)
+        if mean:
+            fused = fused / w.sum(1).clamp_min(1e-12)[:, None, None]
         parts.append(fused)  # (B, 1, C)
         source = torch.where(dropped, torch.full_like(source, k), source)
         rep = torch.cat([keep, torch.full((B, 1), -1, dtype=torch.long, device=x.device)], dim=1)
@@ -248,9 +258,14 @@ def learned(x: torch.Tensor, k: int, sig: Signals) -> Reduction:
 
 
 def cls_attention(x: torch.Tensor, k: int, sig: Signals) -> Reduction:
-    """EViT: top-k by CLS attention; with ``sig.fuse`` the rest become one token."""
-    attn = _need(sig.cls_attn, "cls_attention", "the CLS attention of the previous block")
-    return topk_keep(x, attn, k, fuse_weights=attn if sig.fuse else None)
+    """EViT: top-k by the block's CLS attention; with ``sig.fuse`` (the default) the rest become one token.
+
+    As in EViT's code, the fused token is the attention-weighted *sum* of the dropped
+    tokens, not their mean, and an earlier stage's fused token is scored, kept or
+    fused again like any other token.
+    """
+    attn = _need(sig.cls_attn, "cls_attention", "the CLS attention of its block")
+    return topk_keep(x, attn, k, fuse_weights=attn if sig.fuse else None, mean=False)
 
 
 def text_guided(x: torch.Tensor, k: int, sig: Signals) -> Reduction:
@@ -382,6 +397,13 @@ class MethodInfo:
     fusion: str = ""  # "" none; "background": everything dropped so far is one size-weighted token;
     # "stage": each stage's dropped tokens become one extra token, only with `PruneSpec.fuse` (EViT)
     scoring_macs: Callable[[StageShape], int] = _no_cost  # MACs a stage spends choosing (closed form)
+    inside: bool = False  # False: a stage runs before its block, on the previous block's signals (DynamicViT);
+    # True: inside its block, after attention and before the MLP, on that block's own attention (EViT, ToMe)
+    paper_stages: Callable[[int, tuple[int, ...]], tuple[int, ...]] = lambda depth, shared: shared  # the
+    # paper's blocks for a ViT of this depth; `shared` is the config's pruning.stages (the trained predictors')
+    counts: str = "geometric"  # "geometric": stage s of S keeps round(P * r ** (s / S)) patch tokens (a per-stage
+    # keep rate r ** (1 / S), the DynamicViT / EViT convention); "constant_r": every stage merges the same number
+    # of tokens, ToMe's r, chosen so that about round(P * r) are left
 
     def __post_init__(self) -> None:
         unknown = set(self.signals) - set(SIGNALS)
@@ -389,6 +411,8 @@ class MethodInfo:
             raise ValueError(f"{self.name}: unknown signal(s) {sorted(unknown)}; choose from {SIGNALS}.")
         if self.reduction not in ("identity", "drop", "merge") or self.fusion not in ("", "background", "stage"):
             raise ValueError(f"{self.name}: bad reduction {self.reduction!r} or fusion {self.fusion!r}.")
+        if self.counts not in ("geometric", "constant_r"):
+            raise ValueError(f"{self.name}: bad counts {self.counts!r}; choose geometric or constant_r.")
 
     @property
     def needs_caption(self) -> bool:
@@ -456,21 +480,33 @@ def names(prunes_only: bool = False, image_only: bool = False) -> tuple[str, ...
     )
 
 
+def quarter_points(depth: int, shared: tuple[int, ...] = ()) -> tuple[int, ...]:
+    """Blocks at a quarter, half and three quarters of the depth: 3, 6, 9 of 12 (DynamicViT, EViT)."""
+    return tuple(sorted({max(1, depth * q // 4) for q in (1, 2, 3)} - {depth}))
+
+
+def every_block(depth: int, shared: tuple[int, ...] = ()) -> tuple[int, ...]:
+    """Every block: ToMe merges r tokens in each."""
+    return tuple(range(depth))
+
+
 for _info in (
     MethodInfo(BASELINE, none, "No pruning", "No pruning: the baseline model.", "-", reduction="identity"),
     MethodInfo(
         "learned", learned, "Learned keep predictor",
-        "A small MLP per stage, trained to rank patches like the baseline's caption saliency, keeps the top-k; "
-        "the rest become one size-weighted background token.",
-        "after DynamicViT's predictor (NeurIPS 2021)",
+        "A saliency-distilled keep predictor: a small MLP per stage, trained to rank patches like the frozen "
+        "baseline's caption saliency, keeps the top-k; the rest become one size-weighted background token.",
+        "after DynamicViT's predictor (NeurIPS 2021); not DynamicViT's training",
         signals=("predictor",), fusion="background", scoring_macs=_learned_cost,
-    ),
+    ),  # its stages are the ones its predictors were trained for: the config's pruning.stages
     MethodInfo(
         "cls_attention", cls_attention, "CLS attention (EViT)",
-        "Keeps the patches the CLS token attends to most, averaged over heads; optionally fuses the rest. "
+        "Inside blocks at 1/4, 1/2 and 3/4 of the depth, after attention, keeps the patches the block's CLS "
+        "token attends to most (mean over heads) and fuses the rest into one attention-weighted token. "
         "Training-free.",
         "EViT (ICLR 2022)",
-        signals=("cls_attn",), fusion="stage", scoring_macs=lambda s: (s.n_in + 1) * s.width,  # one query row
+        signals=("cls_attn",), fusion="stage", inside=True, paper_stages=quarter_points,
+        scoring_macs=lambda s: (s.n_in + 1) * s.width,  # one query row against every key
     ),
     MethodInfo(
         "text_guided", text_guided, "Text-guided",
@@ -480,10 +516,11 @@ for _info in (
     ),
     MethodInfo(
         "tome", tome, "ToMe merging",
-        "Merges the most similar tokens in pairs instead of dropping them (bipartite soft matching), "
-        "with proportional attention. Training-free.",
+        "In every block, after attention, merges the r most similar token pairs (bipartite soft matching, "
+        "size-weighted) instead of dropping them, with proportional attention. Training-free.",
         "ToMe (ICLR 2023)",
-        signals=("keys",), reduction="merge", scoring_macs=_tome_cost,
+        signals=("keys",), reduction="merge", inside=True, paper_stages=every_block, counts="constant_r",
+        scoring_macs=_tome_cost,
     ),
     MethodInfo(
         "random", random, "Random", "Keeps a seeded random subset of patches: the control every method should beat.",
@@ -493,23 +530,111 @@ for _info in (
     register(_info)
 
 
-def token_schedule(
-    num_patches: int, stages: tuple[int, ...], depth: int, method: str, keep_ratio: float, fuse: bool = False
-) -> list[int]:
-    """Tokens (CLS and any fused token included) that each of the `depth` blocks sees.
+@dataclass(frozen=True)
+class StagePlan:
+    """One planned pruning stage."""
 
-    The one place the token count per block is derived from a method and keep ratio;
-    flops, the evaluation and the UI ask it, and the tests hold it to the model's trace.
+    block: int  # the block it runs before (or inside, see `MethodInfo.inside`)
+    keep: int  # patch tokens it keeps or merges down to, a fused token not counted
+
+
+PLACEMENTS = ("paper", "shared")  # the named placements; block indices are the third choice
+
+
+def resolve_stages(
+    method: str, depth: int, shared: tuple[int, ...], placement: str | tuple[int, ...] = "paper"
+) -> tuple[int, ...]:
+    """The blocks where `method` prunes.
+
+    Args:
+        method: a registered method.
+        depth: blocks in the ViT.
+        shared: the config's ``pruning.stages``: the blocks the keep predictors were
+            trained for, and the one placement every method can share.
+        placement: ``"paper"`` (the method's paper default), ``"shared"``, or block indices.
+
+    Returns:
+        Sorted block indices; empty for the baseline.
+
+    Raises:
+        ValueError: for an unknown placement, a block out of range, or a placement the
+            trained predictors do not have.
     """
     info = get(method)
-    active = info.prunes and keep_ratio < 1
-    counts = keep_counts(num_patches, keep_ratio, len(stages)) if active else [num_patches] * len(stages)
+    if not info.prunes:
+        return ()
+    if isinstance(placement, str):
+        if placement not in PLACEMENTS:
+            raise ValueError(f"Unknown placement {placement!r}; use one of {PLACEMENTS} or block indices like 1,3.")
+        stages = info.paper_stages(depth, tuple(shared)) if placement == "paper" else tuple(shared)
+    else:
+        stages = tuple(sorted({int(b) for b in placement}))
+    lo = 0 if info.inside else 1  # a stage before block 0 would have no block's signals to score with
+    if not stages or not all(lo <= b < depth for b in stages):
+        raise ValueError(f"{method} stages must be blocks {lo}..{depth - 1}, got {list(stages)}.")
+    if info.needs_predictor and stages != tuple(shared):
+        raise ValueError(f"{method}'s predictors were trained for blocks {list(shared)}; it cannot prune at {list(stages)}.")
+    return stages
+
+
+def stage_counts(method: str, num_patches: int, keep_ratio: float, num_stages: int) -> list[int]:
+    """Patch tokens left after each of `num_stages` stages, by the method's counting rule.
+
+    ``geometric`` is `keep_counts`. ``constant_r`` merges the same r tokens at every
+    stage (ToMe), r = round((P - round(P * keep_ratio)) / S), at most half of the tokens
+    a stage receives (bipartite matching cannot merge more).
+    """
+    if get(method).counts == "geometric":
+        return keep_counts(num_patches, keep_ratio, num_stages)
+    if not 0.0 < keep_ratio <= 1.0:
+        raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio!r}.")
+    r = round((num_patches - max(1, round(num_patches * keep_ratio))) / num_stages)
+    n, out = num_patches, []
+    for _ in range(num_stages):
+        n -= min(r, n // 2)
+        out.append(n)
+    return out
+
+
+def plan(
+    method: str, keep_ratio: float, num_patches: int, depth: int, shared: tuple[int, ...],
+    placement: str | tuple[int, ...] = "paper",
+) -> list[StagePlan]:  # fmt: skip
+    """The stages one forward pass runs: where, and how many patch tokens each keeps.
+
+    Empty when nothing is pruned (the baseline, or keep ratio 1). The model, flops and
+    the UI all read this, so the count per stage is decided here only.
+    """
+    stages = resolve_stages(method, depth, shared, placement)
+    if keep_ratio >= 1.0:
+        return []
+    counts = stage_counts(method, num_patches, keep_ratio, len(stages))
+    return [StagePlan(b, k) for b, k in zip(stages, counts)]
+
+
+def token_schedule(
+    num_patches: int, shared: tuple[int, ...], depth: int, method: str, keep_ratio: float, fuse: bool = True,
+    placement: str | tuple[int, ...] = "paper",
+) -> list[tuple[int, int]]:  # fmt: skip
+    """Tokens (CLS and any fused token included) that each block's attention and MLP see.
+
+    The one place the token count per block is derived from a method, keep ratio and
+    placement; flops, the evaluation and the UI ask it, and the tests hold it to the
+    model's trace.
+
+    Returns:
+        One ``(attention tokens, MLP tokens)`` pair per block; they differ only in a block
+        that prunes inside (EViT, ToMe).
+    """
+    info = get(method)
+    stages = {st.block: st.keep for st in plan(method, keep_ratio, num_patches, depth, shared, placement)}
     n, out = num_patches, []
     for i in range(depth):
+        attn = n
         if i in stages:
-            k = counts[stages.index(i)]
+            k = stages[i]
             n = k + info.fused(k, n, num_patches, fuse)
-        out.append(1 + n)
+        out.append((1 + (n if not info.inside else attn), 1 + n))
     return out
 
 
