@@ -9,10 +9,10 @@ then runs `--concurrency` clients until the time is up. Every client opens a new
 session now and then, and mixes:
 - valid requests: the example images (docs/examples) x every method x keep
   ratios (slider stops and off-grid values);
-- invalid requests: the bad inputs of benchmarks.cases (tests/test_app.py's) (non-image bytes, a truncated
-  PNG, an empty file, a decompression bomb, empty, blank, over-long and emoji-only
-  captions, an unknown method, keep ratios 0 and 1.5), and no image, HTML as the
-  method, keep ratios -0.5 and "abc";
+- invalid requests: `benchmarks.cases.BAD`, the bad inputs tests/test_app.py sends
+  too (non-image bytes, a truncated PNG, an empty file, a decompression bomb, empty,
+  blank, over-long and emoji-only captions, an unknown method, keep ratios 0 and
+  1.5), and no image, HTML as the method, keep ratios -0.5 and "abc";
 - bursts: every `BURST_EVERY`-th request, all clients send the same valid request
   at the same moment. Identical outputs are the case that races in Gradio's
   content-hash file cache (GRADIO6.md): identical answers share one file, which
@@ -101,7 +101,7 @@ def valid_cases() -> list[Case]:
 
 
 def invalid_cases(folder: Path) -> list[Case]:
-    """The bad inputs of benchmarks.cases (tests/test_app.py's too) and a few more; the bad files go into `folder`."""
+    """`benchmarks.cases.BAD` and a few more; the bad files go into `folder`."""
     scene = EXAMPLES / "scene_7000.png"
     bomb = io.BytesIO()
     Image.new("1", (8000, 8000)).save(bomb, "PNG")  # 64 MP in a few KB: over the loader's 40 MP limit
