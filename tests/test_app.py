@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app_server import EXAMPLES, ROOT, running_app
+from benchmarks.app_server import EXAMPLES, ROOT, running_app
+from benchmarks.cases import BAD, CAPTION
 from conftest import make_checkpoints
 
 gradio_client = pytest.importorskip("gradio_client")
@@ -31,7 +32,6 @@ from gradio_client.exceptions import AppError  # noqa: E402
 
 P = 196  # patches of the default preset: 14 x 14
 SCENE = EXAMPLES / "scene_7005.png"
-CAPTION = "a little green cross in the bottom right corner"
 
 
 @pytest.fixture(scope="module")
@@ -148,23 +148,7 @@ def test_text_guided_follows_the_caption(client):
     assert a["baseline"]["score"] != b["baseline"]["score"]  # the caption reached the model
 
 
-# ----------------------------------------------------------------------------- bad inputs
-
-
-BAD = [
-    # (id, image key or None for the good scene, caption, method, keep ratio, words the message must contain)
-    ("not-an-image", "not_image", CAPTION, "learned", 0.5, "not an image"),
-    ("truncated-png", "truncated", CAPTION, "learned", 0.5, "truncated"),
-    ("empty-file", "empty", CAPTION, "learned", 0.5, "empty"),
-    ("decompression-bomb", "bomb", CAPTION, "learned", 0.5, "too large"),
-    ("empty-caption", None, "", "learned", 0.5, "caption"),
-    ("whitespace-caption", None, " \n\t ", "learned", 0.5, "caption"),
-    ("caption-over-10k", None, "a red circle " * 1000, "learned", 0.5, "caption"),
-    ("emoji-only-caption", None, "🙂🙂🙂", "learned", 0.5, "caption"),
-    ("unknown-method", None, CAPTION, "magic", 0.5, "method"),
-    ("keep-ratio-0", None, CAPTION, "learned", 0, "keep ratio"),
-    ("keep-ratio-1.5", None, CAPTION, "learned", 1.5, "keep ratio"),
-]
+# ----------------------------------------------------------------------------- bad inputs (benchmarks.cases.BAD)
 
 
 @pytest.mark.parametrize("key, caption, method, ratio, words", [b[1:] for b in BAD], ids=[b[0] for b in BAD])

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from app_server import EXAMPLES, ROOT, running_app
+from benchmarks.app_server import EXAMPLES, ROOT, running_app
 from conftest import make_checkpoints
 
 CHROMIUM = "/usr/bin/chromium"

@@ -1,4 +1,4 @@
-"""Quick SIGKILL fault injection on the tiny preset; ``python tests/fault_injection.py`` runs the full one.
+"""Quick SIGKILL fault injection on the tiny preset; ``python -m benchmarks.fault_injection`` runs the full one.
 
 The same functions as the script: kills at seeded points (a phase and a delay into it, or the phase's next
 checkpoint write), read from the process's own stack, then ``--resume`` and exact comparison.
@@ -9,8 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from fault_injection import TRAIN_TARGETS, WRITERS, inject_cache, inject_generation, inject_training, make_dataset
 
+from benchmarks.fault_injection import (
+    TRAIN_TARGETS,
+    WRITERS,
+    inject_cache,
+    inject_generation,
+    inject_training,
+    make_dataset,
+)
 from vlm_demo.config import get_preset
 
 TINY = get_preset("tiny")

@@ -1,7 +1,7 @@
-"""A short, reproducible fuzz of the upload surface; the long run is `python tests/fuzz_inputs.py --seconds 300`.
+"""A short, reproducible fuzz of the upload surface; the long run is `python -m benchmarks.fuzz_inputs --seconds 300`.
 
 Every input must load or raise ValueError with a message, within 2 s of CPU and 500 MB of peak
-memory (see `fuzz_inputs`). Examples are derandomized and no hypothesis database is written.
+memory (see `benchmarks.fuzz_inputs`). Examples are derandomized and no hypothesis database is written.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from PIL import Image
 
-import fuzz_inputs as fz
+from benchmarks import fuzz_inputs as fz
 from vlm_demo.images import DEFAULT_MAX_PIXELS, load_image
 
 QUICK = settings(

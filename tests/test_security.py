@@ -7,7 +7,7 @@
 - the installed and the pinned gradio are past the 2026 advisories.
 
 Events are run the way the page runs them (queue/join, then the event stream;
-tests/app_server.py), so the private UI events are covered as well as `/analyze`.
+benchmarks/app_server.py), so the private UI events are covered as well as `/analyze`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from app_server import EXAMPLES, ROOT, call, running_app, upload
+from benchmarks.app_server import EXAMPLES, ROOT, call, running_app, upload
 from conftest import make_checkpoints
 
 gradio_client = pytest.importorskip("gradio_client")

@@ -1,4 +1,4 @@
-"""The app under load, in the suite: a short soak (tests/soak_app.py) and a flooded queue.
+"""The app under load, in the suite: a short soak (benchmarks.soak_app) and a flooded queue.
 
 One server (default preset, random weights) runs with a queue of `CONCURRENCY`
 places (``--queue-size``): the soak's clients can never overflow it, and the
@@ -12,13 +12,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from app_server import EXAMPLES, completed, fn_index, join, running_app, upload
+from benchmarks.app_server import EXAMPLES, completed, fn_index, join, running_app, upload
 from conftest import make_checkpoints
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.utils import QueueError  # noqa: E402
-from soak_app import report, soak  # noqa: E402
+from benchmarks.soak_app import report, soak  # noqa: E402
 
 CONCURRENCY = 8  # the soak's clients, and the queue's places
 SOAK_S = 15.0

@@ -1,7 +1,7 @@
 """Benchmark the app as users meet it: a real server driven through gradio_client.
 
-    python tests/bench_app.py                      # shipped checkpoints
-    python tests/bench_app.py --checkpoints DIR --requests 40
+    python -m benchmarks.bench_app                      # shipped checkpoints
+    python -m benchmarks.bench_app --checkpoints DIR --requests 40
 
 Prints, for this machine:
 - cold start: process start -> first successful /analyze answer;
@@ -28,9 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-from app_server import EXAMPLES, ROOT, free_port, running_app  # noqa: E402
+from benchmarks.app_server import EXAMPLES, ROOT, free_port, running_app
 
 CAPTION = "a large red circle at the top left"
 NOOP_APP = textwrap.dedent(
@@ -121,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     from gradio_client import Client, handle_file
 
     image = example_image()
-    print(f"# tests/bench_app.py  checkpoints={args.checkpoints}  image={image.name}")
+    print(f"# benchmarks.bench_app  checkpoints={args.checkpoints}  image={image.name}")
 
     t = in_process(args.checkpoints, args.in_process)
     print(f"in-process Session.analyze   n={len(t):<4} p50 {pct(t, 50) * 1e3:7.1f} ms   p95 {pct(t, 95) * 1e3:7.1f} ms"

@@ -1,6 +1,6 @@
 """Fuzz the upload surface: image bytes (`vlm_demo.images`) and captions (`Session.check_caption` + tokenizer).
 
-    python tests/fuzz_inputs.py --seconds 300      # the long campaign; exits 1 on any violation
+    python -m benchmarks.fuzz_inputs --seconds 300      # the long campaign; exits 1 on any violation
 
 The invariant, for every input: it loads, or it raises `ValueError` with a non-empty message.
 Nothing else escapes, no input takes over `MAX_SECONDS` of CPU (wall time is judged more loosely,
@@ -50,8 +50,9 @@ from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-from vlm_demo.images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, load_image  # noqa: E402
+from vlm_demo.images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, load_image
+
+ROOT = Path(__file__).resolve().parents[1]
 
 MAX_SECONDS = 2.0  # CPU time per input: its cost, whatever else keeps the machine busy
 MAX_WALL_SECONDS = 10.0  # wall time per input: a stall that costs no CPU
@@ -173,13 +174,13 @@ class Worker:
 
     def start(self) -> None:
         """Start the child (`__call__` does it when needed); it is ready when this returns."""
-        command = [sys.executable, str(Path(__file__).resolve()), "--serve", self.target]
+        command = [sys.executable, "-m", "benchmarks.fuzz_inputs", "--serve", self.target]
         # glibc otherwise keeps freed blocks of up to 32 MB resident and reuses them, hiding
         # most of an input's memory from the peak; with fixed thresholds it returns them.
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
         # stderr is dropped: libtiff and libjpeg print a warning for nearly every malformed file.
         self.proc = subprocess.Popen(
-            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, cwd=ROOT
         )
         self._pending = b""
         if self._read_line(120.0) != b"ready\n":
@@ -683,7 +684,7 @@ def main(argv: list[str] | None = None) -> int:
         campaign.close()
 
     total = sum(t.tried for t in campaign.rows.values())
-    print(f"# tests/fuzz_inputs.py  {time.monotonic() - start:.0f} s  seed={args.seed}  {total:,} inputs  "
+    print(f"# benchmarks.fuzz_inputs  {time.monotonic() - start:.0f} s  seed={args.seed}  {total:,} inputs  "
           f"Pillow {PIL.__version__}  Python {platform.python_version()}  {platform.machine()}")  # fmt: skip
     print(f"# invariant: loads, or ValueError with a message; per input <= {MAX_SECONDS:g} s of CPU, "
           f"<= {MAX_WALL_SECONDS:g} s wall, <= {MAX_PEAK_MB:g} MB peak memory rise")  # fmt: skip

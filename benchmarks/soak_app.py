@@ -1,18 +1,18 @@
 """Soak the app under load: a real server driven through gradio_client, valid and invalid requests mixed.
 
-    python tests/soak_app.py                           # 10 minutes, 8 clients, shipped checkpoints
-    python tests/soak_app.py --minutes 1 --concurrency 8
+    python -m benchmarks.soak_app                           # 10 minutes, 8 clients, shipped checkpoints
+    python -m benchmarks.soak_app --minutes 1 --concurrency 8
 
-Starts `python app.py` (tests/app_server.py), waits until it answers and its
+Starts `python app.py` (benchmarks.app_server), waits until it answers and its
 GMACs warm-up has finished, loads it for `--warmup-seconds` more (not counted),
 then runs `--concurrency` clients until the time is up. Every client opens a new
 session now and then, and mixes:
 - valid requests: the example images (docs/examples) x every method x keep
   ratios (slider stops and off-grid values);
-- invalid requests: tests/test_app.py's bad inputs (non-image bytes, a truncated
-  PNG, an empty file, a decompression bomb, empty, blank, over-long and emoji-only
-  captions, an unknown method, keep ratios 0 and 1.5), and no image, HTML as the
-  method, keep ratios -0.5 and "abc";
+- invalid requests: `benchmarks.cases.BAD`, the bad inputs tests/test_app.py sends
+  too (non-image bytes, a truncated PNG, an empty file, a decompression bomb, empty,
+  blank, over-long and emoji-only captions, an unknown method, keep ratios 0 and
+  1.5), and no image, HTML as the method, keep ratios -0.5 and "abc";
 - bursts: every `BURST_EVERY`-th request, all clients send the same valid request
   at the same moment. Identical outputs are the case that races in Gradio's
   content-hash file cache (GRADIO6.md): identical answers share one file, which
@@ -55,13 +55,10 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image, ImageOps
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-from app_server import EXAMPLES, ROOT, Server, running_app, wait_for_output  # noqa: E402
-from bench_app import pct, rss_mb  # noqa: E402
-from test_app import BAD, CAPTION  # noqa: E402  (the bad inputs, and the words their refusals must contain)
-
-from vlm_demo.pruning import names  # noqa: E402
+from benchmarks.app_server import EXAMPLES, ROOT, Server, running_app, wait_for_output
+from benchmarks.bench_app import pct, rss_mb
+from benchmarks.cases import BAD, CAPTION  # the bad inputs, and the words their refusals must contain
+from vlm_demo.pruning import names
 
 RATIOS = [0.05, 0.1, 0.25, 0.3, 0.5, 0.75, 1.0, 0.33, 0.777]  # slider stops, and two off the grid
 BURST_EVERY = 5  # every 5th request of each client (the first included) is a burst
@@ -104,7 +101,7 @@ def valid_cases() -> list[Case]:
 
 
 def invalid_cases(folder: Path) -> list[Case]:
-    """tests/test_app.py's bad inputs (one table for both) and a few more; the bad files go into `folder`."""
+    """`benchmarks.cases.BAD` and a few more; the bad files go into `folder`."""
     scene = EXAMPLES / "scene_7000.png"
     bomb = io.BytesIO()
     Image.new("1", (8000, 8000)).save(bomb, "PNG")  # 64 MP in a few KB: over the loader's 40 MP limit
@@ -372,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         with running_app(Path(args.checkpoints), Path(tmp) / "app.log") as server:
             warm_s = wait_for_output(server, WARM_LOG_LINE, timeout=600)
             header = (
-                f"# tests/soak_app.py  {args.minutes:g} min  concurrency {args.concurrency}  checkpoints="
+                f"# benchmarks.soak_app  {args.minutes:g} min  concurrency {args.concurrency}  checkpoints="
                 f"{args.checkpoints}  gradio {version('gradio')}  gradio_client {version('gradio_client')}\n"
                 f"# server answering after {server.start_s:.0f} s, GMACs warm-up done {warm_s:.0f} s later, "
                 f"then {args.warmup_seconds:g} s of the same load before the measurement"

@@ -1,6 +1,6 @@
 """SIGKILL fault injection: training resumes bit-exactly, dataset generation repairs itself.
 
-    python tests/fault_injection.py [--kills 5] [--seed 0] [--synthetic-kills 3] [--workdir DIR]
+    python -m benchmarks.fault_injection [--kills 5] [--seed 0] [--synthetic-kills 3] [--workdir DIR]
 
 **Training.** ``python -m training.train --preset tiny --data DATA`` runs once uninterrupted into
 OUT_ref, then into OUT_faulty, where it is SIGKILLed ``--kills`` times and restarted with
@@ -55,9 +55,6 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run as a script from anywhere
-
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -66,6 +63,7 @@ from training.synthetic import IMAGE_DIR, OBJECTS_FILE
 from vlm_demo.config import get_preset
 from vlm_demo.model import DualEncoder, load_checkpoint
 
+ROOT = Path(__file__).resolve().parents[1]
 PRESET = "tiny"
 INTERVAL_S = 0.005  # stack sampling period of the reference run and of long phases
 FAST_INTERVAL_S = 0.002  # ... of phases shorter than `SHORT_PHASE_S`, so that a kill can land inside them
@@ -83,7 +81,7 @@ _TIMING = re.compile(r"latency|seconds")  # measured, not computed: left out of 
 
 _STACK = "@@fault-injection-stack@@"  # starts each stack line a probed child writes; "ready" once at start
 _SITECUSTOMIZE = f'''\
-"""Written by tests/fault_injection.py: on SIGUSR1 the main thread writes its stack to stderr, then goes on."""
+"""Written by benchmarks/fault_injection.py: on SIGUSR1 the main thread writes its stack to stderr, then goes on."""
 import atexit, json, os, signal
 
 
@@ -770,7 +768,8 @@ def render(args: argparse.Namespace, data_seconds: float | None, training: Train
     phases = ", ".join(f"{k} {a:.2f}-{b:.2f}" for k, (a, b) in t.windows.items() if k != "exit")
     landed = ", ".join(dict.fromkeys(k.phase for k in t.kills))
     lines = [
-        f"$ python tests/fault_injection.py --kills {args.kills} --seed {args.seed} --synthetic-kills {args.synthetic_kills}",
+        f"$ python -m benchmarks.fault_injection --kills {args.kills} --seed {args.seed} "
+        f"--synthetic-kills {args.synthetic_kills}",
         f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, Python "
         f"{platform.python_version()}. DATA: {preset.train.num_images} synthetic images at "
         f"{preset.model.vision.image_size} px (the {PRESET} preset's)"

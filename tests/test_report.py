@@ -1,0 +1,130 @@
+"""training.report: the pages' figures agree with the shipped files, and the generator is right by hand."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from training import report
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_docs_and_cards_agree_with_the_shipped_metrics():
+    stale = report.stale(ROOT)
+    assert not stale, f"{', '.join(stale)} disagree with checkpoints/; run python -m training.report"
+
+
+# ----------------------------------------------------------------------------- a hand-made run
+
+
+def _row(method: str, keep: float, r1: float | None, pair: float, obj: float, bs32: float) -> dict:
+    base_r1 = 40.0
+    return {
+        "method": method, "keep_ratio": keep, "checkpoint": "pruned" if method == "learned" else "baseline",
+        "tokens": [4, 3, 2], "gmacs": 0.5 * keep + 0.1, "gmacs_ratio": (0.5 * keep + 0.1) / 0.6,
+        "mean_r1": r1, "mean_r5": None if r1 is None else r1 + 10, "mean_r10": None if r1 is None else r1 + 20,
+        "pair_acc": pair, "object_recall": obj, "object_recall_random": keep,
+        "lossyness": None if r1 is None else 1 - r1 / base_r1,
+        "latency_ms_bs1": 2.0, "latency_ratio_bs1": 0.9, "latency_ms_bs32": bs32, "latency_ratio_bs32": bs32 / 60.0,
+    }  # fmt: skip
+
+
+@pytest.fixture
+def src() -> report.Sources:
+    rows = [_row("none", 1.0, 40.0, 80.0, 1.0, 60.0)]
+    for keep in (0.5, 0.3, 0.1):
+        rows += [
+            _row("learned", keep, 39.0 - (0.3 - keep), 79.0, 0.9, 30.0),
+            _row("tome", keep, 35.0, 78.0, 0.5, 33.0),
+            _row("cls_attention", keep, 10.0, 60.0, 0.6, 31.0),
+            _row("text_guided", keep, None, 75.0, 0.2, 32.0),
+            _row("random", keep, 20.0, 70.0, keep, 29.0),
+        ]
+    metrics = {
+        "dataset": {"images": 200, "captions": 1000, "synthetic": True},
+        "machine": {"processor": "x86_64", "cpu_count": 4, "torch": "2.13.0+cpu", "torch_threads": 4},
+        "model": {"params": 1234, "params_image_encoder": 1000, "params_text_encoder": 234},
+        "rows": rows,
+        "seconds": 60.0,
+    }
+    config = {
+        "embed_dim": 16, "init_logit_scale": 2.6592,
+        "pruning": {"fuse_dropped": False, "predictor_hidden": 8, "stages": [1, 3]},
+        "text": {"context_length": 8, "depth": 1, "heads": 2, "mlp_ratio": 4.0, "vocab_size": 20, "width": 16},
+        "vision": {"depth": 4, "heads": 2, "image_size": 32, "mlp_ratio": 4.0, "patch_size": 8, "width": 16},
+    }  # fmt: skip
+    facts = {"preset": "tiny", "seed": 0, "world_size": 1, "data": ".cache/x"}
+    training = {
+        "baseline": {"phase": "baseline", "epochs": 2, "losses": [2.0, 1.0], "epoch_seconds": [300.0, 120.0], **facts},
+        "pruned": {"phase": "pruned", "epochs": 1, "losses": [3.0], "epoch_seconds": [60.0],
+                   "keep_ratio_range": [0.1, 1.0], **facts},
+    }  # fmt: skip
+    return report.Sources(metrics, training, {"baseline": config, "pruned": config})
+
+
+def test_results_table_has_the_baseline_then_every_method_at_the_headline_keeps(src):
+    lines = report.results(src).splitlines()
+    assert lines[0].startswith("Test split: 200 synthetic images × 1,000 captions.") and "4 CPUs" in lines[0]
+    body = [line for line in lines if line.startswith("| ") and not line.startswith("| method")]
+    assert len(body) == 1 + 5 * 3
+    assert body[0] == "| none | 1 | 4/3/2 | 0.6000 | 1.00 | 40.0 | 80.0 | 1.00 (1.00) | 0.000 | 2.0 | 60.0 | 1.00 |"
+    guided = next(line for line in body if line.startswith("| text_guided | 0.3 |"))
+    assert guided.split(" | ")[5] == "–" and guided.split(" | ")[8] == "–"  # no recall, no lossy-ness
+
+
+def test_findings_compute_every_figure_and_comparison(src):
+    text = report.findings(src)
+    assert "mean R@1 40.0% over 200 test images (chance is 0.5%), pair accuracy 80.0%" in text
+    assert "mean R@1 39.0 (1.0 points below the baseline, lossy-ness 0.025), 19.0 points above `random`" in text
+    assert "keeps 90% of the object patches, against 30% for `random`" in text
+    assert "The best training-free method is `tome`:** mean R@1 35.0" in text
+    assert "`cls_attention` 10.0 mean R@1" in text  # below random's 20.0 mean R@1
+    assert "`text_guided`" not in text.split("Below")[1].split("\n")[0]  # 75.0 pair acc beats random's 70.0
+    assert "`learned` 0.42 / 0.50 / 0.90" in text
+
+
+def test_training_time_sums_the_recorded_epochs(src):
+    text = report.training_time(src)
+    assert "baseline 2 epochs in 7.0 min (300, 120 s)" in text and "pruned 1 epoch in 1.0 min (60 s)" in text
+    assert "evaluation 60 s; 9.0 min in all" in text
+
+
+def test_cards_describe_their_own_checkpoint(src):
+    assert "trained in this checkpoint" in report.card_model(src, "pruned")
+    assert "left untrained here" in report.card_model(src, "baseline")
+    assert "32 px images, 8 px patches (4 × 4 = 16 patch tokens)" in report.card_model(src, "baseline")
+    pruned = report.card_metrics(src, "pruned")
+    assert "| learned | 0.3 |" in pruned and "| tome |" not in pruned
+    assert "| tome | 0.3 |" in report.card_metrics(src, "baseline")
+    assert "drawn from [0.1, 1]" in report.card_training(src, "pruned")
+
+
+def test_fill_rewrites_only_inside_the_markers(src):
+    text = "intro 1.0\n<!-- training-time:begin -->\nold 9 epochs\n<!-- training-time:end -->\noutro 2.0\n"
+    new = report.fill(text, "docs/training.md", src)
+    assert new.startswith("intro 1.0\n<!-- training-time:begin -->\nTraining time,")
+    assert new.endswith("<!-- training-time:end -->\noutro 2.0\n") and "old 9 epochs" not in new
+    assert report.fill(new, "docs/training.md", src) == new
+    with pytest.raises(ValueError, match="has no <!-- training-time:begin -->"):
+        report.fill("no markers\n", "docs/training.md", src)
+    with pytest.raises(ValueError, match="unknown generated block 'results'"):
+        report.fill(text + "<!-- results:begin -->\n<!-- results:end -->\n", "docs/training.md", src)
+
+
+def test_check_names_the_stale_file_in_one_line(tmp_path, capsys):
+    for rel in [*report.TARGETS, "checkpoints/metrics.json", *(f"checkpoints/{c}/{f}" for c in report.CHECKPOINTS
+                                                               for f in ("training.json", "config.json"))]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / rel, tmp_path / rel)
+    assert report.main(["--check", "--root", str(tmp_path)]) == 0
+    training = tmp_path / "checkpoints/baseline/training.json"
+    training.write_text(training.read_text().replace('"epoch_seconds": [\n    333.6', '"epoch_seconds": [\n    33.6'))
+    capsys.readouterr()
+    assert report.main(["--check", "--root", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: README.md, docs/results.md, docs/training.md, checkpoints/baseline/README.md ")
+    assert len(err.splitlines()) == 1 and "pruned/README.md" not in err
+    assert report.main(["--root", str(tmp_path)]) == 0 and report.stale(tmp_path) == []

@@ -1,0 +1,412 @@
+"""Write every results figure of the README, docs/ and the model cards from the shipped files.
+
+    python -m training.report            # rewrite the generated blocks in place
+    python -m training.report --check    # exit 1, naming the stale files, if a block disagrees
+
+Sources, under ``checkpoints/``: ``metrics.json`` (written by ``training.evaluate``), and
+``baseline/`` and ``pruned/`` ``config.json`` and ``training.json`` (written by ``training.train``).
+A generated block sits between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` in one of the
+`TARGETS`; only its inside is rewritten, the prose around it is the authors'. Prose states no figure
+of its own: whatever number it needs is in a block.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from training.data import write_text_atomic
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECKPOINTS = ("baseline", "pruned")
+BASELINE = "none"  # metrics.json's unpruned row, the reference of lossy-ness
+CONTROL = "random"  # the control every method must beat
+HEADLINE_KEEPS = (0.5, 0.3, 0.1)  # the keep ratios of the headline table
+FOCUS_KEEP = 0.3  # the keep ratio the findings compare methods at
+DASH = "–"  # a figure the method does not have (text_guided has no retrieval recall)
+
+# The blocks each file holds; a card's blocks describe the checkpoint of its folder.
+TARGETS: dict[str, tuple[str, ...]] = {
+    "README.md": ("results", "findings", "training-time"),
+    "docs/results.md": ("results", "findings", "training-time"),
+    "docs/training.md": ("training-time",),
+    "checkpoints/baseline/README.md": ("card-model", "card-metrics", "card-training"),
+    "checkpoints/pruned/README.md": ("card-model", "card-metrics", "card-training"),
+}
+
+_BLOCK = re.compile(r"(<!-- ([a-z-]+):begin -->\n)(.*?)(<!-- \2:end -->)", re.S)
+
+
+@dataclass(frozen=True)
+class Sources:
+    """What the blocks are made from."""
+
+    metrics: dict[str, Any]  # checkpoints/metrics.json
+    training: dict[str, dict[str, Any]]  # checkpoint name -> its training.json
+    configs: dict[str, dict[str, Any]]  # checkpoint name -> its config.json
+
+
+def load_sources(checkpoints: Path) -> Sources:
+    """Read the shipped results.
+
+    Args:
+        checkpoints: the folder with ``metrics.json`` and the ``baseline/`` and ``pruned/`` folders.
+
+    Returns:
+        The parsed files.
+
+    Raises:
+        ValueError: a file is missing or is not JSON.
+    """
+
+    def read(path: Path) -> dict[str, Any]:
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ValueError(f"{path} is missing; run python -m training.train to make it.") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: invalid JSON ({e.msg}).") from None
+
+    return Sources(
+        metrics=read(checkpoints / "metrics.json"),
+        training={name: read(checkpoints / name / "training.json") for name in CHECKPOINTS},
+        configs={name: read(checkpoints / name / "config.json") for name in CHECKPOINTS},
+    )
+
+
+# ----------------------------------------------------------------------------- formatting
+
+
+def _f(value: float | None, spec: str) -> str:
+    return DASH if value is None else format(value, spec)
+
+
+def _keep(r: float) -> str:
+    return format(r, "g")
+
+
+def _table(header: list[str], align: str, rows: Iterable[list[str]]) -> list[str]:
+    """A Markdown table; `align` has one letter a column, l or r."""
+    rule = "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"
+    return ["| " + " | ".join(header) + " |", rule, *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min"
+
+
+# ----------------------------------------------------------------------------- rows
+
+
+def row(metrics: dict[str, Any], method: str, keep: float) -> dict[str, Any]:
+    """The metrics row of (method, keep ratio).
+
+    Raises:
+        ValueError: metrics.json has no such row.
+    """
+    for r in metrics["rows"]:
+        if r["method"] == method and abs(r["keep_ratio"] - keep) < 1e-9:
+            return r
+    raise ValueError(f"metrics.json has no row for {method} at keep ratio {keep:g}; rerun training.evaluate.")
+
+
+def _methods(metrics: dict[str, Any]) -> list[str]:
+    """The pruning methods of metrics.json, in its order, the baseline left out."""
+    return [m for m in dict.fromkeys(r["method"] for r in metrics["rows"]) if m != BASELINE]
+
+
+def _obj(r: dict[str, Any]) -> str:
+    if r["object_recall"] is None:
+        return DASH
+    return f"{r['object_recall']:.2f} ({r['object_recall_random']:.2f})"
+
+
+def _score(r: dict[str, Any]) -> tuple[str, float]:
+    """What a method is compared by: mean R@1, or pair accuracy where it has no recall."""
+    return ("pair acc", r["pair_acc"]) if r["mean_r1"] is None else ("mean R@1", r["mean_r1"])
+
+
+# ----------------------------------------------------------------------------- blocks
+
+
+def results(src: Sources) -> str:
+    """The headline table: the baseline, then every method at `HEADLINE_KEEPS`."""
+    m = src.metrics
+    ds, mach = m["dataset"], m["machine"]
+    kind = "synthetic images" if ds["synthetic"] else "images"
+    threads = f", {mach['torch_threads']} threads" if mach.get("torch_threads") else ""
+    lines = [
+        f"Test split: {ds['images']:,} {kind} × {ds['captions']:,} captions. GMACs per image at batch 1; latency "
+        f"in ms, the median of runs interleaved with the baseline, measured on {mach['processor']} with "
+        f"{mach['cpu_count']} CPUs, torch {mach['torch']}{threads}.",
+        "",
+    ]
+    header = ["method", "keep", "tokens (a fused one counts)", "GMACs", "GMACs ratio", "mean R@1", "pair acc",
+              "object recall (random)", "lossy-ness", "ms bs1", "ms bs32", "latency ratio bs32"]  # fmt: skip
+    picked = [row(m, BASELINE, 1.0)] + [row(m, meth, k) for meth in _methods(m) for k in HEADLINE_KEEPS]
+    body = [
+        [r["method"], _keep(r["keep_ratio"]), "/".join(map(str, r["tokens"])), f"{r['gmacs']:.4f}",
+         f"{r['gmacs_ratio']:.2f}", _f(r["mean_r1"], ".1f"), _f(r["pair_acc"], ".1f"), _obj(r),
+         _f(r["lossyness"], ".3f"), _f(r["latency_ms_bs1"], ".1f"), _f(r["latency_ms_bs32"], ".1f"),
+         _f(r["latency_ratio_bs32"], ".2f")]
+        for r in picked
+    ]  # fmt: skip
+    return "\n".join(lines + _table(header, "lrlrrrrrrrrr", body))
+
+
+def findings(src: Sources) -> str:
+    """What the table says, with every figure computed; the comparisons are computed too."""
+    m, k = src.metrics, FOCUS_KEEP
+    base, n = row(m, BASELINE, 1.0), m["dataset"]["images"]
+    control = row(m, CONTROL, k)
+    methods = [meth for meth in _methods(m) if meth != CONTROL]
+    at = {meth: row(m, meth, k) for meth in methods}
+    trained = [meth for meth in methods if at[meth]["checkpoint"] != "baseline"]
+    free = [meth for meth in methods if meth not in trained and at[meth]["mean_r1"] is not None]
+    lines = [
+        f"- **The baseline learned:** mean R@1 {base['mean_r1']:.1f}% over {n:,} test images (chance is "
+        f"{100 / n:.1f}%), pair accuracy {base['pair_acc']:.1f}%."
+    ]
+    for meth in trained:
+        r = at[meth]
+        lines.append(
+            f"- **`{meth}` (trained predictors), at keep ratio {k:g}** ({r['gmacs_ratio']:.2f}× the GMACs): mean "
+            f"R@1 {r['mean_r1']:.1f} ({base['mean_r1'] - r['mean_r1']:.1f} points below the baseline, lossy-ness "
+            f"{r['lossyness']:.3f}), {r['mean_r1'] - control['mean_r1']:.1f} points above `{CONTROL}`; it keeps "
+            f"{r['object_recall']:.0%} of the object patches, against {control['object_recall']:.0%} for `{CONTROL}`."
+        )
+    if free:
+        best = max(free, key=lambda meth: at[meth]["mean_r1"])
+        r = at[best]
+        lines.append(
+            f"- **The best training-free method is `{best}`:** mean R@1 {r['mean_r1']:.1f} at keep ratio {k:g} "
+            f"(lossy-ness {r['lossyness']:.3f})."
+        )
+    lines.append(
+        f"- **`{CONTROL}` is the control:** mean R@1 {control['mean_r1']:.1f} at keep ratio {k:g}, pair accuracy "
+        f"{control['pair_acc']:.1f}."
+    )
+    said = []
+    for meth in methods:
+        what, value = _score(at[meth])
+        if value < control["pair_acc" if what == "pair acc" else "mean_r1"]:
+            said.append(f"`{meth}` {value:.1f} {what}")
+    if said:
+        lines.append(
+            f"- **Below `{CONTROL}` at keep ratio {k:g}:** {', '.join(said)} (`{CONTROL}`: "
+            f"{control['mean_r1']:.1f} mean R@1, {control['pair_acc']:.1f} pair acc)."
+        )
+    timed = [at[meth] for meth in methods if at[meth]["latency_ratio_bs32"] is not None]
+    if timed:
+        said = [f"`{r['method']}` {r['gmacs_ratio']:.2f} / {r['latency_ratio_bs32']:.2f} / "
+                f"{_f(r['latency_ratio_bs1'], '.2f')}" for r in timed]  # fmt: skip
+        lines.append(
+            f"- **Cost at keep ratio {k:g},** as ratios to the baseline (GMACs / latency at batch 32 / latency at "
+            f"batch 1): {', '.join(said)}."
+        )
+    return "\n".join(lines)
+
+
+def training_time(src: Sources) -> str:
+    """Per-phase wall time from training.json's ``epoch_seconds`` and metrics.json's ``seconds``."""
+    parts, total = [], 0.0
+    for name in CHECKPOINTS:
+        t = src.training[name]
+        secs = t["epoch_seconds"]
+        total += sum(secs)
+        each = ", ".join(f"{s:.0f}" for s in secs)
+        parts.append(f"{name} {len(secs)} epoch{'s' * (len(secs) != 1)} in {_minutes(sum(secs))} ({each} s)")
+    evaluation = src.metrics.get("seconds")
+    if evaluation is not None:
+        total += evaluation
+        parts.append(f"evaluation {evaluation:.0f} s")
+    return (
+        f"Training time, as the runs behind the shipped files recorded it: {'; '.join(parts)}; "
+        f"{_minutes(total)} in all. Dataset generation is not timed in these files."
+    )
+
+
+def card_model(src: Sources, name: str) -> str:
+    """The architecture of one checkpoint, from its config.json; parameters from metrics.json."""
+    c = src.configs[name]
+    v, t, p = c["vision"], c["text"], c["pruning"]
+    grid = v["image_size"] // v["patch_size"]
+    stages = " and ".join(map(str, p["stages"]))
+    phase = src.training[name].get("phase")
+    trained = "trained in this checkpoint" if phase == "pruned" else "left untrained here (`pruned/` trains them)"
+    lines = [
+        f"- **Image encoder:** a ViT with a CLS token; {v['image_size']} px images, {v['patch_size']} px patches "
+        f"({grid} × {grid} = {grid * grid} patch tokens), width {v['width']}, {v['depth']} blocks, {v['heads']} "
+        f"heads, MLP ratio {v['mlp_ratio']:g}.",
+        f"- **Text encoder:** a transformer over a word-level vocabulary of {t['vocab_size']} tokens (`vocab.json`), "
+        f"width {t['width']}, {t['depth']} blocks, {t['heads']} heads, at most {t['context_length']} tokens.",
+        f"- **Embedding:** both towers project to {c['embed_dim']} dimensions, L2-normalised; a learnable logit "
+        f"scale starts at {c['init_logit_scale']:g} (log 1/0.07).",
+        f"- **Pruning stages:** before blocks {stages} (counted from 0), each with a keep predictor (an MLP, "
+        f"hidden width {p['predictor_hidden']}), {trained}; `fuse_dropped` is {str(p['fuse_dropped']).lower()}.",
+    ]
+    mod = src.metrics.get("model", {})
+    if mod.get("params"):
+        lines.append(
+            f"- **Parameters:** {mod['params']:,} (image encoder {mod['params_image_encoder']:,}, text encoder "
+            f"{mod['params_text_encoder']:,}), float32."
+        )
+    return "\n".join(lines)
+
+
+def card_metrics(src: Sources, name: str) -> str:
+    """The metrics rows measured on one checkpoint; the baseline's at `HEADLINE_KEEPS` only."""
+    m = src.metrics
+    rows = [r for r in m["rows"] if r["checkpoint"] == name]
+    if name == "baseline":
+        rows = [r for r in rows if r["method"] == BASELINE or r["keep_ratio"] in HEADLINE_KEEPS]
+    header = ["method", "keep", "tokens", "GMACs", "mean R@1", "mean R@5 / R@10", "pair acc",
+              "object recall (random)", "lossy-ness"]  # fmt: skip
+    body = [
+        [r["method"], _keep(r["keep_ratio"]), "/".join(map(str, r["tokens"])), f"{r['gmacs']:.4f}",
+         _f(r["mean_r1"], ".1f"),
+         DASH if r["mean_r5"] is None else f"{r['mean_r5']:.1f} / {r['mean_r10']:.1f}",
+         _f(r["pair_acc"], ".1f"), _obj(r), _f(r["lossyness"], ".3f")]
+        for r in rows
+    ]  # fmt: skip
+    ds = m["dataset"]
+    lead = (
+        f"On the test split ({ds['images']:,} images × {ds['captions']:,} captions), from "
+        "`checkpoints/metrics.json`:"
+    )
+    return "\n".join([lead, "", *_table(header, "lrlrrrrrr", body)])
+
+
+def card_training(src: Sources, name: str) -> str:
+    """One checkpoint's training run, from its training.json."""
+    t = src.training[name]
+    secs, losses = t["epoch_seconds"], t["losses"]
+    lines = [
+        f"- **Run:** preset `{t['preset']}`, seed {t['seed']}, {t['world_size']} process"
+        f"{'es' * (t['world_size'] != 1)}, data `{t['data']}`.",
+        f"- **Epochs:** {t['epochs']}, {_minutes(sum(secs))} in all ({', '.join(f'{s:.0f}' for s in secs)} s).",
+        f"- **Loss per epoch:** {', '.join(f'{x:.3f}' for x in losses)}.",
+    ]
+    if "keep_ratio_range" in t:
+        lo, hi = t["keep_ratio_range"]
+        lines.append(f"- **Monitored distillation loss** (not trained on): at keep ratios drawn from [{lo:g}, {hi:g}].")
+    return "\n".join(lines)
+
+
+BLOCKS: dict[str, Callable[[Sources], str]] = {
+    "results": results,
+    "findings": findings,
+    "training-time": training_time,
+}
+CARD_BLOCKS: dict[str, Callable[[Sources, str], str]] = {
+    "card-model": card_model,
+    "card-metrics": card_metrics,
+    "card-training": card_training,
+}
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def render(name: str, src: Sources, target: str) -> str:
+    """The inside of block `name` in file `target` (a path relative to the repository root)."""
+    if name in CARD_BLOCKS:
+        return CARD_BLOCKS[name](src, Path(target).parent.name)
+    return BLOCKS[name](src)
+
+
+def fill(text: str, target: str, src: Sources) -> str:
+    """`text` with each of its generated blocks rewritten.
+
+    Raises:
+        ValueError: a block `TARGETS` asks for is missing, or one is unknown or unclosed.
+    """
+    found = [m.group(2) for m in _BLOCK.finditer(text)]
+    wanted = TARGETS.get(target, ())
+    missing = [n for n in wanted if n not in found]
+    if missing:
+        raise ValueError(f"{target} has no <!-- {missing[0]}:begin --> ... <!-- {missing[0]}:end --> block.")
+    unknown = [n for n in found if n not in wanted]
+    if unknown:
+        raise ValueError(f"{target}: unknown generated block {unknown[0]!r}; it takes {', '.join(wanted)}.")
+    opened = re.findall(r"<!-- ([a-z-]+):begin -->", text)
+    if len(opened) != len(found):
+        raise ValueError(f"{target}: a <!-- NAME:begin --> marker has no matching end marker.")
+
+    def body(m: re.Match[str]) -> str:
+        return m.group(1) + render(m.group(2), src, target).rstrip("\n") + "\n" + m.group(4)
+
+    return _BLOCK.sub(body, text)
+
+
+def stale(root: Path = ROOT) -> list[str]:
+    """The `TARGETS` whose generated blocks disagree with the checkpoints' files.
+
+    Args:
+        root: the repository root.
+
+    Returns:
+        Paths relative to `root`, in `TARGETS` order; empty when everything agrees.
+
+    Raises:
+        ValueError: a source or a target is missing or malformed.
+    """
+    src = load_sources(root / "checkpoints")
+    out = []
+    for target in TARGETS:
+        text = _read_target(root, target)
+        if fill(text, target, src) != text:
+            out.append(target)
+    return out
+
+
+def write(root: Path = ROOT) -> list[str]:
+    """Rewrite the generated blocks of every target; returns the targets that changed."""
+    src = load_sources(root / "checkpoints")
+    changed = []
+    for target in TARGETS:
+        text = _read_target(root, target)
+        new = fill(text, target, src)
+        if new != text:
+            write_text_atomic(root / target, new)
+            changed.append(target)
+    return changed
+
+
+def _read_target(root: Path, target: str) -> str:
+    path = root / target
+    if not path.is_file():
+        raise ValueError(f"{target} is missing.")
+    return path.read_text(encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--check", action="store_true", help="change nothing; exit 1 if a generated block is stale")
+    p.add_argument("--root", type=Path, default=ROOT, help="repository root (default: this checkout)")
+    args = p.parse_args(argv)
+    try:
+        if args.check:
+            bad = stale(args.root)
+            if bad:
+                print(f"error: {', '.join(bad)} disagree{'s' * (len(bad) == 1)} with checkpoints/metrics.json and "
+                      "checkpoints/*/training.json; run python -m training.report", file=sys.stderr)  # fmt: skip
+                return 1
+            print(f"ok: {len(TARGETS)} files agree with checkpoints/")
+            return 0
+        changed = write(args.root)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"rewrote {', '.join(changed)}" if changed else "nothing to rewrite")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
