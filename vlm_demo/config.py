@@ -83,7 +83,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     batch_size: int = 64  # contrastive batch; 64 gives 94 steps an epoch at 6,000 images, and enough negatives
-    baseline_epochs: int = 9  # epochs of contrastive training from scratch (about 3 min each on 2 cores)
+    baseline_epochs: int = 9  # epochs of contrastive training from scratch (131-349 s each on 2 cores, training.json)
     pruned_epochs: int = 1  # epochs of training the keep predictors on the baseline's saliency (~100 s on 2 cores)
     lr: float = 1e-3  # peak AdamW learning rate for the baseline
     pruned_lr: float = 1e-3  # peak learning rate of the keep predictors; the towers stay frozen in that phase, so
