@@ -52,7 +52,7 @@ def src() -> report.Sources:
     }
     config = {
         "embed_dim": 16, "init_logit_scale": 2.6592,
-        "pruning": {"fuse_dropped": False, "predictor_hidden": 8, "stages": [1, 3]},
+        "pruning": {"placement": "paper", "predictor_hidden": 8, "stages": [1, 3]},
         "text": {"context_length": 8, "depth": 1, "heads": 2, "mlp_ratio": 4.0, "vocab_size": 20, "width": 16},
         "vision": {"depth": 4, "heads": 2, "image_size": 32, "mlp_ratio": 4.0, "patch_size": 8, "width": 16},
     }  # fmt: skip

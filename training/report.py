@@ -248,8 +248,8 @@ def card_model(src: Sources, name: str) -> str:
         f"width {t['width']}, {t['depth']} blocks, {t['heads']} heads, at most {t['context_length']} tokens.",
         f"- **Embedding:** both towers project to {c['embed_dim']} dimensions, L2-normalised; a learnable logit "
         f"scale starts at {c['init_logit_scale']:g} (log 1/0.07).",
-        f"- **Pruning stages:** before blocks {stages} (counted from 0), each with a keep predictor (an MLP, "
-        f"hidden width {p['predictor_hidden']}), {trained}; `fuse_dropped` is {str(p['fuse_dropped']).lower()}.",
+        f"- **Pruning stages:** keep predictors before blocks {stages} (counted from 0; an MLP each, hidden width "
+        f"{p['predictor_hidden']}), {trained}; the other methods' stages follow the `{p['placement']}` placement.",
     ]
     mod = src.metrics.get("model", {})
     if mod.get("params"):
