@@ -116,3 +116,20 @@ def test_compare_every_method(session, image):
 def test_batch32_latency_is_optional(session, image):
     d = session.analyze(image, "a red circle", method="random", keep_ratio=0.5, latency_repeats=1, batch32=True)
     assert set(d.to_dict()["latency_bs32_ms"]) == {"baseline", "pruned"}
+
+
+@pytest.mark.parametrize("method", ["learned", "tome"])
+def test_sweep_equals_analyze_at_its_stops(session, image, method):
+    seen = []
+    sweep = session.sweep(image, "a red circle", method, stops=(0.2, 0.52, 1.0), first=0.52, on_stop=seen.append)
+    assert [s.keep_ratio for s in seen] == [0.52, 0.2, 1.0]  # the current stop first, for the page
+    assert [s.keep_ratio for s in sweep.stops] == [0.2, 0.52, 1.0]
+    for stop in sweep.stops:
+        a = session.analyze(image, "a red circle", method=method, keep_ratio=stop.keep_ratio, latency_repeats=1)
+        assert stop.score == a.pruned.score and stop.gmacs == a.pruned.gmacs
+        assert stop.tokens == a.pruned.tokens and stop.tokens_per_stage == a.pruned.tokens_per_stage
+        assert stop.kept == a.trace.stages[-1].kept[0].tolist() if a.trace.stages else stop.tokens == 16
+        assert sweep.baseline_score == a.baseline.score and sweep.baseline_gmacs == a.baseline.gmacs
+    d = sweep.to_dict()
+    assert d["method"] == method and len(d["stops"]) == 3 and "trace" not in d["stops"][0]
+    assert d["stops"][-1]["kept"] == list(range(16))  # keep ratio 1 keeps every patch

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,51 @@ class MethodSummary:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k != "overlay"}
+
+
+SWEEP_STOPS = tuple(round(0.04 * i, 2) for i in range(1, 26))  # the slider's 25 stops, 0.04 apart
+
+
+@dataclass
+class SweepStop:
+    """One keep ratio of a `Sweep`."""
+
+    keep_ratio: float
+    score: float  # cosine of the pruned image embedding and the caption's, as `analyze` reports it
+    tokens: int  # patch tokens after the last stage (a fused token included)
+    tokens_per_stage: list[int]  # patch tokens before the first stage and after each one
+    gmacs: float  # fvcore GMACs of the image encoder, batch 1
+    kept: list[int]  # original patch positions that survive the last stage; -1 is a fused token
+    trace: Trace = field(repr=False)  # for overlays; left out of `to_dict`
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "keep_ratio": self.keep_ratio,
+            "score": round(self.score, 6),
+            "tokens": self.tokens,
+            "tokens_per_stage": self.tokens_per_stage,
+            "gmacs": round(self.gmacs, 6),
+            "kept": self.kept,
+        }
+
+
+@dataclass
+class Sweep:
+    """Every slider stop for one image, caption and method (see `Session.sweep`)."""
+
+    method: str
+    caption: str
+    image: Image.Image = field(repr=False)  # the decoded upload the overlays are drawn on
+    baseline_score: float
+    baseline_gmacs: float
+    stops: list[SweepStop]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "baseline": {"score": round(self.baseline_score, 6), "gmacs": round(self.baseline_gmacs, 6)},
+            "stops": [s.to_dict() for s in self.stops],
+        }
 
 
 class Session:
@@ -325,6 +371,70 @@ class Session:
         for r in keep_ratios:
             for m in pruning.names() if methods is None else methods:
                 flops.gmacs(self.cfg, m, r)
+
+    @torch.inference_mode()
+    def sweep(
+        self,
+        image: Any,
+        caption: str,
+        method: str = "learned",
+        stops: tuple[float, ...] = SWEEP_STOPS,
+        first: float | None = None,
+        seed: int = 0,
+        on_stop: Callable[[SweepStop], None] | None = None,
+    ) -> Sweep:
+        """Every slider stop of one (image, caption, method) at once: what the page scrubs through.
+
+        Each stop is the same batch-1 pass as `analyze` at that keep ratio, so its score,
+        tokens and GMACs equal `analyze`'s; no latency is measured here. Different keep
+        ratios give different token counts, so the stops cannot share one batch.
+
+        Args:
+            image: a path, bytes or PIL image.
+            caption: the text to align with the image.
+            method: a registered pruning method.
+            stops: the keep ratios, each in (0, 1].
+            first: a stop to compute before the others (the slider's current one), so a
+                caller can show it at once.
+            seed: seed of ``random``.
+            on_stop: called with each `SweepStop` as soon as it is computed.
+
+        Returns:
+            The `Sweep`, its stops in the order of `stops`.
+        """
+        info = pruning.get(method)
+        caption, _ = self.check_caption(caption)
+        img = load_image(image)
+        pixels = to_tensor(img, self.cfg.vision.image_size)[None].to(self.device)
+        text = self._embed_ids(self.tokenizer.encode_batch([caption]))  # (1, E)
+        model = self.model_for(method)
+        order = sorted(range(len(stops)), key=lambda i: (first is None or stops[i] != first, i))
+        done: dict[int, SweepStop] = {}
+        for i in order:
+            spec = PruneSpec(method, float(stops[i]), text=text if info.needs_caption else None, seed=seed)
+            z, trace = model.encode_image_with_trace(pixels, spec)
+            per_stage = trace.tokens_per_stage()
+            kept = trace.stages[-1].kept[0].tolist() if trace.stages else list(range(trace.num_patches))
+            done[i] = SweepStop(
+                keep_ratio=spec.keep_ratio,
+                score=float(z[0] @ text[0]),
+                tokens=per_stage[-1],
+                tokens_per_stage=per_stage,
+                gmacs=flops.gmacs(self.cfg, method, spec.keep_ratio),
+                kept=kept,
+                trace=trace,
+            )
+            if on_stop is not None:
+                on_stop(done[i])
+        base = self.baseline.encode_image(pixels)
+        return Sweep(
+            method=method,
+            caption=caption,
+            image=img,
+            baseline_score=float(base[0] @ text[0]),
+            baseline_gmacs=flops.gmacs(self.cfg, BASELINE, 1.0),
+            stops=[done[i] for i in range(len(stops))],
+        )
 
 
 def load(source: str | os.PathLike = "checkpoints", device: str = "cpu") -> Session:
