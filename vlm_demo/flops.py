@@ -160,13 +160,15 @@ def closed_form_gmacs(
 
     Per block with N tokens, width C, MLP width H: QKV ``3NC^2`` + projection ``NC^2``
     + MLP ``2NCH`` + attention matmuls ``2N^2 C`` + two layer norms ``2 * 5NC``
-    (fvcore's convention for an affine norm). Plus the patch embedding, the head,
+    (fvcore's convention for an affine norm). Plus the patch embedding, CLIP's pre-norm, the head,
     and each stage's scoring cost: the predictor (learned), the CLS-attention row
     (cls_attention), the patch head (text_guided) or the bipartite similarities (tome).
     """
     v, p = cfg.vision, cfg.pruning
-    C, H, P, E = v.width, int(v.width * v.mlp_ratio), v.num_patches, cfg.embed_dim
+    C, H, P, E = v.width, v.mlp_width, v.num_patches, cfg.embed_dim
     macs = P * C * 3 * v.patch_size**2  # patch embedding
+    if v.pre_norm:
+        macs += 5 * (1 + P) * C
     tokens = tokens_per_block(cfg, method, keep_ratio, fuse)
     for i, N in enumerate(tokens):
         macs += 4 * N * C * C + 2 * N * C * H + 2 * N * N * C + 10 * N * C
