@@ -119,7 +119,7 @@ def model_config(hf: dict[str, Any], source: str = CONFIG_FILE) -> ModelConfig:
         if not isinstance(vision[key], int):
             raise ValueError(f"{source}: vision_config.{key} must be one integer (square images and patches).")
     if vision["num_channels"] != 3:
-        raise ValueError(f"{source}: vision_config.num_channels is {vision['num_channels']}; only RGB (3) is supported.")
+        raise ValueError(f"{source}: vision_config.num_channels is {vision['num_channels']}; only RGB (3) runs.")
     if not isinstance(text["eos_token_id"], int):
         raise ValueError(f"{source}: text_config.eos_token_id must be one integer, not {text['eos_token_id']!r}.")
     v = VisionConfig(
@@ -348,38 +348,58 @@ def _sources(cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
 def _read_weights(path: Path, shapes: dict[str, torch.Size], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """The project's state dict, but the keep predictors, built from a CLIPModel safetensors file.
 
-    Every tensor of the file must be used and every one of the model filled, at its shape;
-    a CLIP tensor may lack the model's leading 1-dimensions (the CLS token and position tables).
-    The names are checked from the header, before any tensor is read.
+    The header is checked before any tensor is read: every tensor of the file must be
+    used and every one of the model filled, at its shape (a CLIP tensor may lack the
+    model's leading 1-dimensions: the CLS token and the position tables).
     """
     sources = _sources(cfg)
-    needed = {n for group in sources.values() for n in group}
-    tensors = {}
     try:
         with safe_open(str(path), framework="pt") as f:
-            names = {n for n in f.keys() if not n.endswith(IGNORED_SUFFIXES)}
-            if names == needed:
-                tensors = {ours: torch.cat([f.get_tensor(n) for n in theirs]) for ours, theirs in sources.items()}
+            found = {n: tuple(f.get_slice(n).get_shape()) for n in f.keys() if not n.endswith(IGNORED_SUFFIXES)}
+            problems = _header_problems(found, sources, shapes)
+            if problems:
+                raise ValueError(
+                    f"{path} does not match its config.json as a CLIPModel: {'; '.join(problems)}. Were the "
+                    "weights and the config taken from different checkpoints?"
+                )
+            out = {}
+            for ours, theirs in sources.items():
+                parts = [f.get_tensor(n) for n in theirs]
+                # q, k and v concatenate along the output dimension, the layout of the fused qkv Linear.
+                out[ours] = (torch.cat(parts) if len(parts) > 1 else parts[0]).reshape(shapes[ours])
+            return out
     except (SafetensorError, OSError) as error:
         raise ValueError(f"{path} is truncated or corrupt ({error}). Download it again.") from error
+
+
+def _header_problems(
+    found: dict[str, tuple[int, ...]], sources: dict[str, tuple[str, ...]], shapes: dict[str, torch.Size]
+) -> list[str]:
+    """What is missing, unexpected or misshapen in a file holding the tensors `found` (name -> shape)."""
+    needed = {n for group in sources.values() for n in group}
     problems = []
-    if missing := sorted(needed - names):
+    if missing := sorted(needed - found.keys()):
         problems.append(f"{len(missing)} tensor(s) missing ({_some(missing)})")
-    if unexpected := sorted(names - needed):
+    if unexpected := sorted(found.keys() - needed):
         problems.append(f"{len(unexpected)} unexpected tensor(s) ({_some(unexpected)})")
-    out, misshapen = {}, []
-    for ours, tensor in tensors.items():
-        shape = shapes[ours]
-        lead = len(shape) - tensor.dim()
-        if lead < 0 or tensor.shape != shape[lead:] or any(s != 1 for s in shape[:lead]):
-            misshapen.append(f"{'+'.join(sources[ours])} is {list(tensor.shape)}, not {list(shape)}")
-        else:
-            out[ours] = tensor.reshape(shape)
+    misshapen = []
+    for ours, theirs in sources.items():
+        if any(n not in found for n in theirs):
+            continue
+        parts = [found[n] for n in theirs]
+        joined = parts[0]
+        if len(parts) > 1:
+            same_tail = len({p[1:] for p in parts}) == 1
+            joined = (sum(p[0] for p in parts), *parts[0][1:]) if same_tail else None
+        if joined is None or not _fits(joined, tuple(shapes[ours])):
+            given = " + ".join(str(list(p)) for p in parts)
+            misshapen.append(f"{'+'.join(theirs)} is {given}, not {list(shapes[ours])}")
     if misshapen:
         problems.append(f"{len(misshapen)} tensor(s) of the wrong shape ({_some(misshapen)})")
-    if problems:
-        raise ValueError(
-            f"{path} does not match its config.json as a CLIPModel: {'; '.join(problems)}. Were the weights and "
-            "the config taken from different checkpoints?"
-        )
-    return out
+    return problems
+
+
+def _fits(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+    """True if `shape` is `target`, or `target` without some of its leading 1-dimensions."""
+    lead = len(target) - len(shape)
+    return lead >= 0 and target[lead:] == shape and all(n == 1 for n in target[:lead])
