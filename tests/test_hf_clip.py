@@ -193,6 +193,17 @@ def test_text_embeddings_and_ids_equal_transformers(clip, tokenizer_file):
     torch.testing.assert_close(random_ours, random_expected, atol=1e-5, rtol=0)
 
 
+def test_ids_equal_transformers_for_a_file_without_added_tokens(tmp_path, tokenizer_file):
+    # transformers makes the special tokens added tokens, matched whole, even when the file does not.
+    data = json.loads(tokenizer_file.read_text())
+    data["added_tokens"] = []
+    path = tmp_path / hf_clip.TOKENIZER_FILE
+    path.write_text(json.dumps(data))
+    hf_tok = transformers.CLIPTokenizerFast(tokenizer_file=str(path))
+    expected = hf_tok(CAPTIONS, padding="max_length", truncation=True, max_length=CONTEXT).input_ids
+    assert hf_clip.ClipTokenizer(path, CONTEXT).encode_batch(CAPTIONS).tolist() == expected
+
+
 def test_pixels_equal_the_image_processor(clip):
     folder, _, session = clip
     processor = transformers.CLIPImageProcessor.from_pretrained(folder)
