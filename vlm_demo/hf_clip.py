@@ -122,31 +122,16 @@ def model_config(hf: dict[str, Any], source: str = CONFIG_FILE) -> ModelConfig:
         raise ValueError(f"{source}: vision_config.num_channels is {vision['num_channels']}; only RGB (3) runs.")
     if not isinstance(text["eos_token_id"], int):
         raise ValueError(f"{source}: text_config.eos_token_id must be one integer, not {text['eos_token_id']!r}.")
-    v = VisionConfig(
-        image_size=vision["image_size"],
-        patch_size=vision["patch_size"],
-        width=vision["hidden_size"],
-        depth=vision["num_hidden_layers"],
-        heads=vision["num_attention_heads"],
-        mlp_hidden=vision["intermediate_size"],
-        act=vision["hidden_act"],
-        layer_norm_eps=vision["layer_norm_eps"],
-        patch_bias=False,
-        pre_norm=True,
-    )
+    size = {"image_size": vision["image_size"], "patch_size": vision["patch_size"]}
+    v = VisionConfig(**size, patch_bias=False, pre_norm=True, **_tower(vision))
     t = TextConfig(
         vocab_size=text["vocab_size"],
         context_length=text["max_position_embeddings"],
-        width=text["hidden_size"],
-        depth=text["num_hidden_layers"],
-        heads=text["num_attention_heads"],
-        mlp_hidden=text["intermediate_size"],
-        act=text["hidden_act"],
-        layer_norm_eps=text["layer_norm_eps"],
         causal=True,
         pool="eos",
         eos_token_id=text["eos_token_id"],
         pad_id=None,
+        **_tower(text),
     )
     return ModelConfig(
         vision=v,
@@ -155,6 +140,18 @@ def model_config(hf: dict[str, Any], source: str = CONFIG_FILE) -> ModelConfig:
         embed_dim=hf.get("projection_dim", 512),
         init_logit_scale=hf.get("logit_scale_init_value", 2.6592),
     )
+
+
+def _tower(sub: dict[str, Any]) -> dict[str, Any]:
+    """The fields both towers share, from a CLIPTextConfig or CLIPVisionConfig dict."""
+    return {
+        "width": sub["hidden_size"],
+        "depth": sub["num_hidden_layers"],
+        "heads": sub["num_attention_heads"],
+        "mlp_hidden": sub["intermediate_size"],
+        "act": sub["hidden_act"],
+        "layer_norm_eps": sub["layer_norm_eps"],
+    }
 
 
 def _sub_config(hf: dict[str, Any], tower: str, defaults: dict[str, Any]) -> dict[str, Any]:
