@@ -237,10 +237,10 @@ class ClipTokenizer:
         self._fixed.enable_padding(length=context_length, pad_id=ids[EOS], pad_token=EOS)
         self.context_length = context_length
         self.pad_id = ids[EOS]
-        self.vocab_size = tokenizer.get_vocab_size()  # added tokens included
 
     def __len__(self) -> int:
-        return self.vocab_size
+        """Tokens in the vocabulary, added tokens included."""
+        return self._full.get_vocab_size()
 
     def encode_batch(self, texts: Iterable[str]) -> torch.Tensor:
         """(B, context_length) int64 ids."""
@@ -271,7 +271,7 @@ def load_clip(folder: str | os.PathLike, device: str | torch.device = "cpu") -> 
     folder = Path(folder)
     _check_files(folder)
     config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
-    cfg = model_config(json.loads(config_path.read_text()), str(config_path))
+    cfg = model_config(_read_json(config_path), str(config_path))
     tokenizer = ClipTokenizer(folder / TOKENIZER_FILE, cfg.text.context_length)
     if len(tokenizer) > cfg.text.vocab_size:
         raise ValueError(
@@ -279,7 +279,7 @@ def load_clip(folder: str | os.PathLike, device: str | torch.device = "cpu") -> 
             f"{cfg.text.vocab_size}: the files come from different models."
         )
     processor_path = folder / PREPROCESSOR_FILE
-    processor = json.loads(processor_path.read_text()) if processor_path.is_file() else None
+    processor = _read_json(processor_path) if processor_path.is_file() else None
     preprocess = preprocess_config(processor, cfg.vision.image_size, str(processor_path))
 
     model = DualEncoder(cfg)
@@ -311,6 +311,16 @@ def _check_files(folder: Path) -> None:
         raise ValueError(
             f"{folder} has no {TOKENIZER_FILE}. Take the CLIP's tokenizer.json from the same Hub repository."
         )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); download it again.") from error
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object; download it again.")
+    return data
 
 
 def _sources(cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
