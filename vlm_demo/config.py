@@ -13,6 +13,7 @@ from typing import Any
 ACTIVATIONS = ("gelu", "quick_gelu")  # MLP activations: exact (erf) GELU, and CLIP's x * sigmoid(1.702 x)
 TEXT_POOLS = ("cls", "eos")  # how the text encoder picks the token it projects
 
+
 @dataclass(frozen=True)
 class VisionConfig:
     image_size: int = 112  # side in pixels of the square input (vlm_demo.transforms says how an image becomes it)

@@ -90,16 +90,13 @@ def pull(
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
+    where = {"revision": revision, "cache_dir": cache_dir, "allow_patterns": allow_patterns}
     if offline_mode():
         try:
-            return Path(
-                snapshot_download(
-                    repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=allow_patterns, local_files_only=True
-                )
-            )
+            return Path(snapshot_download(repo_id, local_files_only=True, **where))
         except LocalEntryNotFoundError:
             raise ConnectionError(
                 f"HF_HUB_OFFLINE is set and {repo_id} is not in the Hub cache; unset it or use a local folder."
             ) from None
     ensure_online()
-    return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=allow_patterns))
+    return Path(snapshot_download(repo_id, **where))
