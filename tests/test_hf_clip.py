@@ -282,6 +282,21 @@ def test_defaults_are_transformers_defaults():
         assert (dict(got) if key in ("size", "crop_size") else got) == pytest.approx(value), key
 
 
+def test_legacy_config_dicts_are_read_as_transformers_reads_them():
+    # Early exports carry text_config_dict next to text_config; transformers lets the former win, defaults filled.
+    hf = {
+        "model_type": "clip",
+        "text_config": {"hidden_size": 512, "eos_token_id": 2, "hidden_act": "gelu"},
+        "text_config_dict": {"hidden_size": 384, "intermediate_size": 1536},
+        "vision_config": {"hidden_size": 96, "image_size": 64, "patch_size": 16},
+    }
+    ours, ref = hf_clip.model_config(hf), transformers.CLIPConfig.from_dict(hf)
+    t = ref.text_config
+    assert (ours.text.width, ours.text.mlp_width, ours.text.act) == (t.hidden_size, t.intermediate_size, t.hidden_act)
+    assert ours.text.eos_token_id == t.eos_token_id and ours.vision.width == ref.vision_config.hidden_size
+    assert ours.pruning.stages == (3, 6, 9)  # DynamicViT's stages in a 12-block ViT
+
+
 def _unpickled(*args):
     raise AssertionError("a pickle was unpickled")
 
