@@ -186,7 +186,7 @@ def test_text_embeddings_and_ids_equal_transformers(clip, tokenizer_file):
         # Random ids, end-of-text anywhere or nowhere: the pooling rule itself is compared.
         vocab, generator = model.config.text_config.vocab_size, torch.Generator().manual_seed(1)
         ids = torch.randint(0, vocab, (6, CONTEXT), generator=generator)
-        ids[:3, 5] = session.tokenizer.pad_id
+        ids[:3, 5] = session.tokenizer.pad_id  # CLIP pads with <|endoftext|>: an end-of-text in 3 rows
         random_expected = F.normalize(model.get_text_features(input_ids=ids).pooler_output, dim=-1)
         random_ours = session.baseline.encode_text(ids)
     np.testing.assert_allclose(session.embed_texts(CAPTIONS), expected.numpy(), atol=1e-5, rtol=0)
@@ -238,19 +238,25 @@ def test_training_free_methods_at_full_keep_equal_none(clip):
 
 def test_pruning_and_flops_run_on_a_clip(clip):
     _, _, session = clip
-    cfg = session.cfg
-    image = images()[0]
-    for method in ("cls_attention", "tome", "text_guided", "random"):
-        a = session.analyze(image, CAPTIONS[0], method=method, keep_ratio=0.5, latency_repeats=1)
-        counts = keep_counts(cfg.vision.num_patches, 0.5, len(cfg.pruning.stages))
-        assert a.pruned.tokens_per_stage == [cfg.vision.num_patches, *counts]
-        assert a.pruned.gmacs < a.baseline.gmacs
-        assert a.pruned.gmacs == pytest.approx(flops.closed_form_gmacs(cfg, method, 0.5), rel=0.02)
-        # The overlay covers the centre square the model saw (side / (side + 6) of the shorter side), at the
-        # upload's resolution.
-        side = round(50 * cfg.vision.image_size / (cfg.vision.image_size + 6))
-        assert a.overlays["kept"].size == visible_region(image, session.preprocess).size == (side, side)
+    cfg, image = session.cfg, images()[0]
+    pixels = to_tensor(image, session.preprocess)[None]
+    text = torch.from_numpy(session.embed_texts(CAPTIONS[:1]))
+    counts = keep_counts(cfg.vision.num_patches, 0.5, len(cfg.pruning.stages))
+    with torch.inference_mode():
+        for method in ("cls_attention", "tome", "text_guided", "random"):
+            spec = PruneSpec(method, 0.5, text=text if method == "text_guided" else None)
+            _, trace = session.baseline.encode_image_with_trace(pixels, spec)
+            assert trace.tokens_per_stage() == [cfg.vision.num_patches, *counts], method
+    # One method through the app's entry point: fvcore (pre-norm, CLIP's MLP width and a projection unequal
+    # to the width all counted) against the closed form.
+    a = session.analyze(image, CAPTIONS[0], method="text_guided", keep_ratio=0.5, latency_repeats=1)
+    assert a.pruned.gmacs < a.baseline.gmacs
+    assert a.pruned.gmacs == pytest.approx(flops.closed_form_gmacs(cfg, "text_guided", 0.5), rel=0.02)
     assert a.baseline.gmacs == pytest.approx(flops.closed_form_gmacs(cfg), rel=0.02)
+    # The overlay covers the centre square the model saw (side / (side + 6) of the shorter side), at the
+    # upload's resolution.
+    side = round(50 * cfg.vision.image_size / (cfg.vision.image_size + 6))
+    assert a.overlays["kept"].size == visible_region(image, session.preprocess).size == (side, side)
 
 
 def test_caption_checks_ask_the_tokenizer(clip):
