@@ -6,6 +6,9 @@ training-free ones run ``baseline/``. Both checkpoints share the
 baseline's text tower (it is frozen in the pruned fine-tune), so every image
 embedding is scored against the same caption embedding.
 
+A HuggingFace CLIP (a folder or Hub id, see `vlm_demo.hf_clip`) loads as one model
+serving both sides; its keep predictors are untrained (``Session.has_predictors``).
+
 A `Session` is read-only after `load`: requests keep their state local, so one
 session can serve many threads.
 """
@@ -24,20 +27,21 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import flops, overlay
-from .hub import looks_like_repo_id, pull
+from . import flops, hf_clip, overlay
+from .hub import looks_like_repo_id, pull, split_revision
 from .images import load_image
 from .latency import Timing, interleaved
 from .model import DualEncoder, load_checkpoint
 from . import pruning
 from .pruning import BASELINE, PruneSpec, Trace
-from .tokenizer import Tokenizer, normalize
-from .transforms import to_batch, to_tensor
+from .tokenizer import TextTokenizer
+from .transforms import Preprocess, to_batch, to_tensor, visible_region
 
 log = logging.getLogger(__name__)
 
 CAPTION_BANK_FILE = "caption_bank.json"
 METRICS_FILE = "metrics.json"
+SHIPPED_HUB_FILES = ("baseline/*", "pruned/*", CAPTION_BANK_FILE, METRICS_FILE)  # what `load` reads of a Hub repo
 MAX_CAPTION_CHARS = 10_000
 
 
@@ -143,7 +147,7 @@ class Sweep:
 
     method: str
     caption: str
-    image: Image.Image = field(repr=False)  # the decoded upload the overlays are drawn on
+    image: Image.Image = field(repr=False)  # what the model saw of the upload (CLIP: the centre crop)
     baseline_score: float
     baseline_gmacs: float
     stops: list[SweepStop]
@@ -166,20 +170,26 @@ class Session:
         source: where the checkpoints came from (for display).
         caption_bank: captions to rank for `top_captions` (e.g. the test split).
         metrics: the evaluation's metrics.json, if shipped.
+        preprocess: how images become pixels; None is the shipped model's square resize.
+        has_predictors: whether `pruned` has trained keep predictors (False for a HuggingFace CLIP).
     """
 
     def __init__(
         self,
         baseline: DualEncoder,
         pruned: DualEncoder,
-        tokenizer: Tokenizer,
+        tokenizer: TextTokenizer,
         source: str = "",
         caption_bank: list[str] | None = None,
         metrics: dict[str, Any] | None = None,
+        preprocess: Preprocess | None = None,
+        has_predictors: bool = True,
     ):
         self.baseline, self.pruned, self.tokenizer = baseline.eval(), pruned.eval(), tokenizer
         self.source, self.metrics = source, metrics
         self.cfg = baseline.cfg
+        self.preprocess = preprocess or Preprocess(self.cfg.vision.image_size)
+        self.has_predictors = has_predictors
         self.device = next(baseline.parameters()).device
         self.caption_bank = list(caption_bank or [])
         self._bank = self._embed_ids(tokenizer.encode_batch(self.caption_bank)) if self.caption_bank else None
@@ -218,10 +228,9 @@ class Session:
         if pruning.get(method).needs_caption:
             raise ValueError(f"{method} needs a caption: use analyze(), or one of {', '.join(pruning.names(image_only=True))}.")
         model, spec = self.model_for(method), PruneSpec(method, keep_ratio, seed=seed)
-        size = self.cfg.vision.image_size
         out = []
         for i in range(0, len(images), batch_size):
-            pixels = to_batch([load_image(im) for im in images[i : i + batch_size]], size).to(self.device)
+            pixels = to_batch([load_image(im) for im in images[i : i + batch_size]], self.preprocess).to(self.device)
             out.append(model.encode_image(pixels, spec))
         return torch.cat(out).cpu().numpy() if out else np.zeros((0, self.cfg.embed_dim), np.float32)
 
@@ -244,10 +253,10 @@ class Session:
             raise ValueError("Enter a caption describing the image, e.g. 'a red circle at the top left'.")
         if len(caption) > MAX_CAPTION_CHARS:
             raise ValueError(f"The caption is {len(caption):,} characters; keep it under {MAX_CAPTION_CHARS:,}.")
-        words = normalize(caption)
-        if not words:
+        fit = self.tokenizer.fit(caption)
+        if not fit.readable:
             raise ValueError("The caption has no words the model can read (letters or digits); try plain English.")
-        return caption, len(words) + 1 > self.tokenizer.context_length
+        return caption, fit.truncated
 
     @torch.inference_mode()
     def analyze(
@@ -286,7 +295,8 @@ class Session:
             raise ValueError("latency_repeats must be between 1 and 200.")
         caption, truncated = self.check_caption(caption)
         img = load_image(image)
-        pixels = to_tensor(img, self.cfg.vision.image_size)[None].to(self.device)  # (1, 3, S, S)
+        pixels = to_tensor(img, self.preprocess)[None].to(self.device)  # (1, 3, S, S)
+        img = visible_region(img, self.preprocess)  # overlays cover what the model saw
         text = self._embed_ids(self.tokenizer.encode_batch([caption]))  # (1, E)
         spec = PruneSpec(method, float(keep_ratio), text=text if info.needs_caption else None, seed=seed)
         model = self.model_for(method)
@@ -349,7 +359,8 @@ class Session:
         """Every method at one keep ratio: overlay, score and GMACs (no latency, to stay quick)."""
         caption, _ = self.check_caption(caption)
         img = load_image(image)
-        pixels = to_tensor(img, self.cfg.vision.image_size)[None].to(self.device)
+        pixels = to_tensor(img, self.preprocess)[None].to(self.device)
+        img = visible_region(img, self.preprocess)
         text = self._embed_ids(self.tokenizer.encode_batch([caption]))
         out = []
         for m in pruning.names(prunes_only=True) if methods is None else methods:
@@ -405,7 +416,8 @@ class Session:
         info = pruning.get(method)
         caption, _ = self.check_caption(caption)
         img = load_image(image)
-        pixels = to_tensor(img, self.cfg.vision.image_size)[None].to(self.device)
+        pixels = to_tensor(img, self.preprocess)[None].to(self.device)
+        img = visible_region(img, self.preprocess)  # overlays cover what the model saw
         text = self._embed_ids(self.tokenizer.encode_batch([caption]))  # (1, E)
         model = self.model_for(method)
         order = sorted(range(len(stops)), key=lambda i: (first is None or stops[i] != first, i))
@@ -438,12 +450,13 @@ class Session:
 
 
 def load(source: str | os.PathLike = "checkpoints", device: str = "cpu") -> Session:
-    """Load the baseline and pruned checkpoints.
+    """Load the baseline and pruned checkpoints, or a HuggingFace CLIP.
 
     Args:
         source: a folder holding ``baseline/`` and ``pruned/`` (and optionally
-            ``caption_bank.json`` and ``metrics.json``), or a Hub repo id with that layout.
-            A local folder never touches the network.
+            ``caption_bank.json`` and ``metrics.json``); a HuggingFace CLIP folder (see
+            `vlm_demo.hf_clip`); or a Hub repo id of either, ``owner/name`` or
+            ``owner/name@revision``. A local folder never touches the network.
         device: ``cpu`` or ``cuda``.
 
     Returns:
@@ -456,7 +469,8 @@ def load(source: str | os.PathLike = "checkpoints", device: str = "cpu") -> Sess
     src = str(source)
     folder = Path(src)
     if not folder.exists() and looks_like_repo_id(src):
-        folder = pull(src)
+        repo_id, revision = split_revision(src)
+        folder = pull(repo_id, revision, allow_patterns=[*hf_clip.HUB_FILES, *SHIPPED_HUB_FILES])
     if not folder.is_dir():
         raise ValueError(
             f"No checkpoints at {src!r}. Train them with `python -m training.train` "
@@ -464,6 +478,11 @@ def load(source: str | os.PathLike = "checkpoints", device: str = "cpu") -> Sess
         )
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for, but torch sees no CUDA GPU; use --device cpu.")
+    if hf_clip.is_clip_folder(folder):
+        clip = hf_clip.load_clip(folder, device)
+        return Session(
+            clip.model, clip.model, clip.tokenizer, source=src, preprocess=clip.preprocess, has_predictors=False
+        )
     if not (folder / "baseline").is_dir():
         raise ValueError(f"{folder} has no baseline/ checkpoint. Train one with `python -m training.train`.")
     baseline, tokenizer = load_checkpoint(folder / "baseline", device)

@@ -10,15 +10,31 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+ACTIVATIONS = ("gelu", "quick_gelu")  # MLP activations: exact (erf) GELU, and CLIP's x * sigmoid(1.702 x)
+TEXT_POOLS = ("cls", "eos")  # how the text encoder picks the token it projects
+
 
 @dataclass(frozen=True)
 class VisionConfig:
-    image_size: int = 112  # input side in pixels; images are resized (not cropped) to a square
+    image_size: int = 112  # side in pixels of the square input (vlm_demo.transforms says how an image becomes it)
     patch_size: int = 8  # side of one patch; 112 / 8 gives a 14x14 grid, the grid of ViT-B/16 at 224 px
     width: int = 128  # token dimension C of the ViT
     depth: int = 6  # number of transformer blocks
     heads: int = 4  # attention heads; width must divide by heads
-    mlp_ratio: float = 4.0  # MLP hidden size = mlp_ratio * width
+    mlp_ratio: float = 4.0  # MLP hidden size = mlp_ratio * width, unless mlp_hidden is set
+    mlp_hidden: int | None = None  # explicit MLP hidden size (CLIP's intermediate_size); None uses mlp_ratio
+    act: str = "gelu"  # MLP activation, one of ACTIVATIONS; OpenAI's CLIPs use "quick_gelu"
+    layer_norm_eps: float = 1e-5  # epsilon of every layer norm of the tower (torch's default, and CLIP's)
+    patch_bias: bool = True  # the patch-embedding convolution has a bias; CLIP's has none
+    pre_norm: bool = False  # a layer norm on the embedded tokens before block 0 (CLIP's pre_layrnorm)
+
+    def __post_init__(self) -> None:
+        _check_act(self.act)
+
+    @property
+    def mlp_width(self) -> int:
+        """Hidden size of each block's MLP."""
+        return _mlp_width(self.width, self.mlp_ratio, self.mlp_hidden)
 
     @property
     def grid(self) -> int:
@@ -38,7 +54,37 @@ class TextConfig:
     width: int = 128  # token dimension of the text transformer
     depth: int = 3  # number of transformer blocks
     heads: int = 4  # attention heads
-    mlp_ratio: float = 4.0  # MLP hidden size = mlp_ratio * width
+    mlp_ratio: float = 4.0  # MLP hidden size = mlp_ratio * width, unless mlp_hidden is set
+    mlp_hidden: int | None = None  # explicit MLP hidden size (CLIP's intermediate_size); None uses mlp_ratio
+    act: str = "gelu"  # MLP activation, one of ACTIVATIONS
+    layer_norm_eps: float = 1e-5  # epsilon of every layer norm of the tower
+    causal: bool = False  # each token attends only to itself and earlier ones (CLIP's text encoder)
+    pool: str = "cls"  # "cls": the first token (the word tokenizer's <cls>); "eos": CLIP's end-of-text token
+    eos_token_id: int | None = None  # pool="eos": id of the end-of-text token; 2 selects transformers' legacy
+    # rule, the position of the largest id (old CLIP configs say 2, and their <|endoftext|> is the largest id)
+    pad_id: int | None = 0  # keys with this id are never attended to; None masks nothing, as for CLIP, whose
+    # causal mask already hides the padding after <|endoftext|> from the pooled token (and whose pad may equal it)
+
+    def __post_init__(self) -> None:
+        _check_act(self.act)
+        if self.pool not in TEXT_POOLS:
+            raise ValueError(f"Unknown text pool {self.pool!r}; choose one of {', '.join(TEXT_POOLS)}.")
+        if self.pool == "eos" and self.eos_token_id is None:
+            raise ValueError("pool='eos' needs eos_token_id, the id of the end-of-text token.")
+
+    @property
+    def mlp_width(self) -> int:
+        """Hidden size of each block's MLP."""
+        return _mlp_width(self.width, self.mlp_ratio, self.mlp_hidden)
+
+
+def _check_act(act: str) -> None:
+    if act not in ACTIVATIONS:
+        raise ValueError(f"Unknown activation {act!r}; choose one of {', '.join(ACTIVATIONS)}.")
+
+
+def _mlp_width(width: int, mlp_ratio: float, mlp_hidden: int | None) -> int:
+    return int(width * mlp_ratio) if mlp_hidden is None else mlp_hidden
 
 
 @dataclass(frozen=True)
@@ -55,8 +101,8 @@ class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)  # the image encoder
     text: TextConfig = field(default_factory=TextConfig)  # the text encoder
     pruning: PruningConfig = field(default_factory=PruningConfig)  # where and how tokens are pruned
-    embed_dim: int = 128  # size of the shared, L2-normalised embedding space
-    init_logit_scale: float = 2.6592  # log(1 / 0.07), as in CLIP
+    embed_dim: int = 128  # size of the shared, L2-normalised embedding space (CLIP's projection_dim)
+    init_logit_scale: float = 2.6592  # log(1 / 0.07), as in CLIP; a checkpoint's own logit_scale replaces it
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict; `from_dict` inverts it."""
@@ -64,7 +110,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        """Rebuild a config from `to_dict` output; unknown keys raise."""
+        """Rebuild a config from `to_dict` output; unknown keys raise, missing ones take their defaults."""
         d = dict(d)
         pruning = dict(d.pop("pruning", {}))
         if "stages" in pruning:

@@ -186,13 +186,15 @@ def closed_form_gmacs(
     Per block with N tokens at attention and M at the MLP (they differ where a stage
     prunes inside the block), width C, MLP width H: QKV ``3NC^2`` + projection ``NC^2``
     + attention matmuls ``2N^2 C`` + MLP ``2MCH`` + two layer norms ``5NC + 5MC``
-    (fvcore's convention for an affine norm). Plus the patch embedding, the head,
-    and each stage's scoring cost, which the method's registry entry states
+    (fvcore's convention for an affine norm). Plus the patch embedding, CLIP's pre-norm,
+    the head, and each stage's scoring cost, which the method's registry entry states
     (`MethodInfo.scoring_macs`).
     """
     v, p = cfg.vision, cfg.pruning
-    C, H, P, E = v.width, int(v.width * v.mlp_ratio), v.num_patches, cfg.embed_dim
+    C, H, P, E = v.width, v.mlp_width, v.num_patches, cfg.embed_dim
     macs = P * C * 3 * v.patch_size**2  # patch embedding
+    if v.pre_norm:
+        macs += 5 * (1 + P) * C
     info = get(method)
     where = p.placement if placement is None else placement
     stages = {st.block for st in plan(method, keep_ratio, P, v.depth, p.stages, where)}

@@ -14,12 +14,22 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
-REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")  # owner/name, optionally @revision
 
 
 def looks_like_repo_id(source: str) -> bool:
-    """True for ``owner/name`` strings that are not an existing local path."""
+    """True for ``owner/name`` or ``owner/name@revision`` strings that are not an existing local path."""
     return bool(REPO_ID.match(source)) and not Path(source).exists()
+
+
+def split_revision(source: str) -> tuple[str, str | None]:
+    """``owner/name@revision`` -> (``owner/name``, ``revision``); without ``@`` the revision is None.
+
+    A revision is a branch, tag, commit or ref, e.g. ``refs/pr/3``, the Hub's usual
+    address of a pull request that converts a pickle checkpoint to safetensors.
+    """
+    repo_id, _, revision = source.partition("@")
+    return repo_id, revision or None
 
 
 def hub_endpoint() -> str:
@@ -57,13 +67,19 @@ def ensure_online(timeout: float = 3.0) -> None:
         pool.shutdown(wait=False)
 
 
-def pull(repo_id: str, revision: str | None = None, cache_dir: str | os.PathLike | None = None) -> Path:
+def pull(
+    repo_id: str,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    allow_patterns: list[str] | None = None,
+) -> Path:
     """Download (or reuse from the cache) a Hub repository and return its local folder.
 
     Args:
         repo_id: ``owner/name``.
         revision: branch, tag or commit; None is the default branch.
         cache_dir: the Hub cache; None is huggingface_hub's default.
+        allow_patterns: fetch only the files matching these glob patterns; None fetches all.
 
     Returns:
         The local snapshot folder.
@@ -74,12 +90,13 @@ def pull(repo_id: str, revision: str | None = None, cache_dir: str | os.PathLike
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
+    where = {"revision": revision, "cache_dir": cache_dir, "allow_patterns": allow_patterns}
     if offline_mode():
         try:
-            return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True))
+            return Path(snapshot_download(repo_id, local_files_only=True, **where))
         except LocalEntryNotFoundError:
             raise ConnectionError(
                 f"HF_HUB_OFFLINE is set and {repo_id} is not in the Hub cache; unset it or use a local folder."
             ) from None
     ensure_online()
-    return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir))
+    return Path(snapshot_download(repo_id, **where))

@@ -87,16 +87,34 @@ class Attention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, N, C)), out_aux
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block."""
+class QuickGELU(nn.Module):
+    """``x * sigmoid(1.702 x)``: the GELU approximation OpenAI's CLIPs were trained with."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+# Modules without parameters, so the activation never changes a checkpoint's tensor names.
+ACTIVATION_MODULES: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "quick_gelu": QuickGELU}
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block.
+
+    Args:
+        width: token width C.
+        heads: attention heads.
+        mlp_width: hidden size of the MLP.
+        act: the MLP activation, a key of `ACTIVATION_MODULES`.
+        eps: epsilon of both layer norms.
+    """
+
+    def __init__(self, width: int, heads: int, mlp_width: int, act: str = "gelu", eps: float = 1e-5):
         super().__init__()
-        self.norm1 = nn.LayerNorm(width)
+        self.norm1 = nn.LayerNorm(width, eps=eps)
         self.attn = Attention(width, heads)
-        self.norm2 = nn.LayerNorm(width)
-        hidden = int(width * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+        self.norm2 = nn.LayerNorm(width, eps=eps)
+        self.mlp = nn.Sequential(nn.Linear(width, mlp_width), ACTIVATION_MODULES[act](), nn.Linear(mlp_width, width))
 
     def attend(
         self,
@@ -153,19 +171,21 @@ class VisionTransformer(nn.Module):
             if not 0 < s < cfg.depth:
                 raise ValueError(f"pruning stage {s} must sit between blocks (1..{cfg.depth - 1}).")
         self.cfg, self.pruning = cfg, pruning
-        self.patch_embed = nn.Conv2d(3, cfg.width, cfg.patch_size, cfg.patch_size)
+        self.patch_embed = nn.Conv2d(3, cfg.width, cfg.patch_size, cfg.patch_size, bias=cfg.patch_bias)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
         self.pos_embed = nn.Parameter(torch.randn(1, 1 + cfg.num_patches, cfg.width) * 0.02)
-        self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
-        self.norm = nn.LayerNorm(cfg.width)
+        # Identity when off: no parameters, so configs without pre_norm keep their tensor names.
+        self.pre_norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps) if cfg.pre_norm else nn.Identity()
+        self.blocks = nn.ModuleList(_blocks(cfg))
+        self.norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
         self.proj = nn.Linear(cfg.width, embed_dim, bias=False)
         self.predictors = nn.ModuleList(KeepPredictor(cfg.width, pruning.predictor_hidden) for _ in pruning.stages)
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) pixels -> (B, 1 + P, C) tokens."""
+        """(B, 3, H, W) pixels -> (B, 1 + P, C) tokens that enter block 0 (pre-normed if configured)."""
         x = self.patch_embed(pixels).flatten(2).transpose(1, 2)  # (B, P, C)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        return x + self.pos_embed
+        return self.pre_norm(x + self.pos_embed)
 
     def patch_scores_against(self, patches: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """Cosine of each patch token, taken through the image head, with a caption embedding.
@@ -259,25 +279,63 @@ class VisionTransformer(nn.Module):
 
 
 class TextTransformer(nn.Module):
-    """A small transformer over word ids; pools the leading <cls> token."""
+    """A transformer over token ids; pools the leading <cls> token, or CLIP's end-of-text token."""
 
     def __init__(self, cfg: TextConfig, embed_dim: int):
         super().__init__()
         self.cfg = cfg
         self.token_embed = nn.Embedding(cfg.vocab_size, cfg.width)
         self.pos_embed = nn.Parameter(torch.randn(1, cfg.context_length, cfg.width) * 0.02)
-        self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
-        self.norm = nn.LayerNorm(cfg.width)
+        self.blocks = nn.ModuleList(_blocks(cfg))
+        self.norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
         self.proj = nn.Linear(cfg.width, embed_dim, bias=False)
 
-    def forward(self, ids: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """(B, L) ids -> (B, E) unnormalised embeddings."""
         x = self.token_embed(ids) + self.pos_embed[:, : ids.shape[1]]  # (B, L, C)
-        bias = torch.zeros(ids.shape, dtype=x.dtype, device=x.device).masked_fill(ids == pad_id, float("-inf"))
-        bias = bias[:, None, None, :]  # (B, 1, 1, L): padding is never attended to
+        bias = self.attention_bias(ids, x.dtype)
         for block in self.blocks:
             x, _ = block(x, bias=bias)
-        return self.proj(self.norm(x[:, 0]))
+        return self.proj(self.norm(self.pool(x, ids)))
+
+    def attention_bias(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        """Additive logit bias, -inf on padding keys (`pad_id`) and, if causal, on later tokens.
+
+        Args:
+            ids: (B, L) token ids.
+            dtype: the dtype of the tokens.
+
+        Returns:
+            (B, 1, 1, L), (L, L) or (B, 1, L, L), or None when nothing is masked.
+        """
+        bias = None
+        if self.cfg.pad_id is not None:
+            bias = torch.zeros(ids.shape, dtype=dtype, device=ids.device)
+            bias = bias.masked_fill(ids == self.cfg.pad_id, float("-inf"))[:, None, None, :]  # (B, 1, 1, L)
+        if self.cfg.causal:
+            L = ids.shape[1]
+            causal = torch.full((L, L), float("-inf"), dtype=dtype, device=ids.device).triu(1)  # (L, L)
+            bias = causal if bias is None else bias + causal
+        return bias
+
+    def pool(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The token each caption is represented by: (B, L, C) -> (B, C).
+
+        ``eos`` follows transformers' CLIPTextModel to the letter: with the legacy
+        ``eos_token_id == 2`` the position of the largest id, else the first position
+        holding ``eos_token_id`` (position 0 when there is none).
+        """
+        if self.cfg.pool == "cls":
+            return x[:, 0]
+        if self.cfg.eos_token_id == 2:
+            at = ids.argmax(dim=-1)  # (B,)
+        else:
+            at = (ids == self.cfg.eos_token_id).int().argmax(dim=-1)  # (B,)
+        return x[torch.arange(x.shape[0], device=x.device), at]
+
+
+def _blocks(cfg: VisionConfig | TextConfig) -> Iterator[Block]:
+    return (Block(cfg.width, cfg.heads, cfg.mlp_width, cfg.act, cfg.layer_norm_eps) for _ in range(cfg.depth))
 
 
 class DualEncoder(nn.Module, PyTorchModelHubMixin):

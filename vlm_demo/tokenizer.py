@@ -4,6 +4,9 @@ Captions are lower-cased, punctuation is stripped, words are split on white
 space. Ids 0-2 are reserved: ``<pad>``, ``<unk>`` and ``<cls>``; every encoded
 caption starts with ``<cls>``, whose final state the text encoder pools.
 Captions longer than ``context_length`` tokens (``<cls>`` included) are truncated.
+
+`TextTokenizer` is the interface the rest of the library uses; a HuggingFace
+CLIP's BPE tokenizer (`vlm_demo.hf_clip.ClipTokenizer`) implements it too.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -27,6 +31,27 @@ _WORD = re.compile(r"[a-z0-9]+")
 def normalize(text: str) -> list[str]:
     """Lower-case, strip punctuation and split into words."""
     return _WORD.findall(text.lower())
+
+
+class CaptionFit(NamedTuple):
+    """What encoding one caption will do to it."""
+
+    readable: bool  # it has a token besides the special ones
+    truncated: bool  # it is longer than the context and loses its end
+
+
+class TextTokenizer(Protocol):
+    """What the library needs from a tokenizer."""
+
+    context_length: int  # tokens per encoded caption, special tokens included
+
+    def encode_batch(self, texts: Iterable[str]) -> torch.Tensor:
+        """(B, context_length) int64 ids, truncated and padded."""
+        ...
+
+    def fit(self, text: str) -> CaptionFit:
+        """Whether `text` has any token, and whether it will be truncated."""
+        ...
 
 
 class Tokenizer:
@@ -67,6 +92,11 @@ class Tokenizer:
     def encode_batch(self, texts: Iterable[str]) -> torch.Tensor:
         """(B, context_length) int64 ids."""
         return torch.tensor([self.encode(t) for t in texts], dtype=torch.long).reshape(-1, self.context_length)
+
+    def fit(self, text: str) -> CaptionFit:
+        """Whether `text` has a word (letters or digits), and whether it is longer than the context."""
+        words = normalize(text)
+        return CaptionFit(readable=bool(words), truncated=len(words) + 1 > self.context_length)
 
     def decode(self, ids: Iterable[int]) -> str:
         """Words of the ids, without padding and ``<cls>``."""
