@@ -570,9 +570,3 @@ def eval_data(
     owner = torch.tensor([i for i, caps in enumerate(split.captions[:n]) for _ in caps], dtype=torch.long)
     return EvalData(images=normalize(raw), captions=captions, caption_to_image=owner, names=list(split.names[:n]))
 
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to a hidden sibling, then rename it over `path`: a kill never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

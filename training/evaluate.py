@@ -40,8 +40,9 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from training import metrics as M
-from training.data import EvalData, eval_data, load_objects, load_splits, write_text_atomic
+from training.data import EvalData, eval_data, load_objects, load_splits
 from vlm_demo import flops
+from vlm_demo.atomic import write_text_atomic
 from vlm_demo.latency import fixed_threads, interleaved
 from vlm_demo.model import DualEncoder, load_checkpoint
 from vlm_demo import pruning

@@ -49,6 +49,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from vlm_demo.atomic import write_text_atomic
+
 IMAGE_DIR = "Flicker8k_Dataset"  # the original Flickr8k folder name, misspelling included
 TOKEN_FILE = "Flickr8k.token.txt"
 SPLIT_FILES = {
@@ -399,12 +401,6 @@ def _write_one(job: tuple[int, int, int, str]) -> tuple[str, dict[str, Any], lis
     return name, record, captions
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8", newline="\n")
-    os.replace(tmp, path)
-
-
 def split_sizes(num_images: int) -> tuple[int, int, int]:
     """(train, dev, test) counts: 75 / 12.5 / 12.5 %, e.g. 6000/1000/1000 for 8000."""
     train = round(num_images * SPLIT_FRACTIONS[0])
@@ -475,11 +471,11 @@ def generate(
     # Contiguous splits are unbiased: every image is drawn independently from (seed, index).
     splits = {"train": names[:n_train], "dev": names[n_train : n_train + n_dev], "test": names[n_train + n_dev :]}
     for split, file in SPLIT_FILES.items():
-        _write_text(root / file, "".join(f"{n}\n" for n in splits[split]))
+        write_text_atomic(root / file, "".join(f"{n}\n" for n in splits[split]))
     lines = [f"{name}#{k}\t{c}\n" for name, _, caps in results for k, c in enumerate(caps)]
-    _write_text(root / TOKEN_FILE, "".join(lines))
+    write_text_atomic(root / TOKEN_FILE, "".join(lines))
     meta = {"image_size": size, "seed": seed, "images": {name: record for name, record, _ in results}}
-    _write_text(root / OBJECTS_FILE, json.dumps(meta, separators=(",", ":")) + "\n")
+    write_text_atomic(root / OBJECTS_FILE, json.dumps(meta, separators=(",", ":")) + "\n")
     return root
 
 

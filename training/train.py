@@ -43,9 +43,10 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from training.data import TrainDataset, load_objects, load_splits, make_collate, write_text_atomic
+from training.data import TrainDataset, load_objects, load_splits, make_collate
 from training.losses import contrastive_loss, distill_loss, keep_rank_loss
 from training.saliency import stage_saliency
+from vlm_demo.atomic import write_text_atomic
 from vlm_demo.config import ModelConfig, Preset, TrainConfig, get_preset
 from vlm_demo.model import DualEncoder, atomic_folder, load_checkpoint, save_checkpoint
 from vlm_demo.pruning import PruneSpec
