@@ -14,6 +14,9 @@ Without split files or a split column, images are split 75 / 12.5 / 12.5 % by a 
 hash of their names (``hash_split``). If Flickr split files sit beside a Kaggle or
 generic layout, they are used instead, so the real Flickr8k gets its standard split.
 
+Images take the inference path, not a copy of it: `vlm_demo.images.load_image`
+(EXIF orientation, alpha onto white, 16-bit) then `vlm_demo.transforms.to_tensor`.
+
 Shapes: B batch, S image side, L context length, N images.
 """
 
@@ -34,11 +37,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
 
+from vlm_demo.images import load_image
 from vlm_demo.tokenizer import Tokenizer
-from vlm_demo.transforms import MEAN, STD
+from vlm_demo.transforms import MEAN, STD, to_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -391,19 +394,28 @@ def load_objects(root: str | os.PathLike) -> dict[str, Any] | None:
 
 # ----------------------------------------------------------------------------- tensors
 
+_MEAN = torch.tensor(MEAN, dtype=torch.float32).view(3, 1, 1)
+_STD = torch.tensor(STD, dtype=torch.float32).view(3, 1, 1)
+
 
 def load_image_uint8(path: str | os.PathLike, image_size: int) -> torch.Tensor:
-    """Decode, convert to RGB and resize with BICUBIC exactly as `vlm_demo.transforms.to_tensor` does.
+    """An image file as inference sees it, stored compactly as uint8 pixels.
+
+    Decoding is `vlm_demo.images.load_image` (EXIF orientation, alpha onto white,
+    16-bit and palette modes) and resizing is `vlm_demo.transforms.to_tensor`: the
+    library's path, not a copy. `to_tensor` maps 8-bit pixels through MEAN/STD, so
+    its output maps back to them without loss, and `normalize` of the result
+    equals `to_tensor` bit for bit (tests/test_data.py holds both to this).
 
     Returns:
         uint8 tensor (3, S, S).
     """
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        if im.size != (image_size, image_size):
-            im = im.resize((image_size, image_size), Image.Resampling.BICUBIC)
-        array = np.asarray(im, dtype=np.uint8)  # (S, S, 3)
-    return torch.from_numpy(array.transpose(2, 0, 1).copy())
+    try:
+        image = load_image(path)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    x = to_tensor(image, image_size)  # (3, S, S) normalised float32
+    return (x * _STD + _MEAN).mul_(255.0).round_().clamp_(0, 255).to(torch.uint8)
 
 
 def load_images_uint8(
@@ -420,10 +432,6 @@ def load_images_uint8(
         for i, t in enumerate(tqdm(results, total=len(paths), desc=desc, unit="img", disable=not progress)):
             out[i] = t
     return out
-
-
-_MEAN = torch.tensor(MEAN, dtype=torch.float32).view(3, 1, 1)
-_STD = torch.tensor(STD, dtype=torch.float32).view(3, 1, 1)
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
@@ -450,7 +458,8 @@ class TrainDataset(torch.utils.data.Dataset):
     Args:
         split: the split to serve.
         image_size: side S of the square images.
-        augment: apply the augmentation; without it, item i is `to_tensor` of image i.
+        augment: apply the augmentation; without it, item i is what inference feeds the model
+            (`to_tensor` of `vlm_demo.images.load_image`).
         seed: base seed of caption choice and augmentation.
         max_shift: largest translation, as a fraction of the side.
         jitter: largest relative change of brightness and of contrast.
