@@ -1,7 +1,7 @@
 """Evaluate every pruning method at every keep ratio: accuracy, compute and latency.
 
 The Flickr8k protocol (Hodosh et al. 2013) on the TEST split (1,000 images x 5
-captions for Flickr8k; ``--limit`` for quick runs). For each (method, keep ratio)
+captions for Flickr8k; ``--eval-limit`` for quick runs). For each (method, keep ratio)
 row: tokens per stage, fvcore GMACs, Recall@1/5/10 both ways, hard-negative pair
 accuracy, object-patch recall (synthetic data), lossy-ness against ``none``, and
 latency at batch 1 and 32 measured interleaved with the baseline. Metric
@@ -15,7 +15,7 @@ Shape legend: N images, T captions, E embedding width, S image side, k kept patc
 
 Usage::
 
-    python -m training.evaluate --checkpoints checkpoints --out checkpoints [--limit 200]
+    python -m training.evaluate --checkpoints checkpoints --out checkpoints [--eval-limit 200]
 
 Writes ``OUT/metrics.json``, ``OUT/report.md`` and ``OUT/tradeoff.png``.
 """
@@ -41,7 +41,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from training import metrics as M
 from training.data import EvalData, eval_data, load_objects, load_splits
-from vlm_demo import flops
+from vlm_demo import cli, flops
 from vlm_demo.atomic import write_text_atomic
 from vlm_demo.latency import LatencyProtocol, fixed_threads, interleaved
 from vlm_demo.model import DualEncoder, load_checkpoint
@@ -80,6 +80,12 @@ def _read_training(folder: Path) -> dict[str, Any]:
 
 
 def _resolve_data(data: str | os.PathLike | None, recorded: Any, checkpoints: Path) -> Path:
+    """The dataset root: `data` if given, else the one training recorded in ``baseline/training.json``.
+
+    Training records the root relative to its output folder (the checkpoints folder), or
+    only the folder's name when the data lies elsewhere; older checkpoints recorded it
+    absolute, or relative to where training ran. All of these are tried.
+    """
     if data is not None:
         root = Path(data)
         if not root.is_dir():
@@ -90,8 +96,7 @@ def _resolve_data(data: str | os.PathLike | None, recorded: Any, checkpoints: Pa
             f"{checkpoints / 'baseline' / 'training.json'} records no dataset root; pass --data DIR."
         )
     root = Path(recorded)
-    # A relative path was relative to where training ran; try the checkpoints' parent too.
-    for candidate in (root, checkpoints.parent / root):
+    for candidate in (checkpoints / root, root, checkpoints.parent / root):
         if candidate.is_dir():
             return candidate
     raise ValueError(f"The dataset recorded at training time ({recorded}) is not here; pass --data DIR.")
@@ -709,53 +714,66 @@ def write_outputs(m: dict[str, Any], out: str | os.PathLike) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoints", default="checkpoints", help="holds baseline/ and pruned/ (default: checkpoints)")
-    p.add_argument("--out", required=True, help="output folder for metrics.json, report.md, tradeoff.png")
+    p = cli.parser("python -m training.evaluate", __doc__)
+    p.add_argument("--checkpoints", default="checkpoints", help="folder that holds baseline/ and pruned/")
+    p.add_argument("--out", required=True, help="output folder for metrics.json, report.md, tradeoff.png (required)")
     p.add_argument("--data", default=None, help="dataset root (default: the one recorded in baseline/training.json)")
     p.add_argument(
-        "--methods", nargs="+", default=list(pruning.names()), choices=pruning.names(),
-        help="methods to evaluate (default: all; none is always included)",
+        "--methods", nargs="+", default=list(pruning.names()), choices=pruning.names(), metavar="METHOD",
+        help=f"methods to evaluate, of {', '.join(pruning.names())} (default: all; {BASELINE} is always included)",
     )  # fmt: skip
     p.add_argument(
-        "--keep-ratios", nargs="+", type=float, default=list(DEFAULT_KEEP_RATIOS),
-        help="keep ratios in (0, 1] (default: 1 0.7 0.5 0.3 0.2 0.1)",
+        "--keep-ratios", nargs="+", type=float, default=list(DEFAULT_KEEP_RATIOS), metavar="RATIO",
+        help=f"keep ratios in (0, 1] (default: {' '.join(f'{r:g}' for r in DEFAULT_KEEP_RATIOS)})",
     )  # fmt: skip
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N test images")
-    p.add_argument("--latency-repeats", type=int, default=15, help="timed calls per variant and batch (default 15)")
-    p.add_argument("--batch-size", type=int, default=100, help="images per encoding batch (default 100)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random method (default 0)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's current setting)")
+    p.add_argument("--eval-limit", type=cli.positive_int, default=None,
+                   help="evaluate only the first N test images (default: all)")  # fmt: skip
+    p.add_argument("--latency-repeats", type=cli.positive_int, default=LATENCY.repeats,
+                   help="timed calls per variant and batch size")  # fmt: skip
+    p.add_argument(
+        "--latency-budget", type=cli.positive_float, default=None,
+        help=f"seconds of timing per row and batch size, then it stops, after at least {LATENCY.min_repeats} calls "
+        "(default: no budget, always --latency-repeats)",
+    )  # fmt: skip
+    p.add_argument("--batch-size", type=cli.positive_int, default=100, help="images per encoding batch")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random method")
+    p.add_argument("--threads", type=cli.positive_int, default=None,
+                   help="torch threads (default: torch's current setting)")  # fmt: skip
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurements")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    # The old spellings, hidden.
+    hidden = {"default": argparse.SUPPRESS, "help": argparse.SUPPRESS}
+    p.add_argument("--limit", dest="eval_limit", type=cli.positive_int, **hidden)
+    p.add_argument("--no-progress", dest="quiet", action="store_true", **hidden)
     return p
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Command-line entry point; returns the metrics dict (also written to OUT/metrics.json)."""
+    """Command-line entry point; returns the metrics dict (also written to OUT/metrics.json).
+
+    A user's mistake (a missing folder, a bad keep ratio) exits with code 2 and one ``error:`` line.
+    """
     parser = _parser()
     args = parser.parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     logger.setLevel(logging.INFO)
-    try:
+    with cli.user_errors(parser):
         return evaluate(
             args.checkpoints,
             args.out,
             args.data,
             methods=args.methods,
             keep_ratios=args.keep_ratios,
-            limit=args.limit,
+            limit=args.eval_limit,
             latency_repeats=args.latency_repeats,
+            latency_budget_s=args.latency_budget,
             batch_size=args.batch_size,
             seed=args.seed,
             latency=not args.no_latency,
             threads=args.threads,
-            progress=not args.no_progress,
+            progress=not args.quiet,
         )
-    except ValueError as e:
-        parser.error(str(e))
-
 
 if __name__ == "__main__":
     main()
