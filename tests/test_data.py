@@ -15,7 +15,7 @@ from training.data import (
     TrainDataset,
     collate,
     detect_layout,
-    eval_tensors,
+    eval_data,
     hash_split,
     load_objects,
     load_splits,
@@ -260,20 +260,22 @@ def test_augmentation_is_light_and_never_flips(quad_split) -> None:
     assert changed > 20
 
 
-def test_collate_and_eval_tensors(quad_split) -> None:
+def test_collate_and_eval_data(quad_split) -> None:
     ds = TrainDataset(quad_split, image_size=32, progress=False)
     tok = Tokenizer.build([c for caps in quad_split.captions for c in caps], context_length=8)
     images, ids, idx = collate([ds[2], ds[0]], tok)
     assert images.shape == (2, 3, 32, 32) and ids.shape == (2, 8) and ids.dtype == torch.long
     assert idx.tolist() == [2, 0]
 
-    images, captions, owner = eval_tensors(quad_split, 32, progress=False)
+    ed = eval_data(quad_split, 32, progress=False)
+    images, captions, owner = ed.images, ed.captions, ed.caption_to_image
+    assert ed.names == quad_split.names
     assert images.shape == (4, 3, 32, 32) and len(captions) == 20
     assert owner.tolist() == [i for i in range(4) for _ in range(5)]
     assert captions[7] == quad_split.captions[1][2]
     with Image.open(quad_split.images[1]) as im:
         assert torch.allclose(images[1], to_tensor(im.convert("RGB"), 32), atol=1e-6, rtol=0)
-    assert eval_tensors(quad_split, 32, limit=2, progress=False)[0].shape[0] == 2
+    assert eval_data(quad_split, 32, limit=2, progress=False).images.shape[0] == 2
 
 
 def _odd_images(folder: Path) -> dict[str, Path]:
@@ -297,7 +299,7 @@ def test_training_tensors_equal_inference_tensors_for_odd_images(tmp_path: Path)
     (tmp_path / "captions.csv").write_text("\n".join(rows) + "\n")
     split = load_splits(tmp_path)["train"]
     ds = TrainDataset(split, image_size=32, augment=False, progress=False)
-    evaluated = eval_tensors(split, 32, progress=False)[0]
+    evaluated = eval_data(split, 32, progress=False).images
     for i, path in enumerate(split.images):
         expected = to_tensor(load_image(path), 32)  # what vlm_demo.api feeds the model
         assert torch.equal(ds[i][0], expected), path.name

@@ -52,7 +52,7 @@ def _hand_trace() -> Trace:
     scores[0, 2] = 5.0
     scores[0, 15] = float("nan")
     stage = Stage(block=1, kept=kept, groups=groups, scores=scores)
-    return Trace("learned", 0.125, 4, stage_blocks=(1,), stages=[stage])
+    return Trace("learned", 4, stage_blocks=(1,), stages=[stage])
 
 
 def _uniform(size: tuple[int, int] = (112, 112)) -> Image.Image:

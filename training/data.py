@@ -74,9 +74,6 @@ class CaptionDataset:
     def __len__(self) -> int:
         return len(self.images)
 
-    def num_captions(self) -> int:
-        return sum(len(c) for c in self.captions)
-
 
 # ----------------------------------------------------------------------------- layout readers
 
@@ -550,9 +547,9 @@ class EvalData:
     names: list[str]  # image names, index-aligned with images
 
 
-def eval_tensors(
+def eval_data(
     split: CaptionDataset, image_size: int, limit: int | None = None, progress: bool = True
-) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+) -> EvalData:
     """Images and flattened captions for image<->text retrieval.
 
     Args:
@@ -562,17 +559,8 @@ def eval_tensors(
         progress: show a progress bar while loading.
 
     Returns:
-        (images float32 (N, 3, S, S) normalised, captions list of all captions image by image,
-        caption_to_image int64 (num_captions,)).
+        The `EvalData`: normalised images, every caption image by image, each caption's image, the names.
     """
-    data = eval_data(split, image_size, limit, progress)
-    return data.images, data.captions, data.caption_to_image
-
-
-def eval_data(
-    split: CaptionDataset, image_size: int, limit: int | None = None, progress: bool = True
-) -> EvalData:
-    """`eval_tensors` as an `EvalData`, with the image names."""
     n = len(split) if limit is None else min(limit, len(split))
     raw = load_images_uint8(split.images[:n], image_size, progress, desc=f"loading {split.split or 'images'}")
     captions = [c for caps in split.captions[:n] for c in caps]

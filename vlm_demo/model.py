@@ -159,7 +159,7 @@ class VisionTransformer(nn.Module):
         prune = prune or PruneSpec()
         x = self.embed(pixels)
         B, N, _ = x.shape
-        trace = Trace(prune.method, float(prune.keep_ratio), self.cfg.grid, stage_blocks=self.pruning.stages)
+        trace = Trace(prune.method, self.cfg.grid, stage_blocks=self.pruning.stages)
         stages = self.pruning.stages if prune.active else ()
         counts = dict(zip(stages, keep_counts(self.cfg.num_patches, prune.keep_ratio, len(stages))))
         info = get(prune.method)

@@ -142,7 +142,6 @@ class Trace:
     """What pruning did in one forward pass; overlays and tests read only this."""
 
     method: str
-    keep_ratio: float
     grid: int
     stage_blocks: tuple[int, ...] = ()  # the blocks the model's stages run before, pruning or not
     stages: list[Stage] = field(default_factory=list)  # the stages that pruned (none at keep ratio 1)
