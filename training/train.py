@@ -44,7 +44,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from training.data import TrainDataset, load_objects, load_splits, make_collate
+from training.data import CaptionDataset, TrainDataset, load_objects, load_splits, make_collate
 from training.losses import contrastive_loss, distill_loss, keep_rank_loss
 from training.saliency import stage_saliency
 from vlm_demo import cli, pruning
@@ -381,6 +381,8 @@ def remove_resume_state(out: Path, phases: list[str]) -> None:
     """Delete the resume state of `phases` (their checkpoints are written), and ``.resume/`` once empty."""
     resume = out / RESUME_DIR
     for phase in phases:
+        # state.json first: it marks a state as complete, so a kill part-way leaves none that `load_state` reads.
+        (resume / phase / "state.json").unlink(missing_ok=True)
         shutil.rmtree(resume / phase, ignore_errors=True)
     with contextlib.suppress(OSError):  # not there, or another phase's state is still in it
         resume.rmdir()
@@ -468,33 +470,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = Path(args.out)
     with cli.user_errors(parser):
         try:
-            root = resolve_data(args, tcfg, preset.model.vision.image_size, dd)
-            splits = load_splits(root)
-            tokenizer = Tokenizer.build(
-                (c for caps in splits["train"].captions for c in caps), preset.model.text.context_length
-            )
-            text_cfg = dataclasses.replace(preset.model.text, vocab_size=len(tokenizer))
-            cfg: ModelConfig = preset.model.replace(text=text_cfg)
-            facts = {"preset": args.preset, "data": recorded_data(root, out), "seed": args.seed, "world_size": dd.world}
-            summary: dict[str, Any] = {"data": str(root), "out": str(out)}
-            dataset, hard_negatives = None, None
-            objects = load_objects(root) if tcfg.hard_negatives else None
-            if objects is not None:
-                hard_negatives = [objects["images"][name]["hard_negative"] for name in splits["train"].names]
-            if {"baseline", "pruned"} & set(phases):
-                dataset = TrainDataset(splits["train"], cfg.vision.image_size, augment=True, seed=args.seed,
-                                       progress=dd.main and not args.quiet)  # fmt: skip
+            data = _load_data(args, preset, tcfg, dd)
+            facts = {"preset": args.preset, "data": recorded_data(data.root, out), "seed": args.seed,
+                     "world_size": dd.world}  # fmt: skip
+            summary: dict[str, Any] = {"data": str(data.root), "out": str(out)}
 
             if "baseline" in phases:
                 torch.manual_seed(args.seed)
-                model = DualEncoder(cfg).to(args.device)
-                meta = run_phase("baseline", model, None, dataset, tokenizer, hard_negatives, tcfg, args, dd)
+                model = DualEncoder(data.cfg).to(args.device)
+                meta = run_phase("baseline", model, None, data.dataset, data.tokenizer, data.hard_negatives, tcfg,
+                                 args, dd)  # fmt: skip
                 if dd.main:
-                    save_checkpoint(model.cpu(), tokenizer, out / "baseline", phase="baseline",
-                                    epochs=meta["epoch_done"], losses=meta["losses"],
-                                    seconds_per_epoch=_median(meta["seconds_per_epoch"]),
-                                    epoch_seconds=meta["seconds_per_epoch"], **facts)  # fmt: skip
-                    bank = [c for caps in splits["test"].captions for c in caps]
+                    _save(model, data.tokenizer, out / "baseline", meta, **facts)
+                    bank = [c for caps in data.splits["test"].captions for c in caps]
                     write_text_atomic(out / CAPTION_BANK_FILE, json.dumps({"split": "test", "captions": bank}))
                 summary["baseline"] = meta
                 dd.barrier()
@@ -504,12 +492,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 teacher, _ = load_checkpoint(out / "baseline", args.device)
                 for p in teacher.parameters():
                     p.requires_grad_(False)
-                meta = run_phase("pruned", base, teacher, dataset, tokenizer, hard_negatives, tcfg, args, dd)
+                meta = run_phase("pruned", base, teacher, data.dataset, data.tokenizer, data.hard_negatives, tcfg,
+                                 args, dd)  # fmt: skip
                 if dd.main:
-                    save_checkpoint(base.cpu(), tokenizer, out / "pruned", phase="pruned", epochs=meta["epoch_done"],
-                                    losses=meta["losses"], seconds_per_epoch=_median(meta["seconds_per_epoch"]),
-                                    epoch_seconds=meta["seconds_per_epoch"],
-                                    keep_ratio_range=list(tcfg.keep_ratio_range), **facts)  # fmt: skip
+                    _save(base, data.tokenizer, out / "pruned", meta, keep_ratio_range=list(tcfg.keep_ratio_range),
+                          **facts)  # fmt: skip
                 summary["pruned"] = meta
                 dd.barrier()
 
@@ -517,13 +504,49 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 from training.evaluate import evaluate
 
                 limit = args.eval_limit or tcfg.eval_images
-                summary["metrics"] = evaluate(out, out, data=root, limit=limit, progress=not args.quiet)
+                summary["metrics"] = evaluate(out, out, data=data.root, limit=limit, progress=not args.quiet)
             if dd.main:
                 remove_resume_state(out, [p for p in phases if p != "evaluate"])
         finally:
             if dd.world > 1 and dist.is_initialized():
                 dist.destroy_process_group()
     return summary
+
+
+@dataclasses.dataclass
+class _Data:
+    """The dataset, and what every phase builds from it, loaded once."""
+
+    root: Path
+    splits: dict[str, CaptionDataset]
+    tokenizer: Tokenizer  # built from the training captions
+    cfg: ModelConfig  # the preset's, with the tokenizer's vocabulary size
+    dataset: TrainDataset | None  # the augmented training split; None when no training phase runs
+    hard_negatives: list[str] | None  # one caption per training image (objects.json), else None
+
+
+def _load_data(args: argparse.Namespace, preset: Preset, tcfg: TrainConfig, dd: Dist) -> _Data:
+    root = resolve_data(args, tcfg, preset.model.vision.image_size, dd)
+    splits = load_splits(root)
+    captions = (c for caps in splits["train"].captions for c in caps)
+    tokenizer = Tokenizer.build(captions, preset.model.text.context_length)
+    cfg = preset.model.replace(text=dataclasses.replace(preset.model.text, vocab_size=len(tokenizer)))
+    objects = load_objects(root) if tcfg.hard_negatives else None
+    hard_negatives = None
+    if objects is not None:
+        hard_negatives = [objects["images"][name]["hard_negative"] for name in splits["train"].names]
+    dataset = None
+    if {"baseline", "pruned"} & set(args.phases):
+        dataset = TrainDataset(splits["train"], cfg.vision.image_size, augment=True, seed=args.seed,
+                               progress=dd.main and not args.quiet)  # fmt: skip
+    return _Data(root, splits, tokenizer, cfg, dataset, hard_negatives)
+
+
+def _save(model: DualEncoder, tokenizer: Tokenizer, folder: Path, meta: dict[str, Any], **facts: Any) -> None:
+    """Write a phase's checkpoint (atomically), with its losses and timings in ``training.json``."""
+    save_checkpoint(model.cpu(), tokenizer, folder, phase=folder.name, epochs=meta["epoch_done"], losses=meta["losses"],
+                    seconds_per_epoch=_median(meta["seconds_per_epoch"]), epoch_seconds=meta["seconds_per_epoch"],
+                    **facts)  # fmt: skip
 
 
 def _median(xs: list[float]) -> float | None:
