@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 # The exceptions that mean "the input is wrong", not "the program is": library functions raise
 # ValueError with a message that says what to do; the file system adds the others (a path that
@@ -44,7 +44,7 @@ def user_errors(p: argparse.ArgumentParser) -> Iterator[None]:
         p.error(" ".join(str(e).split()) or type(e).__name__)
 
 
-def _bounded_int(least: int) -> type[int]:
+def _bounded_int(least: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -54,7 +54,7 @@ def _bounded_int(least: int) -> type[int]:
             raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
         return value
 
-    return parse  # type: ignore[return-value]
+    return parse
 
 
 positive_int = _bounded_int(1)  # argparse type: a whole number >= 1
