@@ -6,6 +6,7 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -14,12 +15,13 @@ from training.data import (
     TrainDataset,
     collate,
     detect_layout,
-    eval_tensors,
+    eval_data,
     hash_split,
     load_objects,
     load_splits,
 )
 from training.synthetic import generate
+from vlm_demo.images import load_image
 from vlm_demo.tokenizer import Tokenizer
 from vlm_demo.transforms import MEAN, STD, to_tensor
 
@@ -258,17 +260,58 @@ def test_augmentation_is_light_and_never_flips(quad_split) -> None:
     assert changed > 20
 
 
-def test_collate_and_eval_tensors(quad_split) -> None:
+def test_collate_and_eval_data(quad_split) -> None:
     ds = TrainDataset(quad_split, image_size=32, progress=False)
     tok = Tokenizer.build([c for caps in quad_split.captions for c in caps], context_length=8)
     images, ids, idx = collate([ds[2], ds[0]], tok)
     assert images.shape == (2, 3, 32, 32) and ids.shape == (2, 8) and ids.dtype == torch.long
     assert idx.tolist() == [2, 0]
 
-    images, captions, owner = eval_tensors(quad_split, 32, progress=False)
+    ed = eval_data(quad_split, 32, progress=False)
+    images, captions, owner = ed.images, ed.captions, ed.caption_to_image
+    assert ed.names == quad_split.names
     assert images.shape == (4, 3, 32, 32) and len(captions) == 20
     assert owner.tolist() == [i for i in range(4) for _ in range(5)]
     assert captions[7] == quad_split.captions[1][2]
     with Image.open(quad_split.images[1]) as im:
         assert torch.allclose(images[1], to_tensor(im.convert("RGB"), 32), atol=1e-6, rtol=0)
-    assert eval_tensors(quad_split, 32, limit=2, progress=False)[0].shape[0] == 2
+    assert eval_data(quad_split, 32, limit=2, progress=False).images.shape[0] == 2
+
+
+def _odd_images(folder: Path) -> dict[str, Path]:
+    """Images whose naive decoding differs from inference's: EXIF-rotated, RGBA, 16-bit; none square."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ramp = np.linspace(0, 255, 48 * 24).reshape(24, 48)  # (24, 48): every 8-bit level
+    rgb = np.stack([ramp, ramp[::-1], np.full_like(ramp, 90)], axis=-1).astype(np.uint8)  # (24, 48, 3)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    Image.fromarray(rgb).save(folder / "exif.jpg", exif=exif.tobytes(), quality=95)
+    rgba = np.concatenate([rgb, (ramp[..., None] > 100).astype(np.uint8) * 255], axis=-1)
+    Image.fromarray(rgba, mode="RGBA").save(folder / "alpha.png")
+    Image.fromarray((ramp * 257).astype(np.uint16)).save(folder / "deep.png")  # 16-bit greyscale PNG
+    return {p.name: p for p in folder.iterdir()}
+
+
+def test_training_tensors_equal_inference_tensors_for_odd_images(tmp_path: Path) -> None:
+    images = _odd_images(tmp_path / "Images")
+    assert Image.open(images["deep.png"]).mode.startswith("I")  # really 16-bit
+    rows = ["image,caption,split"] + [f"{name},a caption,train" for name in images for _ in range(2)]
+    (tmp_path / "captions.csv").write_text("\n".join(rows) + "\n")
+    split = load_splits(tmp_path)["train"]
+    ds = TrainDataset(split, image_size=32, augment=False, progress=False)
+    evaluated = eval_data(split, 32, progress=False).images
+    for i, path in enumerate(split.images):
+        expected = to_tensor(load_image(path), 32)  # what vlm_demo.api feeds the model
+        assert torch.equal(ds[i][0], expected), path.name
+        assert torch.equal(evaluated[i], expected), path.name
+        with Image.open(path) as im:
+            naive = to_tensor(im.convert("RGB"), 32)
+        assert not torch.equal(naive, expected), f"{path.name} would pass without the inference path"
+
+
+def test_an_unreadable_image_names_its_file(tmp_path: Path) -> None:
+    (tmp_path / "Images").mkdir()
+    (tmp_path / "Images" / "bad.png").write_bytes(b"not a png")
+    (tmp_path / "captions.csv").write_text("image,caption,split\nbad.png,a caption,train\n")
+    with pytest.raises(ValueError, match="bad.png"):
+        TrainDataset(load_splits(tmp_path)["train"], image_size=32, progress=False)

@@ -161,7 +161,7 @@ def test_main_writes_metrics_report_and_plot(tiny: tuple[Path, Path], tmp_path: 
     _, ckpt = tiny
     out = tmp_path / "eval"
     args = ["--checkpoints", str(ckpt), "--out", str(out), "--latency-repeats", "2", "--keep-ratios", "1.0", "0.5"]
-    args += ["--no-progress", "--threads", "1"]  # two threads on a busy 2-core machine spin against each other
+    args += ["--quiet", "--threads", "1"]  # two threads on a busy 2-core machine spin against each other
     result = main(args)
     m = json.loads((out / "metrics.json").read_text())
     assert m == result
@@ -242,3 +242,16 @@ def test_bad_inputs_get_clear_errors(tiny: tuple[Path, Path], tmp_path: Path) ->
         evaluate(ckpt, tmp_path / "eval", tmp_path / "missing")
     with pytest.raises(SystemExit):
         main(["--checkpoints", str(tmp_path / "nowhere"), "--out", str(tmp_path / "eval")])
+
+
+def test_the_recorded_dataset_is_found_old_style_and_new(tmp_path: Path) -> None:
+    from training.evaluate import _resolve_data
+
+    ckpt, data = tmp_path / "project" / "checkpoints", tmp_path / "project" / ".cache" / "synth"
+    data.mkdir(parents=True)
+    ckpt.mkdir()
+    assert _resolve_data(None, "../.cache/synth", ckpt).resolve() == data.resolve()  # new: relative to checkpoints
+    assert _resolve_data(None, str(data), ckpt) == data  # old: absolute
+    assert _resolve_data(None, ".cache/synth", ckpt).resolve() == data.resolve()  # old: relative to the run's folder
+    with pytest.raises(ValueError, match="pass --data"):
+        _resolve_data(None, "synth", ckpt)  # only the name, and not beside the checkpoints

@@ -44,7 +44,9 @@ def test_tiny_training_lowers_the_loss(data, tmp_path):
         assert {"config.json", "model.safetensors", "vocab.json", "training.json"} <= {p.name for p in folder.iterdir()}
     facts = json.loads((tmp_path / "ck" / "pruned" / "training.json").read_text())
     assert facts["phase"] == "pruned" and facts["seconds_per_epoch"] > 0
+    assert facts["data"] == data.name  # the data lies outside the output's parent: its name, no absolute path
     assert (tmp_path / "ck" / "caption_bank.json").is_file()
+    assert not (tmp_path / "ck" / ".resume").exists()  # the resume state goes once the run has succeeded
 
 
 def _weights(folder: Path) -> dict:
@@ -79,8 +81,27 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(data, tmp_path):
         la = json.loads((whole / name / "training.json").read_text())["losses"]
         lb = json.loads((broken / name / "training.json").read_text())["losses"]
         assert la == lb
-    leftovers = [p.name for p in broken.iterdir() if p.name.startswith(".") and p.name != ".resume"]
-    assert leftovers == []  # no half-written checkpoint folders
+    leftovers = [p.name for p in broken.iterdir() if p.name.startswith(".")]
+    assert leftovers == []  # no half-written checkpoint folders, and no resume state after the run
+
+
+def test_recorded_data_is_never_absolute(tmp_path):
+    out = tmp_path / "project" / "checkpoints"
+    assert train.recorded_data(tmp_path / "project" / ".cache" / "synth", out) == "../.cache/synth"
+    assert train.recorded_data(out / "data", out) == "data"
+    assert train.recorded_data(tmp_path / "elsewhere" / "flickr8k", out) == "flickr8k"
+
+
+def test_a_bad_data_root_writes_nothing(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "ck"
+    with pytest.raises(SystemExit) as e:
+        train.main(["--dataset", "flickr8k", "--data-root", str(empty), "--out", str(out), "--preset", "tiny"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("python -m training.train: error: No dataset")
+    assert not out.exists()
 
 
 def test_two_process_ddp_on_gloo(data, tmp_path):

@@ -14,6 +14,9 @@ Without split files or a split column, images are split 75 / 12.5 / 12.5 % by a 
 hash of their names (``hash_split``). If Flickr split files sit beside a Kaggle or
 generic layout, they are used instead, so the real Flickr8k gets its standard split.
 
+Images take the inference path, not a copy of it: `vlm_demo.images.load_image`
+(EXIF orientation, alpha onto white, 16-bit) then `vlm_demo.transforms.to_tensor`.
+
 Shapes: B batch, S image side, L context length, N images.
 """
 
@@ -34,11 +37,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
 
+from vlm_demo.images import load_image
 from vlm_demo.tokenizer import Tokenizer
-from vlm_demo.transforms import MEAN, STD
+from vlm_demo.transforms import MEAN, STD, to_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -70,9 +73,6 @@ class CaptionDataset:
 
     def __len__(self) -> int:
         return len(self.images)
-
-    def num_captions(self) -> int:
-        return sum(len(c) for c in self.captions)
 
 
 # ----------------------------------------------------------------------------- layout readers
@@ -391,19 +391,28 @@ def load_objects(root: str | os.PathLike) -> dict[str, Any] | None:
 
 # ----------------------------------------------------------------------------- tensors
 
+_MEAN = torch.tensor(MEAN, dtype=torch.float32).view(3, 1, 1)
+_STD = torch.tensor(STD, dtype=torch.float32).view(3, 1, 1)
+
 
 def load_image_uint8(path: str | os.PathLike, image_size: int) -> torch.Tensor:
-    """Decode, convert to RGB and resize with BICUBIC exactly as `vlm_demo.transforms.to_tensor` does.
+    """An image file as inference sees it, stored compactly as uint8 pixels.
+
+    Decoding is `vlm_demo.images.load_image` (EXIF orientation, alpha onto white,
+    16-bit and palette modes) and resizing is `vlm_demo.transforms.to_tensor`: the
+    library's path, not a copy. `to_tensor` maps 8-bit pixels through MEAN/STD, so
+    its output maps back to them without loss, and `normalize` of the result
+    equals `to_tensor` bit for bit (tests/test_data.py holds both to this).
 
     Returns:
         uint8 tensor (3, S, S).
     """
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        if im.size != (image_size, image_size):
-            im = im.resize((image_size, image_size), Image.Resampling.BICUBIC)
-        array = np.asarray(im, dtype=np.uint8)  # (S, S, 3)
-    return torch.from_numpy(array.transpose(2, 0, 1).copy())
+    try:
+        image = load_image(path)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    x = to_tensor(image, image_size)  # (3, S, S) normalised float32
+    return (x * _STD + _MEAN).mul_(255.0).round_().clamp_(0, 255).to(torch.uint8)
 
 
 def load_images_uint8(
@@ -420,10 +429,6 @@ def load_images_uint8(
         for i, t in enumerate(tqdm(results, total=len(paths), desc=desc, unit="img", disable=not progress)):
             out[i] = t
     return out
-
-
-_MEAN = torch.tensor(MEAN, dtype=torch.float32).view(3, 1, 1)
-_STD = torch.tensor(STD, dtype=torch.float32).view(3, 1, 1)
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
@@ -450,7 +455,8 @@ class TrainDataset(torch.utils.data.Dataset):
     Args:
         split: the split to serve.
         image_size: side S of the square images.
-        augment: apply the augmentation; without it, item i is `to_tensor` of image i.
+        augment: apply the augmentation; without it, item i is what inference feeds the model
+            (`to_tensor` of `vlm_demo.images.load_image`).
         seed: base seed of caption choice and augmentation.
         max_shift: largest translation, as a fraction of the side.
         jitter: largest relative change of brightness and of contrast.
@@ -541,9 +547,9 @@ class EvalData:
     names: list[str]  # image names, index-aligned with images
 
 
-def eval_tensors(
+def eval_data(
     split: CaptionDataset, image_size: int, limit: int | None = None, progress: bool = True
-) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+) -> EvalData:
     """Images and flattened captions for image<->text retrieval.
 
     Args:
@@ -553,26 +559,11 @@ def eval_tensors(
         progress: show a progress bar while loading.
 
     Returns:
-        (images float32 (N, 3, S, S) normalised, captions list of all captions image by image,
-        caption_to_image int64 (num_captions,)).
+        The `EvalData`: normalised images, every caption image by image, each caption's image, the names.
     """
-    data = eval_data(split, image_size, limit, progress)
-    return data.images, data.captions, data.caption_to_image
-
-
-def eval_data(
-    split: CaptionDataset, image_size: int, limit: int | None = None, progress: bool = True
-) -> EvalData:
-    """`eval_tensors` as an `EvalData`, with the image names."""
     n = len(split) if limit is None else min(limit, len(split))
     raw = load_images_uint8(split.images[:n], image_size, progress, desc=f"loading {split.split or 'images'}")
     captions = [c for caps in split.captions[:n] for c in caps]
     owner = torch.tensor([i for i, caps in enumerate(split.captions[:n]) for _ in caps], dtype=torch.long)
     return EvalData(images=normalize(raw), captions=captions, caption_to_image=owner, names=list(split.names[:n]))
 
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to a hidden sibling, then rename it over `path`: a kill never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

@@ -1,7 +1,7 @@
 """Evaluate every pruning method at every keep ratio: accuracy, compute and latency.
 
 The Flickr8k protocol (Hodosh et al. 2013) on the TEST split (1,000 images x 5
-captions for Flickr8k; ``--limit`` for quick runs). For each (method, keep ratio)
+captions for Flickr8k; ``--eval-limit`` for quick runs). For each (method, keep ratio)
 row: tokens per stage, fvcore GMACs, Recall@1/5/10 both ways, hard-negative pair
 accuracy, object-patch recall (synthetic data), lossy-ness against ``none``, and
 latency at batch 1 and 32 measured interleaved with the baseline. Metric
@@ -15,7 +15,7 @@ Shape legend: N images, T captions, E embedding width, S image side, k kept patc
 
 Usage::
 
-    python -m training.evaluate --checkpoints checkpoints --out checkpoints [--limit 200]
+    python -m training.evaluate --checkpoints checkpoints --out checkpoints [--eval-limit 200]
 
 Writes ``OUT/metrics.json``, ``OUT/report.md`` and ``OUT/tradeoff.png``.
 """
@@ -31,7 +31,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +40,10 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from training import metrics as M
-from training.data import EvalData, eval_data, load_objects, load_splits, write_text_atomic
-from vlm_demo import flops
-from vlm_demo.latency import fixed_threads, interleaved
+from training.data import EvalData, eval_data, load_objects, load_splits
+from vlm_demo import cli, flops
+from vlm_demo.atomic import write_text_atomic
+from vlm_demo.latency import LatencyProtocol, fixed_threads, interleaved
 from vlm_demo.model import DualEncoder, load_checkpoint
 from vlm_demo import pruning
 from vlm_demo.pruning import BASELINE, PruneSpec, Trace
@@ -79,6 +80,12 @@ def _read_training(folder: Path) -> dict[str, Any]:
 
 
 def _resolve_data(data: str | os.PathLike | None, recorded: Any, checkpoints: Path) -> Path:
+    """The dataset root: `data` if given, else the one training recorded in ``baseline/training.json``.
+
+    Training records the root relative to its output folder (the checkpoints folder), or
+    only the folder's name when the data lies elsewhere; older checkpoints recorded it
+    absolute, or relative to where training ran. All of these are tried.
+    """
     if data is not None:
         root = Path(data)
         if not root.is_dir():
@@ -89,8 +96,7 @@ def _resolve_data(data: str | os.PathLike | None, recorded: Any, checkpoints: Pa
             f"{checkpoints / 'baseline' / 'training.json'} records no dataset root; pass --data DIR."
         )
     root = Path(recorded)
-    # A relative path was relative to where training ran; try the checkpoints' parent too.
-    for candidate in (root, checkpoints.parent / root):
+    for candidate in (checkpoints / root, root, checkpoints.parent / root):
         if candidate.is_dir():
             return candidate
     raise ValueError(f"The dataset recorded at training time ({recorded}) is not here; pass --data DIR.")
@@ -195,6 +201,9 @@ def _mean(*values: float | None) -> float | None:
     return None if any(v is None for v in values) else sum(values) / len(values)
 
 
+LATENCY = LatencyProtocol(warmup=3, repeats=15)  # each row's timing, per batch size; --latency-repeats sets repeats
+
+
 def evaluate(
     checkpoints: str | os.PathLike,
     out: str | os.PathLike,
@@ -203,7 +212,8 @@ def evaluate(
     methods: Sequence[str] | None = None,
     keep_ratios: Sequence[float] = DEFAULT_KEEP_RATIOS,
     limit: int | None = None,
-    latency_repeats: int = 15,
+    latency_repeats: int = LATENCY.repeats,
+    latency_budget_s: float | None = None,
     batch_size: int = 100,
     seed: int = 0,
     latency: bool = True,
@@ -219,7 +229,9 @@ def evaluate(
         methods: methods to evaluate; ``none`` is always added (it is the reference).
         keep_ratios: keep ratios; ``none`` gets one row, at 1.0.
         limit: evaluate the first `limit` test images only (None: all).
-        latency_repeats: measured calls per variant and batch size.
+        latency_repeats: measured calls per variant and batch size (after `LATENCY.warmup` warm-up calls).
+        latency_budget_s: stop timing a row's batch size once its measured calls took this long
+            (at least `LATENCY.min_repeats` of them; None: always `latency_repeats`).
         batch_size: images per encoding batch.
         seed: seed of ``random`` (the batch starting at image i uses ``seed + i``).
         latency: measure latency; False leaves the latency fields null.
@@ -233,6 +245,7 @@ def evaluate(
     Raises:
         ValueError: for a missing checkpoint or dataset, bad options, or an empty test split.
     """
+    t_start = time.perf_counter()
     methods, keep_ratios = _validate(pruning.names() if methods is None else methods, keep_ratios)
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
@@ -242,231 +255,276 @@ def evaluate(
         raise ValueError(f"limit must be at least 1, got {limit}.")
     if threads is not None and threads < 1:
         raise ValueError(f"threads must be at least 1, got {threads}.")
+    protocol = LATENCY.replace(repeats=latency_repeats, budget_s=latency_budget_s) if latency else None
     # One thread count for the whole run (encoding and latency alike); restored afterwards.
     with fixed_threads(threads):
-        return _evaluate(
-            Path(checkpoints), Path(out), data, methods, keep_ratios, limit, latency_repeats, batch_size, seed,
-            latency, torch.get_num_threads(), progress,
-        )  # fmt: skip
+        opts = _Options(methods, keep_ratios, limit, protocol, batch_size, seed, torch.get_num_threads(), progress)
+        torch.manual_seed(seed)
+        checkpoints = Path(checkpoints)
+        models = _load_models(checkpoints, methods)
+        test = _load_test(_resolve_data(data, models.base_training.get("data"), checkpoints), models, opts)
+        rows = _Rows(models, test, opts).run()
+    result = _metrics(models, test, rows, opts)
+    result["seconds"] = time.perf_counter() - t_start
+    result = _json_safe(result)
+    write_outputs(result, out)
+    logger.info("Wrote metrics.json, report.md and tradeoff.png to %s in %.1f s.", out, result["seconds"])
+    return result
 
 
-def _evaluate(
-    checkpoints: Path,
-    out: Path,
-    data: str | os.PathLike | None,
-    methods: list[str],
-    keep_ratios: list[float],
-    limit: int | None,
-    latency_repeats: int,
-    batch_size: int,
-    seed: int,
-    latency: bool,
-    threads: int,
-    progress: bool,
-) -> dict[str, Any]:
-    t_start = time.perf_counter()
-    torch.manual_seed(seed)
+@dataclass(frozen=True)
+class _Options:
+    """What `evaluate` was asked for, validated."""
 
+    methods: list[str]  # none first, then the registry's order
+    keep_ratios: list[float]  # descending
+    limit: int | None  # first test images only
+    latency: LatencyProtocol | None  # None: latency not measured
+    batch_size: int  # images per encoding batch
+    seed: int  # of random pruning
+    threads: int  # torch threads of the run
+    progress: bool  # progress bars
+
+
+@dataclass
+class _Models:
+    """The checkpoints an evaluation runs, and what their training recorded (``training.json``)."""
+
+    base: DualEncoder
+    tokenizer: Tokenizer
+    base_training: dict[str, Any]
+    pruned: DualEncoder | None = None  # loaded only when a requested method needs the keep predictors
+    pruned_training: dict[str, Any] = field(default_factory=dict)
+
+    def serving(self, info: pruning.MethodInfo) -> DualEncoder:
+        """The checkpoint a method runs on."""
+        model = self.pruned if info.needs_predictor else self.base
+        assert model is not None, f"{info.name} needs the pruned checkpoint, which was not loaded"
+        return model
+
+
+def _load_models(checkpoints: Path, methods: Sequence[str]) -> _Models:
     base_dir, pruned_dir = checkpoints / "baseline", checkpoints / "pruned"
     base, tokenizer = load_checkpoint(base_dir)
-    base_training = _read_training(base_dir)
-    pruned: DualEncoder | None = None
-    pruned_training: dict[str, Any] = {}
+    models = _Models(base, tokenizer, _read_training(base_dir))
     need_pruned = [m for m in methods if pruning.get(m).needs_predictor]
     if need_pruned:
         if not pruned_dir.is_dir():
             raise ValueError(f"{pruned_dir} is missing: train the pruned model, or leave {need_pruned} out of --methods.")
-        pruned, _ = load_checkpoint(pruned_dir)
-        pruned_training = _read_training(pruned_dir)
-        if pruned.cfg.vision != base.cfg.vision or pruned.cfg.pruning.stages != base.cfg.pruning.stages:
+        models.pruned, _ = load_checkpoint(pruned_dir)
+        models.pruned_training = _read_training(pruned_dir)
+        if models.pruned.cfg.vision != base.cfg.vision or models.pruned.cfg.pruning.stages != base.cfg.pruning.stages:
             raise ValueError(f"{pruned_dir} and {base_dir} have different image encoders; re-train the pruned model.")
-    cfg = base.cfg
-    grid, P = cfg.vision.grid, cfg.vision.num_patches
+    return models
 
-    root = _resolve_data(data, base_training.get("data"), checkpoints)
-    test = load_splits(root)["test"]
-    if len(test) == 0:
+
+@dataclass
+class _TestSet:
+    """The test split with its caption embeddings and, from ``objects.json``, its ground truth."""
+
+    root: Path
+    data: EvalData
+    text_emb: torch.Tensor  # (T, E) every caption
+    pos_emb: torch.Tensor  # (N, E) caption #0 of each image
+    synthetic: bool  # objects.json was found
+    box_size: float  # the image side the boxes are measured in
+    neg_emb: torch.Tensor | None = None  # (N, E) hard negatives; rows without one are ignored
+    have_neg: torch.Tensor | None = None  # (N,) bool: the image has a hard negative; None if none has
+    have_boxes: torch.Tensor | None = None  # (N,) bool: the image has object boxes; None if none has
+    boxes: list[list[list[float]]] = field(default_factory=list)  # per image, [x0, y0, x1, y1] boxes
+
+    def pair_acc(self, img: torch.Tensor, neg_img: torch.Tensor | None = None) -> float | None:
+        """Hard-negative pair accuracy of (N, E) image embeddings (`neg_img`: pruned with the negatives)."""
+        if self.have_neg is None or self.neg_emb is None:
+            return None
+        m = self.have_neg
+        return M.pair_accuracy(img[m], self.pos_emb[m], self.neg_emb[m], None if neg_img is None else neg_img[m])
+
+    def obj_recall(self, kept: torch.Tensor, grid: int) -> float | None:
+        """Share of object patches among (N, k') kept positions; None without boxes."""
+        if self.have_boxes is None:
+            return None
+        return M.object_recall(kept, self.boxes, grid, self.box_size)
+
+
+def _load_test(root: Path, models: _Models, opts: _Options) -> _TestSet:
+    """Load and embed the test split (captions once, with the baseline's text tower)."""
+    size = models.base.cfg.vision.image_size
+    split = load_splits(root)["test"]
+    if len(split) == 0:
         raise ValueError(f"The test split of {root} has no images.")
-    ed: EvalData = eval_data(test, cfg.vision.image_size, limit, progress)
-    N = len(ed.names)
-    objects = load_objects(root)
-
-    # Captions once, with the baseline's text tower.
-    text_emb = _encode_text(base, tokenizer, ed.captions)  # (T, E)
-    first_caption = [0] * N
-    seen: set[int] = set()
+    ed = eval_data(split, size, opts.limit, opts.progress)
+    text_emb = _encode_text(models.base, models.tokenizer, ed.captions)  # (T, E)
+    first: dict[int, int] = {}
     for c, i in enumerate(ed.caption_to_image.tolist()):
-        if i not in seen:
-            seen.add(i)
-            first_caption[i] = c
-    pos_emb = text_emb[first_caption]  # (N, E) caption #0 of each image
-
-    # Ground truth from objects.json: hard negatives (pair accuracy) and boxes (object recall).
-    have_neg = have_boxes = None
-    neg_emb = None
-    boxes: list[list[list[float]]] = []
-    box_size = float(cfg.vision.image_size)
+        first.setdefault(i, c)
+    pos_emb = text_emb[[first.get(i, 0) for i in range(len(ed.names))]]  # (N, E)
+    objects = load_objects(root)
+    test = _TestSet(root, ed, text_emb, pos_emb, synthetic=objects is not None, box_size=float(size))
     if objects is not None:
-        records = [objects["images"].get(n) for n in ed.names]
-        have_neg = torch.tensor([bool(r and r.get("hard_negative")) for r in records])
-        have_boxes = torch.tensor([bool(r and "objects" in r) for r in records])
-        negs = [r["hard_negative"] if ok else "" for r, ok in zip(records, have_neg.tolist())]
-        neg_emb = _encode_text(base, tokenizer, negs)  # (N, E); rows without a negative are ignored
-        boxes = [[o["box"] for o in r["objects"]] if ok else [] for r, ok in zip(records, have_boxes.tolist())]
-        # Images are resized (never cropped) to a square, so boxes keep their place relative to the grid.
-        box_size = float(objects.get("image_size", cfg.vision.image_size))
-        if not bool(have_neg.any()):
-            have_neg = None
-        if not bool(have_boxes.any()):
-            have_boxes = None
+        _add_ground_truth(test, objects, models)
+    return test
 
-    def pair_acc(img: torch.Tensor, neg_img: torch.Tensor | None = None) -> float | None:
-        if have_neg is None or neg_emb is None:
-            return None
-        m = have_neg
-        return M.pair_accuracy(img[m], pos_emb[m], neg_emb[m], None if neg_img is None else neg_img[m])
 
-    def obj_recall(kept: torch.Tensor) -> float | None:
-        if have_boxes is None:
-            return None
-        return M.object_recall(kept, boxes, grid, box_size)
+def _add_ground_truth(test: _TestSet, objects: dict[str, Any], models: _Models) -> None:
+    """Hard negatives (pair accuracy) and boxes (object recall) of the test images, from objects.json."""
+    records = [objects["images"].get(n) for n in test.data.names]
+    have_neg = torch.tensor([bool(r and r.get("hard_negative")) for r in records])
+    have_boxes = torch.tensor([bool(r and "objects" in r) for r in records])
+    negs = [r["hard_negative"] if ok else "" for r, ok in zip(records, have_neg.tolist())]
+    test.neg_emb = _encode_text(models.base, models.tokenizer, negs)  # (N, E); rows without a negative are ignored
+    test.boxes = [[o["box"] for o in r["objects"]] if ok else [] for r, ok in zip(records, have_boxes.tolist())]
+    # Images are resized (never cropped) to a square, so boxes keep their place relative to the grid.
+    test.box_size = float(objects.get("image_size", test.box_size))
+    test.have_neg = have_neg if bool(have_neg.any()) else None
+    test.have_boxes = have_boxes if bool(have_boxes.any()) else None
 
-    # A fixed batch of real test images for latency (tiled when the split is smaller than 32).
-    lat_idx = torch.arange(LATENCY_BATCH) % N
-    lat_images = {1: ed.images[:1], LATENCY_BATCH: ed.images[lat_idx]}
-    lat_text = {1: pos_emb[:1], LATENCY_BATCH: pos_emb[lat_idx]}
 
-    def measure(model: DualEncoder, method: str, keep_ratio: float, fuse: bool) -> dict[str, Any]:
-        result: dict[str, Any] = {}
-        for bs, x in lat_images.items():
-            text = lat_text[bs] if pruning.get(method).needs_caption else None
-            spec = PruneSpec(method, keep_ratio, text=text, seed=seed, fuse=fuse)
-            timings = interleaved(
-                {"baseline": lambda: base.encode_image(x), "method": lambda: model.encode_image(x, spec)},
-                repeats=latency_repeats,
-                warmup=3,
-                threads=threads,
+class _Rows:
+    """The table: one row per (method, keep ratio), ``none`` first as every row's reference."""
+
+    def __init__(self, models: _Models, test: _TestSet, opts: _Options):
+        self.models, self.test, self.opts = models, test, opts
+        self.cfg = models.base.cfg
+        self.base_gmacs = flops.gmacs(self.cfg, BASELINE, 1.0, 1)
+        self.reference: _Pass | None = None  # the baseline's pass, reused by rows that compute the same
+        self.reference_pair: float | None = None
+        self.rows: list[dict[str, Any]] = []
+        # A fixed batch of real test images for latency (tiled when the split is smaller than the batch).
+        lat_idx = torch.arange(LATENCY_BATCH) % len(test.data.names)
+        self.lat_images = {1: test.data.images[:1], LATENCY_BATCH: test.data.images[lat_idx]}
+        self.lat_text = {1: test.pos_emb[:1], LATENCY_BATCH: test.pos_emb[lat_idx]}
+
+    def run(self) -> list[dict[str, Any]]:
+        grid_rows = [(BASELINE, 1.0)]
+        grid_rows += [(m, r) for m in self.opts.methods if pruning.get(m).prunes for r in self.opts.keep_ratios]
+        with logging_redirect_tqdm():
+            bar = tqdm(grid_rows, desc="evaluate", unit="row", disable=not self.opts.progress)
+            for method, r in bar:
+                bar.set_postfix_str(f"{method} {r:g}")
+                self.rows.append(self._row(method, r))
+                logger.info(_row_line(self.rows[-1]))
+            bar.close()
+        return self.rows
+
+    def _row(self, method: str, r: float) -> dict[str, Any]:
+        info = pruning.get(method)
+        model = self.models.serving(info)
+        fuse = True  # EViT's fused token, as EViT evaluates it (PruneSpec's default)
+        # An inactive spec on the baseline is the baseline itself: reuse its embeddings and timings.
+        reuse = model is self.models.base and not (info.prunes and r < 1.0) and self.reference is not None
+        recalls, pair, kept, tokens = self._accuracy(method, r, model, fuse, reuse)
+        g = flops.gmacs(self.cfg, method, r, 1, fuse)
+        row: dict[str, Any] = {
+            "method": method,
+            "keep_ratio": r,
+            "checkpoint": "pruned" if model is self.models.pruned else "baseline",
+            "tokens": tokens,
+            "gmacs": g,
+            "gmacs_ratio": g / self.base_gmacs,
+        }
+        for k in RECALL_KS:
+            for d in ("i2t", "t2i"):
+                row[f"r{k}_{d}"] = None if recalls is None else recalls[f"r{k}_{d}"]
+        for k in RECALL_KS:
+            row[f"mean_r{k}"] = _mean(row[f"r{k}_i2t"], row[f"r{k}_t2i"])
+        row["pair_acc"] = pair
+        row["object_recall"] = None if kept is None else self.test.obj_recall(kept, self.cfg.vision.grid)
+        kept_ratio = r if info.prunes and r < 1.0 else 1.0
+        row["object_recall_random"] = M.random_expectation(kept_ratio, self.cfg.vision.num_patches)
+        row["lossyness"] = M.lossyness(row["mean_r1"], self.rows[0]["mean_r1"] if self.rows else row["mean_r1"])
+        row["same_as_baseline"] = reuse  # the row runs exactly the baseline's computation
+        row.update(self._latency(model, method, r, fuse, reuse))
+        return row
+
+    def _accuracy(
+        self, method: str, r: float, model: DualEncoder, fuse: bool, reuse: bool
+    ) -> tuple[dict[str, float] | None, float | None, torch.Tensor | None, list[int]]:
+        """(retrieval recalls, pair accuracy, (N, k') kept positions, tokens per stage) of one row."""
+        info = pruning.get(method)
+        if reuse:
+            ref = self.reference
+            assert ref is not None
+            tokens = flops.tokens_per_stage(self.cfg, method, r, fuse)  # the method's stages, none of them pruning
+            return None if info.needs_caption else self._recalls(ref.emb), self.reference_pair, ref.kept, tokens
+        if info.needs_caption:
+            return None, *self._query_aware(method, r, model, fuse)
+        seed = self.opts.seed
+        run = self._encode(model, lambda s, e: PruneSpec(method, r, seed=seed + s, fuse=fuse), f"{method} {r:g}")
+        pair = self.test.pair_acc(run.emb)
+        if not info.prunes:
+            self.reference, self.reference_pair = run, pair
+        return self._recalls(run.emb), pair, run.kept, run.tokens
+
+    def _query_aware(
+        self, method: str, r: float, model: DualEncoder, fuse: bool
+    ) -> tuple[float | None, torch.Tensor | None, list[int]]:
+        """One pass per (image, caption) pair, so no retrieval recalls: (pair accuracy, kept, tokens)."""
+        test, seed = self.test, self.opts.seed
+        if test.have_neg is None and test.have_boxes is None:
+            return None, None, flops.tokens_per_stage(self.cfg, method, r, fuse)
+        with_pos = self._encode(
+            model, lambda s, e: PruneSpec(method, r, text=test.pos_emb[s:e], seed=seed), f"{method} {r:g} (caption)"
+        )
+        pair = None
+        if test.have_neg is not None and test.neg_emb is not None:
+            neg_emb = test.neg_emb
+            with_neg = self._encode(
+                model, lambda s, e: PruneSpec(method, r, text=neg_emb[s:e], seed=seed), f"{method} {r:g} (negative)"
             )
-            b, m = timings["baseline"], timings["method"]
+            pair = test.pair_acc(with_pos.emb, with_neg.emb)
+        return pair, with_pos.kept, with_pos.tokens
+
+    def _encode(self, model: DualEncoder, spec_for: Callable[[int, int], PruneSpec], desc: str) -> _Pass:
+        return _encode_images(model, self.test.data.images, spec_for, self.opts.batch_size, desc, self.opts.progress)
+
+    def _recalls(self, emb: torch.Tensor) -> dict[str, float]:
+        return M.recall_at_k(emb @ self.test.text_emb.T, self.test.data.caption_to_image, RECALL_KS)
+
+    def _latency(self, model: DualEncoder, method: str, r: float, fuse: bool, reuse: bool) -> dict[str, Any]:
+        """The row's latency fields: measured, copied from the baseline row (`reuse`), or null."""
+        keys = [f"{key}_bs{bs}" for bs in self.lat_images for key in LATENCY_KEYS]
+        if self.opts.latency is None:
+            return dict.fromkeys(keys)
+        if reuse:
+            return {key: self.rows[0][key] for key in keys}  # the same code path: not timed twice
+        base, result = self.models.base, {}
+        for bs, x in self.lat_images.items():
+            text = self.lat_text[bs] if pruning.get(method).needs_caption else None
+            spec = PruneSpec(method, r, text=text, seed=self.opts.seed, fuse=fuse)
+            variants = {"baseline": lambda: base.encode_image(x), "method": lambda: model.encode_image(x, spec)}
+            t = interleaved(variants, self.opts.latency)
+            b, m = t["baseline"], t["method"]
             result[f"latency_ms_bs{bs}"] = m.median_ms
             result[f"latency_iqr_ms_bs{bs}"] = m.iqr_ms
             result[f"baseline_latency_ms_bs{bs}"] = b.median_ms
             result[f"latency_ratio_bs{bs}"] = m.median_ms / b.median_ms if b.median_ms > 0 else None
         return result
 
-    grid_rows = [(BASELINE, 1.0)] + [(m, r) for m in methods if pruning.get(m).prunes for r in keep_ratios]
-    base_gmacs = flops.gmacs(cfg, BASELINE, 1.0, 1)
-    reference: _Pass | None = None
-    reference_pair: float | None = None
-    rows: list[dict[str, Any]] = []
-    with logging_redirect_tqdm():
-        bar = tqdm(grid_rows, desc="evaluate", unit="row", disable=not progress)
-        for method, r in bar:
-            bar.set_postfix_str(f"{method} {r:g}")
-            info = pruning.get(method)
-            model = pruned if info.needs_predictor else base
-            assert model is not None
-            fuse = True  # EViT's fused token, as EViT evaluates it (PruneSpec's default)
-            spec_active = info.prunes and r < 1.0
-            row: dict[str, Any] = {
-                "method": method,
-                "keep_ratio": r,
-                "checkpoint": "pruned" if model is pruned else "baseline",
-            }
-            recalls: dict[str, float] | None = None
-            pair: float | None = None
-            kept: torch.Tensor | None = None
-            tokens = flops.tokens_per_stage(cfg, method, r, fuse)
-            reuse = model is base and not spec_active and reference is not None
-            if reuse:
-                # An inactive spec on the baseline is the baseline itself: reuse its embeddings.
-                assert reference is not None
-                if not info.needs_caption:
-                    recalls = M.recall_at_k(reference.emb @ text_emb.T, ed.caption_to_image, RECALL_KS)
-                pair, kept = reference_pair, reference.kept
-            elif info.needs_caption:
-                # Query-aware: one pass per (image, caption) pair, so no retrieval recalls.
-                if have_neg is not None or have_boxes is not None:
-                    with_pos = _encode_images(
-                        model, ed.images,
-                        lambda s, e: PruneSpec(method, r, text=pos_emb[s:e], seed=seed),
-                        batch_size, f"{method} {r:g} (caption)", progress,
-                    )  # fmt: skip
-                    kept, tokens = with_pos.kept, with_pos.tokens
-                    if have_neg is not None and neg_emb is not None:
-                        with_neg = _encode_images(
-                            model, ed.images,
-                            lambda s, e: PruneSpec(method, r, text=neg_emb[s:e], seed=seed),
-                            batch_size, f"{method} {r:g} (negative)", progress,
-                        )  # fmt: skip
-                        pair = pair_acc(with_pos.emb, with_neg.emb)
-            else:
-                run = _encode_images(
-                    model, ed.images,
-                    lambda s, e: PruneSpec(method, r, seed=seed + s, fuse=fuse),
-                    batch_size, f"{method} {r:g}", progress,
-                )  # fmt: skip
-                recalls = M.recall_at_k(run.emb @ text_emb.T, ed.caption_to_image, RECALL_KS)
-                pair, kept, tokens = pair_acc(run.emb), run.kept, run.tokens
-                if not info.prunes:
-                    reference, reference_pair = run, pair
 
-            g = flops.gmacs(cfg, method, r, 1, fuse)
-            row["tokens"] = tokens
-            row["gmacs"] = g
-            row["gmacs_ratio"] = g / base_gmacs
-            for k in RECALL_KS:
-                for d in ("i2t", "t2i"):
-                    row[f"r{k}_{d}"] = None if recalls is None else recalls[f"r{k}_{d}"]
-            row["mean_r1"] = _mean(row["r1_i2t"], row["r1_t2i"])
-            row["mean_r5"] = _mean(row["r5_i2t"], row["r5_t2i"])
-            row["mean_r10"] = _mean(row["r10_i2t"], row["r10_t2i"])
-            row["pair_acc"] = pair
-            row["object_recall"] = None if kept is None else obj_recall(kept)
-            row["object_recall_random"] = M.random_expectation(r if spec_active else 1.0, P)
-            row["lossyness"] = M.lossyness(row["mean_r1"], rows[0]["mean_r1"] if rows else row["mean_r1"])
-            # True when the row runs exactly the baseline's computation (an inactive spec on baseline/).
-            row["same_as_baseline"] = reuse
-            lat_keys = [f"{key}_bs{bs}" for bs in lat_images for key in LATENCY_KEYS]
-            if latency and reuse:
-                row.update({key: rows[0][key] for key in lat_keys})  # the same code path: not timed twice
-            elif latency:
-                row.update(measure(model, method, r, fuse))
-            else:
-                row.update(dict.fromkeys(lat_keys))
-            rows.append(row)
-            logger.info(_row_line(row))
-        bar.close()
-
-    result = {
+def _metrics(models: _Models, test: _TestSet, rows: list[dict[str, Any]], opts: _Options) -> dict[str, Any]:
+    """The metrics.json dict (before `_json_safe`)."""
+    return {
         "dataset": {
-            "root": str(root),
+            "root": str(test.root),
             "split": "test",
-            "images": N,
-            "captions": len(ed.captions),
-            "limit": limit,
-            "synthetic": objects is not None,
-            "pair_images": None if have_neg is None else int(have_neg.sum()),
+            "images": len(test.data.names),
+            "captions": len(test.data.captions),
+            "limit": opts.limit,
+            "synthetic": test.synthetic,
+            "pair_images": None if test.have_neg is None else int(test.have_neg.sum()),
         },
-        "model": _config_summary(base),
-        "training": {
-            "seconds_per_epoch": {
-                "none": base_training.get("seconds_per_epoch"),
-                "learned": pruned_training.get("seconds_per_epoch"),
-            },
-            "epochs": {"none": base_training.get("epochs"), "learned": pruned_training.get("epochs")},
-            "preset": base_training.get("preset"),
-            "baseline": base_training,
-            "pruned": pruned_training,
-        },
-        "machine": _machine(threads),
+        "model": _config_summary(models.base),
+        "training": _training_summary(models),
+        "machine": _machine(opts.threads),
         "options": {
-            "methods": methods,
-            "keep_ratios": keep_ratios,
-            "latency_repeats": latency_repeats if latency else None,
+            "methods": opts.methods,
+            "keep_ratios": opts.keep_ratios,
+            "latency_repeats": None if opts.latency is None else opts.latency.repeats,
+            "latency_budget_s": None if opts.latency is None else opts.latency.budget_s,
             "latency_batch_sizes": [1, LATENCY_BATCH],
-            "batch_size": batch_size,
-            "seed": seed,
+            "batch_size": opts.batch_size,
+            "seed": opts.seed,
         },
         "units": {
             "gmacs": "giga multiply-accumulates per image (fvcore; FLOPs = 2 x MACs)",
@@ -478,11 +536,19 @@ def _evaluate(
         },
         "rows": rows,
     }
-    result["seconds"] = time.perf_counter() - t_start
-    result = _json_safe(result)
-    write_outputs(result, out)
-    logger.info("Wrote metrics.json, report.md and tradeoff.png to %s in %.1f s.", out, result["seconds"])
-    return result
+
+
+def _training_summary(models: _Models) -> dict[str, Any]:
+    """Training time and epochs per checkpoint, keyed by the methods each serves (none; learned)."""
+    by_method = {BASELINE: models.base_training}
+    by_method.update((m, models.pruned_training) for m in pruning.names() if pruning.get(m).needs_predictor)
+    return {
+        "seconds_per_epoch": {m: t.get("seconds_per_epoch") for m, t in by_method.items()},
+        "epochs": {m: t.get("epochs") for m, t in by_method.items()},
+        "preset": models.base_training.get("preset"),
+        "baseline": models.base_training,
+        "pruned": models.pruned_training,
+    }
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -517,8 +583,9 @@ def render_report(m: dict[str, Any]) -> str:
         f"{', '.join(str(s) for s in mod['pruning_stages'])}; {mod['params'] / 1e6:.2f} M parameters.",
         f"- **Machine:** {mach['platform']} ({mach['processor']}), {mach['cpu_count']} CPUs, "
         f"torch {mach['torch']} with {mach['torch_threads']} threads.",
-        f"- **Training, seconds per epoch:** none (baseline) {_fmt(spe.get('none'))}, "
-        f"learned (pruned fine-tune) {_fmt(spe.get('learned'))}.",
+        "- **Training, seconds per epoch:** "
+        + ", ".join(f"{m} ({'baseline' if m == BASELINE else 'pruned fine-tune'}) {_fmt(v)}" for m, v in spe.items())
+        + ".",
         f"- **Evaluation took** {m.get('seconds', 0):.0f} s.",
         "",
         "| method | keep | tokens | GMACs | GMACs ratio | R@1 i2t | R@1 t2i | mean R@1 | R@5 / R@10 mean "
@@ -642,53 +709,66 @@ def write_outputs(m: dict[str, Any], out: str | os.PathLike) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoints", default="checkpoints", help="holds baseline/ and pruned/ (default: checkpoints)")
-    p.add_argument("--out", required=True, help="output folder for metrics.json, report.md, tradeoff.png")
+    p = cli.parser("python -m training.evaluate", __doc__)
+    p.add_argument("--checkpoints", default="checkpoints", help="folder that holds baseline/ and pruned/")
+    p.add_argument("--out", required=True, help="output folder for metrics.json, report.md, tradeoff.png (required)")
     p.add_argument("--data", default=None, help="dataset root (default: the one recorded in baseline/training.json)")
     p.add_argument(
-        "--methods", nargs="+", default=list(pruning.names()), choices=pruning.names(),
-        help="methods to evaluate (default: all; none is always included)",
+        "--methods", nargs="+", default=list(pruning.names()), choices=pruning.names(), metavar="METHOD",
+        help=f"methods to evaluate, of {', '.join(pruning.names())} (default: all; {BASELINE} is always included)",
     )  # fmt: skip
     p.add_argument(
-        "--keep-ratios", nargs="+", type=float, default=list(DEFAULT_KEEP_RATIOS),
-        help="keep ratios in (0, 1] (default: 1 0.7 0.5 0.3 0.2 0.1)",
+        "--keep-ratios", nargs="+", type=float, default=list(DEFAULT_KEEP_RATIOS), metavar="RATIO",
+        help=f"keep ratios in (0, 1] (default: {' '.join(f'{r:g}' for r in DEFAULT_KEEP_RATIOS)})",
     )  # fmt: skip
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N test images")
-    p.add_argument("--latency-repeats", type=int, default=15, help="timed calls per variant and batch (default 15)")
-    p.add_argument("--batch-size", type=int, default=100, help="images per encoding batch (default 100)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random method (default 0)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's current setting)")
+    p.add_argument("--eval-limit", type=cli.positive_int, default=None,
+                   help="evaluate only the first N test images (default: all)")  # fmt: skip
+    p.add_argument("--latency-repeats", type=cli.positive_int, default=LATENCY.repeats,
+                   help="timed calls per variant and batch size")  # fmt: skip
+    p.add_argument(
+        "--latency-budget", type=cli.positive_float, default=None,
+        help=f"seconds of timing per row and batch size, then it stops, after at least {LATENCY.min_repeats} calls "
+        "(default: no budget, always --latency-repeats)",
+    )  # fmt: skip
+    p.add_argument("--batch-size", type=cli.positive_int, default=100, help="images per encoding batch")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random method")
+    p.add_argument("--threads", type=cli.positive_int, default=None,
+                   help="torch threads (default: torch's current setting)")  # fmt: skip
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurements")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    # The old spellings, hidden.
+    hidden = {"default": argparse.SUPPRESS, "help": argparse.SUPPRESS}
+    p.add_argument("--limit", dest="eval_limit", type=cli.positive_int, **hidden)
+    p.add_argument("--no-progress", dest="quiet", action="store_true", **hidden)
     return p
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Command-line entry point; returns the metrics dict (also written to OUT/metrics.json)."""
+    """Command-line entry point; returns the metrics dict (also written to OUT/metrics.json).
+
+    A user's mistake (a missing folder, a bad keep ratio) exits with code 2 and one ``error:`` line.
+    """
     parser = _parser()
     args = parser.parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     logger.setLevel(logging.INFO)
-    try:
+    with cli.user_errors(parser):
         return evaluate(
             args.checkpoints,
             args.out,
             args.data,
             methods=args.methods,
             keep_ratios=args.keep_ratios,
-            limit=args.limit,
+            limit=args.eval_limit,
             latency_repeats=args.latency_repeats,
+            latency_budget_s=args.latency_budget,
             batch_size=args.batch_size,
             seed=args.seed,
             latency=not args.no_latency,
             threads=args.threads,
-            progress=not args.no_progress,
+            progress=not args.quiet,
         )
-    except ValueError as e:
-        parser.error(str(e))
-
 
 if __name__ == "__main__":
     main()

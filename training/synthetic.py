@@ -29,7 +29,7 @@ text context (32 tokens including ``<cls>``) without truncation.
 
 Usage::
 
-    python -m training.synthetic --out data/synthetic [--seed 0] [--num-images 8000] [--size 112]
+    python -m training.synthetic --out data/synthetic [--seed 0] [--num-images 8000] [--size 112] [--quiet]
 """
 
 from __future__ import annotations
@@ -48,6 +48,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
+
+from vlm_demo import cli
+from vlm_demo.atomic import write_text_atomic
 
 IMAGE_DIR = "Flicker8k_Dataset"  # the original Flickr8k folder name, misspelling included
 TOKEN_FILE = "Flickr8k.token.txt"
@@ -399,12 +402,6 @@ def _write_one(job: tuple[int, int, int, str]) -> tuple[str, dict[str, Any], lis
     return name, record, captions
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8", newline="\n")
-    os.replace(tmp, path)
-
-
 def split_sizes(num_images: int) -> tuple[int, int, int]:
     """(train, dev, test) counts: 75 / 12.5 / 12.5 %, e.g. 6000/1000/1000 for 8000."""
     train = round(num_images * SPLIT_FRACTIONS[0])
@@ -475,28 +472,32 @@ def generate(
     # Contiguous splits are unbiased: every image is drawn independently from (seed, index).
     splits = {"train": names[:n_train], "dev": names[n_train : n_train + n_dev], "test": names[n_train + n_dev :]}
     for split, file in SPLIT_FILES.items():
-        _write_text(root / file, "".join(f"{n}\n" for n in splits[split]))
+        write_text_atomic(root / file, "".join(f"{n}\n" for n in splits[split]))
     lines = [f"{name}#{k}\t{c}\n" for name, _, caps in results for k, c in enumerate(caps)]
-    _write_text(root / TOKEN_FILE, "".join(lines))
+    write_text_atomic(root / TOKEN_FILE, "".join(lines))
     meta = {"image_size": size, "seed": seed, "images": {name: record for name, record, _ in results}}
-    _write_text(root / OBJECTS_FILE, json.dumps(meta, separators=(",", ":")) + "\n")
+    write_text_atomic(root / OBJECTS_FILE, json.dumps(meta, separators=(",", ":")) + "\n")
     return root
 
 
+def _parser() -> argparse.ArgumentParser:
+    parser = cli.parser("python -m training.synthetic", __doc__)
+    parser.add_argument("--out", required=True, help="output folder (required)")
+    parser.add_argument("--seed", type=int, default=0, help="dataset seed")
+    parser.add_argument("--num-images", type=cli.positive_int, default=8000, help="number of images")
+    parser.add_argument("--size", type=int, default=112, help="image side in pixels, at least 32")
+    parser.add_argument("--workers", type=cli.positive_int, default=None, help="processes (default: all CPU cores)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> Path:
-    """Command-line entry point; returns the dataset root."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m training.synthetic")
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
-    parser.add_argument("--num-images", type=int, default=8000, help="number of images (default 8000)")
-    parser.add_argument("--size", type=int, default=112, help="image side in pixels (default 112)")
-    parser.add_argument("--workers", type=int, default=None, help="processes (default: all CPU cores)")
+    """Command-line entry point; returns the dataset root. A bad argument exits with code 2 and one ``error:`` line."""
+    parser = _parser()
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    try:
-        root = generate(args.out, args.num_images, args.seed, args.size, args.workers)
-    except ValueError as e:
-        parser.error(str(e))
+    with cli.user_errors(parser):
+        root = generate(args.out, args.num_images, args.seed, args.size, args.workers, progress=not args.quiet)
     print(f"Wrote {args.num_images} images to {root} in {time.perf_counter() - start:.1f} s.")
     return root
 

@@ -25,14 +25,15 @@ uninterrupted run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +44,12 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from training.data import TrainDataset, load_objects, load_splits, make_collate, write_text_atomic
+from training.data import CaptionDataset, TrainDataset, load_objects, load_splits, make_collate
 from training.losses import contrastive_loss, distill_loss, keep_rank_loss
 from training.saliency import stage_saliency
-from vlm_demo.config import ModelConfig, Preset, TrainConfig, get_preset
+from vlm_demo import cli, pruning
+from vlm_demo.atomic import write_text_atomic
+from vlm_demo.config import PRESETS, ModelConfig, Preset, TrainConfig, get_preset
 from vlm_demo.model import DualEncoder, atomic_folder, load_checkpoint, save_checkpoint
 from vlm_demo.pruning import PruneSpec
 from vlm_demo.tokenizer import Tokenizer
@@ -54,6 +57,7 @@ from vlm_demo.tokenizer import Tokenizer
 log = logging.getLogger("training.train")
 
 CAPTION_BANK_FILE = "caption_bank.json"  # the test captions the app ranks (vlm_demo.api reads it)
+RESUME_DIR = ".resume"  # under --out: one folder per phase, removed when the run succeeds
 MAX_LOGIT_SCALE = math.log(100.0)
 
 
@@ -146,13 +150,159 @@ def load_state(folder: Path, model: nn.Module, opt: torch.optim.Optimizer) -> di
 # ----------------------------------------------------------------------------- phases
 
 
-@contextmanager
+@contextlib.contextmanager
 def _progress(total: int, desc: str, enabled: bool) -> Iterator[tqdm]:
     bar = tqdm(total=total, desc=desc, unit="batch", disable=not enabled, leave=False, dynamic_ncols=True)
     try:
         yield bar
     finally:
         bar.close()
+
+
+def _predictor_method() -> str:
+    """The registered method that runs the keep predictors the pruned phase trains (``learned``)."""
+    return next(m for m in pruning.names() if pruning.get(m).needs_predictor)
+
+
+@dataclasses.dataclass
+class _Phase:
+    """One phase's training state, set up by `_setup_phase`."""
+
+    name: str  # "baseline" or "pruned"
+    model: DualEncoder
+    teacher: DualEncoder | None  # the frozen baseline whose saliency the pruned phase learns; None for the baseline
+    net: nn.Module  # `model`, in DDP for the baseline phase on several processes
+    params: list[tuple[str, nn.Parameter]]  # the parameters that train
+    opt: torch.optim.Optimizer
+    loader: DataLoader
+    sampler: DistributedSampler
+    epochs: int
+    peak: float  # peak learning rate
+    meta: dict[str, Any]  # progress: epoch_done, losses, seconds_per_epoch (+ distill); the resume state
+
+    @property
+    def pruned(self) -> bool:
+        return self.teacher is not None
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * len(self.loader)
+
+
+def _setup_phase(
+    phase: str, model: DualEncoder, teacher: DualEncoder | None, dataset: TrainDataset, tokenizer: Tokenizer,
+    tcfg: TrainConfig, args: argparse.Namespace, dd: Dist,
+) -> _Phase:  # fmt: skip
+    """Freeze what does not train, build the optimiser and the loader, and restore `--resume` state."""
+    pruned = teacher is not None
+    # Baseline: everything but the idle predictors trains. Pruned: only the predictors train; the
+    # frozen towers keep both checkpoints on one caption embedding.
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith("visual.predictors.") == pruned)
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    peak = tcfg.pruned_lr if pruned else tcfg.lr
+    opt = torch.optim.AdamW(param_groups(params, tcfg.weight_decay), lr=peak, betas=(0.9, 0.98), eps=1e-6)
+    net: nn.Module = model
+    if dd.world > 1 and not pruned:  # the predictors are called directly; their gradients are averaged by hand
+        cuda = torch.device(args.device).type == "cuda"
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[dd.local_rank] if cuda else None)
+    per_rank = max(1, tcfg.batch_size // dd.world)
+    sampler = DistributedSampler(
+        dataset, num_replicas=dd.world, rank=dd.rank, shuffle=True, seed=args.seed, drop_last=True
+    )
+    loader = DataLoader(
+        dataset, batch_size=per_rank, sampler=sampler, drop_last=True, collate_fn=make_collate(tokenizer),
+        num_workers=tcfg.num_workers,
+    )  # fmt: skip
+    if len(loader) == 0:
+        raise ValueError(f"{len(dataset)} training images are fewer than one batch of {per_rank}; lower --batch-size.")
+    meta: dict[str, Any] = {"epoch_done": 0, "losses": [], "seconds_per_epoch": []}
+    if pruned:
+        meta["distill"] = []  # per epoch: mean monitored distillation loss at the drawn keep ratios
+    if args.resume:
+        restored = load_state(_state_dir(args, phase), model, opt)
+        if restored is not None:
+            meta = restored
+            if dd.main:
+                log.info("%s: resuming after epoch %d", phase, meta["epoch_done"])
+    epochs = args.pruned_epochs if pruned else args.baseline_epochs
+    return _Phase(phase, model, teacher, net, params, opt, loader, sampler, epochs, peak, meta)
+
+
+def _state_dir(args: argparse.Namespace, phase: str) -> Path:
+    return Path(args.out) / RESUME_DIR / phase
+
+
+def _contrastive_loss(
+    ph: _Phase, images: torch.Tensor, ids: torch.Tensor, hard: torch.Tensor | None
+) -> torch.Tensor:
+    """The baseline's loss: symmetric InfoNCE, with each image's hard-negative caption (ids) if any."""
+    img, txt = ph.net(images, ids=ids)
+    hard_text = None if hard is None else ph.model.encode_text(hard)
+    return contrastive_loss(img, txt, ph.model.logit_scale, hard_text)
+
+
+def _saliency_loss(ph: _Phase, images: torch.Tensor, ids: torch.Tensor, keep: float) -> tuple[torch.Tensor, float]:
+    """The pruned phase's loss: the predictors rank patches like the teacher's saliency.
+
+    Returns:
+        (listwise loss, the monitored distillation loss at keep ratio `keep`, not trained on).
+    """
+    teacher = ph.teacher
+    assert teacher is not None
+    with torch.no_grad():
+        text = teacher.encode_text(ids)
+    tokens, saliency, target = stage_saliency(teacher, images, text)
+    predictors = ph.model.visual.predictors
+    loss = sum(keep_rank_loss(f(t), s) for f, t, s in zip(predictors, tokens, saliency)) / len(tokens)
+    with torch.no_grad():  # monitored, not trained on: top-k has no gradient
+        distill = distill_loss(ph.model.encode_image(images, PruneSpec(_predictor_method(), keep)), target).item()
+    return loss, distill
+
+
+def _optimise(ph: _Phase, loss: torch.Tensor, dd: Dist) -> None:
+    """One AdamW step on `loss` (gradients averaged across processes), clipped, logit scale kept in range."""
+    ph.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if ph.pruned and dd.world > 1:
+        for _, p in ph.params:
+            dist.all_reduce(p.grad)
+            p.grad /= dd.world
+    nn.utils.clip_grad_norm_([p for _, p in ph.params], 1.0)
+    ph.opt.step()
+    with torch.no_grad():
+        ph.model.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
+
+
+def _train_epoch(
+    ph: _Phase, epoch: int, tokenizer: Tokenizer, hard_negatives: list[str] | None, tcfg: TrainConfig,
+    args: argparse.Namespace, dd: Dist,
+) -> tuple[float, float, float]:  # fmt: skip
+    """One epoch; returns (mean loss, mean monitored distillation loss (pruned phase, else 0), last lr)."""
+    device = torch.device(args.device)
+    steps = len(ph.loader)
+    lo, hi = tcfg.keep_ratio_range
+    loss_sum, distill_sum, lr = 0.0, 0.0, ph.peak
+    with _progress(steps, f"{ph.name} {epoch + 1}/{ph.epochs}", dd.main and not args.quiet) as bar:
+        for step, (images, ids, index) in enumerate(ph.loader):
+            lr = lr_at(epoch * steps + step, ph.total_steps, ph.peak, min(tcfg.warmup_steps, ph.total_steps // 4 + 1))
+            for g in ph.opt.param_groups:
+                g["lr"] = lr
+            images, ids = images.to(device), ids.to(device)
+            if ph.pruned:
+                g = torch.Generator().manual_seed(step_seed(args.seed, epoch, step))
+                loss, distill = _saliency_loss(ph, images, ids, lo + (hi - lo) * float(torch.rand((), generator=g)))
+                distill_sum += distill
+            else:
+                hard = None
+                if hard_negatives is not None:
+                    hard = tokenizer.encode_batch([hard_negatives[i] for i in index.tolist()]).to(device)
+                loss = _contrastive_loss(ph, images, ids, hard)
+            _optimise(ph, loss, dd)
+            loss_sum += loss.item()
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
+            bar.update()
+    return loss_sum / steps, distill_sum / steps, lr
 
 
 def run_phase(
@@ -167,105 +317,30 @@ def run_phase(
     dd: Dist,
 ) -> dict[str, Any]:
     """Train one phase with resume support; returns its summary (losses, timings)."""
-    pruned = phase == "pruned"
-    epochs = args.pruned_epochs if pruned else args.baseline_epochs
-    peak = tcfg.pruned_lr if pruned else tcfg.lr
-    device = torch.device(args.device)
-
-    # Baseline: everything but the idle predictors trains. Pruned: only the predictors train; the
-    # frozen towers keep both checkpoints on one caption embedding.
-    for name, p in model.named_parameters():
-        p.requires_grad_(name.startswith("visual.predictors.") == pruned)
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(param_groups(params, tcfg.weight_decay), lr=peak, betas=(0.9, 0.98), eps=1e-6)
-    net: nn.Module = model
-    if dd.world > 1 and not pruned:  # the predictors are called directly; their gradients are averaged by hand
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[dd.local_rank] if device.type == "cuda" else None)
-
-    per_rank = max(1, tcfg.batch_size // dd.world)
-    sampler = DistributedSampler(dataset, num_replicas=dd.world, rank=dd.rank, shuffle=True, seed=args.seed, drop_last=True)
-    loader = DataLoader(
-        dataset, batch_size=per_rank, sampler=sampler, drop_last=True, collate_fn=make_collate(tokenizer),
-        num_workers=tcfg.num_workers,
-    )  # fmt: skip
-    steps_per_epoch = len(loader)
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(dataset)} training images are fewer than one batch of {per_rank}; lower --batch-size.")
-    total = epochs * steps_per_epoch
-    state_dir = Path(args.out) / ".resume" / phase
-    meta: dict[str, Any] = {"epoch_done": 0, "losses": [], "seconds_per_epoch": []}
-    if pruned:
-        meta["distill"] = []  # per epoch: mean monitored distillation loss at the drawn keep ratios
-    if args.resume:
-        restored = load_state(state_dir, model, opt)
-        if restored is not None:
-            meta = restored
-            if dd.main:
-                log.info("%s: resuming after epoch %d", phase, meta["epoch_done"])
-    lo, hi = tcfg.keep_ratio_range
-    for epoch in range(meta["epoch_done"], epochs):
-        sampler.set_epoch(epoch)
+    ph = _setup_phase(phase, model, teacher, dataset, tokenizer, tcfg, args, dd)
+    for epoch in range(ph.meta["epoch_done"], ph.epochs):
+        ph.sampler.set_epoch(epoch)
         dataset.set_epoch(epoch)
-        net.train()
+        ph.net.train()
         if teacher is not None:
             teacher.eval()
         t0 = time.perf_counter()
-        loss_sum, distill_sum, n = 0.0, 0.0, 0
-        with _progress(steps_per_epoch, f"{phase} {epoch + 1}/{epochs}", dd.main and not args.quiet) as bar:
-            for step, (images, ids, index) in enumerate(loader):
-                global_step = epoch * steps_per_epoch + step
-                lr = lr_at(global_step, total, peak, min(tcfg.warmup_steps, total // 4 + 1))
-                for g in opt.param_groups:
-                    g["lr"] = lr
-                images, ids = images.to(device), ids.to(device)
-                hard = None
-                if hard_negatives is not None and not pruned:
-                    hard = tokenizer.encode_batch([hard_negatives[i] for i in index.tolist()]).to(device)
-                if pruned:
-                    assert teacher is not None
-                    with torch.no_grad():
-                        text = teacher.encode_text(ids)
-                    tokens, saliency, target = stage_saliency(teacher, images, text)
-                    predictors = model.visual.predictors
-                    loss = sum(keep_rank_loss(f(t), s) for f, t, s in zip(predictors, tokens, saliency)) / len(tokens)
-                    g = torch.Generator().manual_seed(step_seed(args.seed, epoch, step))
-                    keep = lo + (hi - lo) * float(torch.rand((), generator=g))
-                    with torch.no_grad():  # monitored, not trained on: top-k has no gradient
-                        distill_sum += distill_loss(model.encode_image(images, PruneSpec("learned", keep)), target).item()
-                else:
-                    img, txt = net(images, ids=ids)
-                    hard_text = None if hard is None else model.encode_text(hard)
-                    loss = contrastive_loss(img, txt, model.logit_scale, hard_text)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if pruned and dd.world > 1:
-                    for _, p in params:
-                        dist.all_reduce(p.grad)
-                        p.grad /= dd.world
-                nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
-                opt.step()
-                with torch.no_grad():
-                    model.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
-                loss_sum += loss.item()
-                n += 1
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
-                bar.update()
+        loss, distill, lr = _train_epoch(ph, epoch, tokenizer, hard_negatives, tcfg, args, dd)
         seconds = time.perf_counter() - t0
-        meta["epoch_done"] = epoch + 1
-        meta["losses"].append(loss_sum / n)
-        meta["seconds_per_epoch"].append(seconds)
+        ph.meta["epoch_done"] = epoch + 1
+        ph.meta["losses"].append(loss)
+        ph.meta["seconds_per_epoch"].append(seconds)
         monitor = ""
-        if pruned:
-            meta["distill"].append(distill_sum / n)
-            monitor = f"  distill@keep~U{tuple(tcfg.keep_ratio_range)} {distill_sum / n:.4f}"
+        if ph.pruned:
+            ph.meta["distill"].append(distill)
+            monitor = f"  distill@keep~U{tuple(tcfg.keep_ratio_range)} {distill:.4f}"
         if dd.main:
             log.info(
-                "%s epoch %d/%d  loss %.4f  lr %.2e  %.1f s%s", phase, epoch + 1, epochs, loss_sum / n, lr, seconds,
-                monitor,
-            )  # fmt: skip
-            save_state(state_dir, model, opt, meta)
+                "%s epoch %d/%d  loss %.4f  lr %.2e  %.1f s%s", phase, epoch + 1, ph.epochs, loss, lr, seconds, monitor
+            )
+            save_state(_state_dir(args, phase), model, ph.opt, ph.meta)
         dd.barrier()
-    return meta
+    return ph.meta
 
 
 # ----------------------------------------------------------------------------- data
@@ -276,7 +351,7 @@ def resolve_data(args: argparse.Namespace, tcfg: TrainConfig, image_size: int, d
     if args.data or args.data_root:
         root = Path(args.data or args.data_root).expanduser()
         if not root.is_dir():
-            raise SystemExit(f"error: dataset folder {root} does not exist.")
+            raise ValueError(f"dataset folder {root} does not exist.")
         return root
     n = args.num_images or tcfg.num_images
     root = Path(args.cache_dir) / f"synthetic-{image_size}px-{n}-seed{args.seed}"
@@ -289,108 +364,189 @@ def resolve_data(args: argparse.Namespace, tcfg: TrainConfig, image_size: int, d
     return root
 
 
+def recorded_data(root: Path, out: Path) -> str:
+    """How ``training.json`` records the dataset root: never an absolute path.
+
+    Relative to `out` when the data lies under `out`'s parent (``checkpoints/`` beside
+    ``.cache/``: ``../.cache/synthetic-...``), so the pair can move together; else the
+    folder's name alone, and evaluation then needs ``--data``. `training.evaluate` reads both.
+    """
+    root, out = root.resolve(), out.resolve()
+    if root.is_relative_to(out.parent):
+        return Path(os.path.relpath(root, out)).as_posix()
+    return root.name
+
+
+def remove_resume_state(out: Path, phases: list[str]) -> None:
+    """Delete the resume state of `phases` (their checkpoints are written), and ``.resume/`` once empty."""
+    resume = out / RESUME_DIR
+    for phase in phases:
+        # state.json first: it marks a state as complete, so a kill part-way leaves none that `load_state` reads.
+        (resume / phase / "state.json").unlink(missing_ok=True)
+        shutil.rmtree(resume / phase, ignore_errors=True)
+    with contextlib.suppress(OSError):  # not there, or another phase's state is still in it
+        resume.rmdir()
+
+
 # ----------------------------------------------------------------------------- main
 
+PHASES = ("baseline", "pruned", "evaluate")
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="default", help="model and schedule preset: default or tiny")
+
+def _parser() -> argparse.ArgumentParser:
+    p = cli.parser("python -m training.train", __doc__)
+    p.add_argument("--preset", default="default", choices=sorted(PRESETS), help="model and schedule preset")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--data", help="dataset folder (Flickr8k layouts or image folder + CSV/JSONL)")
-    src.add_argument("--data-root", help="with --dataset flickr8k: the Flickr8k folder")
-    p.add_argument("--dataset", choices=["synthetic", "flickr8k"], default=None, help="which data --data-root holds")
-    p.add_argument("--out", default="checkpoints", help="checkpoint folder to write (baseline/, pruned/, metrics)")
-    p.add_argument("--resume", action="store_true", help="continue from the last epoch saved in OUT/.resume")
-    p.add_argument("--seed", type=int, default=0)
+    src.add_argument("--data", help="dataset folder, Flickr8k layouts or images + CSV/JSONL (default: synthetic data, "
+                                    "generated into --cache-dir)")  # fmt: skip
+    src.add_argument("--data-root", help="with --dataset flickr8k: the Flickr8k folder (default: none)")
+    p.add_argument("--dataset", choices=["synthetic", "flickr8k"], default=None,
+                   help="which data --data-root holds (default: synthetic, generated)")  # fmt: skip
+    p.add_argument("--out", default="checkpoints",
+                   help="folder to write baseline/, pruned/ and the metrics into (default: checkpoints, the shipped "
+                        "checkpoints, which it replaces)")  # fmt: skip
+    p.add_argument("--resume", action="store_true", help=f"continue from the last epoch saved in OUT/{RESUME_DIR}")
+    p.add_argument("--seed", type=int, default=0, help="seed of the model, data order, augmentation and synthetic data")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--cache-dir", default=".cache", help="where the synthetic dataset is generated")
-    p.add_argument("--num-images", type=int, default=None, help="synthetic images (default: the preset's)")
-    p.add_argument("--baseline-epochs", type=int, default=None)
-    p.add_argument("--pruned-epochs", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    p.add_argument("--phases", default="baseline,pruned,evaluate", help="comma list of phases to run")
-    p.add_argument("--eval-limit", type=int, default=None, help="test images to evaluate (default: the preset's)")
+    p.add_argument("--num-images", type=cli.positive_int, default=None, help="synthetic images (default: the preset's)")
+    p.add_argument("--baseline-epochs", type=cli.non_negative_int, default=None,
+                   help="epochs of contrastive training (default: the preset's)")  # fmt: skip
+    p.add_argument("--pruned-epochs", type=cli.non_negative_int, default=None,
+                   help="epochs of training the keep predictors (default: the preset's)")  # fmt: skip
+    p.add_argument("--batch-size", type=cli.positive_int, default=None,
+                   help="training batch, over all processes (default: the preset's)")  # fmt: skip
+    p.add_argument("--threads", type=cli.positive_int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--phases", default=",".join(PHASES), help=f"comma list of phases to run, of {', '.join(PHASES)}")
+    p.add_argument("--eval-limit", type=cli.positive_int, default=None,
+                   help="test images to evaluate (default: the preset's)")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def parse_args(argv: list[str] | None, p: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """Parse and check the command line; a bad combination exits with code 2 and one ``error:`` line."""
+    p = p or _parser()
     args = p.parse_args(argv)
     if args.dataset == "flickr8k" and not args.data_root:
         p.error("--dataset flickr8k needs --data-root DIR")
     if args.data_root and args.dataset != "flickr8k":
         p.error("--data-root goes with --dataset flickr8k")
+    args.phases = [s.strip() for s in args.phases.split(",") if s.strip()]
+    unknown = [s for s in args.phases if s not in PHASES]
+    if unknown or not args.phases:
+        p.error(f"--phases takes a comma list of {', '.join(PHASES)}; got {','.join(args.phases) or 'none'}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda, but torch sees no CUDA GPU; use --device cpu")
     return args
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run the phases; returns a summary dict (also logged)."""
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+def _schedule(args: argparse.Namespace) -> tuple[Preset, TrainConfig]:
+    """The preset, its training config with --batch-size applied, and --*-epochs defaulted (in `args`)."""
     preset: Preset = get_preset(args.preset)
     tcfg = preset.train
     if args.batch_size:
         tcfg = dataclasses.replace(tcfg, batch_size=args.batch_size)
     args.baseline_epochs = args.baseline_epochs if args.baseline_epochs is not None else tcfg.baseline_epochs
     args.pruned_epochs = args.pruned_epochs if args.pruned_epochs is not None else tcfg.pruned_epochs
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but torch sees no CUDA GPU.")
+    return preset, tcfg
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the phases; returns a summary dict (also logged).
+
+    A user's mistake (a missing or empty data folder, an unknown preset) exits with code 2
+    and one ``error:`` line, before anything is written to ``--out``.
+    """
+    parser = _parser()
+    args = parse_args(argv, parser)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    preset, tcfg = _schedule(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     dd = init_distributed(args.device)
     torch.manual_seed(args.seed)
-    phases = [s.strip() for s in args.phases.split(",") if s.strip()]
+    phases = args.phases
     out = Path(args.out)
-    try:
-        root = resolve_data(args, tcfg, preset.model.vision.image_size, dd)
-        splits = load_splits(root)
-        tokenizer = Tokenizer.build(
-            (c for caps in splits["train"].captions for c in caps), preset.model.text.context_length
-        )
-        cfg: ModelConfig = preset.model.replace(text=dataclasses.replace(preset.model.text, vocab_size=len(tokenizer)))
-        facts = {"preset": args.preset, "data": str(root.resolve()), "seed": args.seed, "world_size": dd.world}
-        summary: dict[str, Any] = {"data": str(root), "out": str(out)}
-        dataset, hard_negatives = None, None
-        objects = load_objects(root) if tcfg.hard_negatives else None
-        if objects is not None:
-            hard_negatives = [objects["images"][name]["hard_negative"] for name in splits["train"].names]
-        if {"baseline", "pruned"} & set(phases):
-            dataset = TrainDataset(splits["train"], cfg.vision.image_size, augment=True, seed=args.seed,
-                                   progress=dd.main and not args.quiet)  # fmt: skip
+    with cli.user_errors(parser):
+        try:
+            data = _load_data(args, preset, tcfg, dd)
+            facts = {"preset": args.preset, "data": recorded_data(data.root, out), "seed": args.seed,
+                     "world_size": dd.world}  # fmt: skip
+            summary: dict[str, Any] = {"data": str(data.root), "out": str(out)}
 
-        if "baseline" in phases:
-            torch.manual_seed(args.seed)
-            model = DualEncoder(cfg).to(args.device)
-            meta = run_phase("baseline", model, None, dataset, tokenizer, hard_negatives, tcfg, args, dd)
+            if "baseline" in phases:
+                torch.manual_seed(args.seed)
+                model = DualEncoder(data.cfg).to(args.device)
+                meta = run_phase("baseline", model, None, data.dataset, data.tokenizer, data.hard_negatives, tcfg,
+                                 args, dd)  # fmt: skip
+                if dd.main:
+                    _save(model, data.tokenizer, out / "baseline", meta, **facts)
+                    bank = [c for caps in data.splits["test"].captions for c in caps]
+                    write_text_atomic(out / CAPTION_BANK_FILE, json.dumps({"split": "test", "captions": bank}))
+                summary["baseline"] = meta
+                dd.barrier()
+
+            if "pruned" in phases:
+                base, _ = load_checkpoint(out / "baseline", args.device)
+                teacher, _ = load_checkpoint(out / "baseline", args.device)
+                for p in teacher.parameters():
+                    p.requires_grad_(False)
+                meta = run_phase("pruned", base, teacher, data.dataset, data.tokenizer, data.hard_negatives, tcfg,
+                                 args, dd)  # fmt: skip
+                if dd.main:
+                    _save(base, data.tokenizer, out / "pruned", meta, keep_ratio_range=list(tcfg.keep_ratio_range),
+                          **facts)  # fmt: skip
+                summary["pruned"] = meta
+                dd.barrier()
+
+            if "evaluate" in phases and dd.main:
+                from training.evaluate import evaluate
+
+                limit = args.eval_limit or tcfg.eval_images
+                summary["metrics"] = evaluate(out, out, data=data.root, limit=limit, progress=not args.quiet)
             if dd.main:
-                save_checkpoint(model.cpu(), tokenizer, out / "baseline", phase="baseline", epochs=meta["epoch_done"],
-                                losses=meta["losses"], seconds_per_epoch=_median(meta["seconds_per_epoch"]),
-                                epoch_seconds=meta["seconds_per_epoch"], **facts)  # fmt: skip
-                bank = [c for caps in splits["test"].captions for c in caps]
-                write_text_atomic(out / CAPTION_BANK_FILE, json.dumps({"split": "test", "captions": bank}))
-            summary["baseline"] = meta
-            dd.barrier()
-
-        if "pruned" in phases:
-            base, _ = load_checkpoint(out / "baseline", args.device)
-            teacher, _ = load_checkpoint(out / "baseline", args.device)
-            for p in teacher.parameters():
-                p.requires_grad_(False)
-            meta = run_phase("pruned", base, teacher, dataset, tokenizer, hard_negatives, tcfg, args, dd)
-            if dd.main:
-                save_checkpoint(base.cpu(), tokenizer, out / "pruned", phase="pruned", epochs=meta["epoch_done"],
-                                losses=meta["losses"], seconds_per_epoch=_median(meta["seconds_per_epoch"]),
-                                epoch_seconds=meta["seconds_per_epoch"], keep_ratio_range=list(tcfg.keep_ratio_range),
-                                **facts)  # fmt: skip
-            summary["pruned"] = meta
-            dd.barrier()
-
-        if "evaluate" in phases and dd.main:
-            from training.evaluate import evaluate
-
-            limit = args.eval_limit or tcfg.eval_images
-            summary["metrics"] = evaluate(out, out, data=root, limit=limit)
-    finally:
-        if dd.world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+                remove_resume_state(out, [p for p in phases if p != "evaluate"])
+        finally:
+            if dd.world > 1 and dist.is_initialized():
+                dist.destroy_process_group()
     return summary
+
+
+@dataclasses.dataclass
+class _Data:
+    """The dataset, and what every phase builds from it, loaded once."""
+
+    root: Path
+    splits: dict[str, CaptionDataset]
+    tokenizer: Tokenizer  # built from the training captions
+    cfg: ModelConfig  # the preset's, with the tokenizer's vocabulary size
+    dataset: TrainDataset | None  # the augmented training split; None when no training phase runs
+    hard_negatives: list[str] | None  # one caption per training image (objects.json), else None
+
+
+def _load_data(args: argparse.Namespace, preset: Preset, tcfg: TrainConfig, dd: Dist) -> _Data:
+    root = resolve_data(args, tcfg, preset.model.vision.image_size, dd)
+    splits = load_splits(root)
+    captions = (c for caps in splits["train"].captions for c in caps)
+    tokenizer = Tokenizer.build(captions, preset.model.text.context_length)
+    cfg = preset.model.replace(text=dataclasses.replace(preset.model.text, vocab_size=len(tokenizer)))
+    objects = load_objects(root) if tcfg.hard_negatives else None
+    hard_negatives = None
+    if objects is not None:
+        hard_negatives = [objects["images"][name]["hard_negative"] for name in splits["train"].names]
+    dataset = None
+    if {"baseline", "pruned"} & set(args.phases):
+        dataset = TrainDataset(splits["train"], cfg.vision.image_size, augment=True, seed=args.seed,
+                               progress=dd.main and not args.quiet)  # fmt: skip
+    return _Data(root, splits, tokenizer, cfg, dataset, hard_negatives)
+
+
+def _save(model: DualEncoder, tokenizer: Tokenizer, folder: Path, meta: dict[str, Any], **facts: Any) -> None:
+    """Write a phase's checkpoint (atomically), with its losses and timings in ``training.json``."""
+    save_checkpoint(model.cpu(), tokenizer, folder, phase=folder.name, epochs=meta["epoch_done"], losses=meta["losses"],
+                    seconds_per_epoch=_median(meta["seconds_per_epoch"]), epoch_seconds=meta["seconds_per_epoch"],
+                    **facts)  # fmt: skip
 
 
 def _median(xs: list[float]) -> float | None:

@@ -30,7 +30,7 @@ from PIL import Image
 from . import flops, hf_clip, overlay
 from .hub import looks_like_repo_id, pull, split_revision
 from .images import load_image
-from .latency import Timing, interleaved
+from .latency import LatencyProtocol, Timing, interleaved
 from .model import DualEncoder, load_checkpoint
 from . import pruning
 from .pruning import BASELINE, PruneSpec, Trace
@@ -160,6 +160,21 @@ class Sweep:
         }
 
 
+LATENCY_BS1 = LatencyProtocol(warmup=2, repeats=10)  # `Session.analyze` at batch 1; `latency_repeats` overrides
+LATENCY_BS32 = LatencyProtocol(warmup=1, repeats=3)  # `Session.analyze(batch32=True)`: each call is ~30x the work
+
+
+@dataclass
+class _Request:
+    """One validated image and caption, decoded and encoded once."""
+
+    image: Image.Image  # RGB, as `vlm_demo.images.load_image` returns it
+    caption: str  # stripped
+    truncated: bool  # longer than the text encoder's context
+    pixels: torch.Tensor  # (1, 3, S, S)
+    text: torch.Tensor  # (1, E) normalised caption embedding
+
+
 class Session:
     """Both checkpoints, loaded once. Build with `load`.
 
@@ -265,7 +280,7 @@ class Session:
         caption: str,
         method: str = "learned",
         keep_ratio: float = 0.5,
-        latency_repeats: int = 10,
+        latency_repeats: int = LATENCY_BS1.repeats,
         style: str = "dim",
         batch32: bool = False,
         seed: int = 0,
@@ -277,9 +292,10 @@ class Session:
             caption: the text to align with the image.
             method: a registered pruning method (`vlm_demo.pruning.names`).
             keep_ratio: see `vlm_demo.pruning`.
-            latency_repeats: measured batch-1 passes per model (interleaved, after 2 warm-up passes).
+            latency_repeats: measured batch-1 passes per model (interleaved, after `LATENCY_BS1.warmup`
+                warm-up passes).
             style: the kept-patch overlay style, one of `vlm_demo.overlay.STYLES`.
-            batch32: also time both models at batch 32 (about 30x the work).
+            batch32: also time both models at batch 32 (about 30x the work), under `LATENCY_BS32`.
             seed: seed of ``random``.
 
         Returns:
@@ -293,41 +309,84 @@ class Session:
             raise ValueError(f"Unknown overlay style {style!r}; choose one of {', '.join(overlay.STYLES)}.")
         if not 1 <= int(latency_repeats) <= 200:
             raise ValueError("latency_repeats must be between 1 and 200.")
+        request = self._request(image, caption)
+        spec = PruneSpec(method, float(keep_ratio), text=request.text if info.needs_caption else None, seed=seed)
+        model = self.model_for(method)
+        z_base = self.baseline.encode_image(request.pixels)
+        z_pruned, trace = model.encode_image_with_trace(request.pixels, spec)
+        per_stage = trace.tokens_per_stage()
+        timing = self._time(model, request.pixels, spec, LATENCY_BS1.replace(repeats=int(latency_repeats)))
+        gmacs_base = flops.gmacs(self.cfg, BASELINE)
+        gmacs = flops.gmacs(self.cfg, method, spec.keep_ratio if info.prunes else 1.0)
+        bs32 = None
+        if batch32:
+            bs32 = self._time(model, request.pixels.expand(32, -1, -1, -1).contiguous(), spec, LATENCY_BS32)
+        return Analysis(
+            method=method,
+            keep_ratio=spec.keep_ratio,
+            caption=request.caption,
+            # The baseline's tokens, stage for stage with the pruned side's.
+            baseline=self._side(z_base, [per_stage[0]] * len(per_stage), request.text, gmacs_base, timing["baseline"]),
+            pruned=self._side(z_pruned, per_stage, request.text, gmacs, timing["pruned"]),
+            trace=trace,
+            overlays=self._overlays(request.image, trace, info, style),
+            latency_bs32=bs32,
+            caption_truncated=request.truncated,
+        )
+
+    @torch.inference_mode()
+    def compare(
+        self, image: Any, caption: str, keep_ratio: float = 0.5, style: str = "dim", methods: tuple[str, ...] | None = None
+    ) -> list[MethodSummary]:
+        """Every method at one keep ratio: overlay, score and GMACs (no latency, to stay quick)."""
+        request = self._request(image, caption)
+        out = []
+        for m in pruning.names(prunes_only=True) if methods is None else methods:
+            spec = PruneSpec(m, float(keep_ratio), text=request.text if pruning.get(m).needs_caption else None)
+            z, trace = self.model_for(m).encode_image_with_trace(request.pixels, spec)
+            out.append(
+                MethodSummary(
+                    method=m,
+                    score=float(z[0] @ request.text[0]),
+                    tokens_per_stage=trace.tokens_per_stage(),
+                    gmacs=flops.gmacs(self.cfg, m, spec.keep_ratio),
+                    overlay=overlay.kept_overlay(request.image, trace, style=style),
+                )
+            )
+        return out
+
+    def _request(self, image: Any, caption: str) -> _Request:
+        """Validate and encode the inputs of `analyze` and `compare`."""
         caption, truncated = self.check_caption(caption)
         img = load_image(image)
         pixels = to_tensor(img, self.preprocess)[None].to(self.device)  # (1, 3, S, S)
         img = visible_region(img, self.preprocess)  # overlays cover what the model saw
         text = self._embed_ids(self.tokenizer.encode_batch([caption]))  # (1, E)
-        spec = PruneSpec(method, float(keep_ratio), text=text if info.needs_caption else None, seed=seed)
-        model = self.model_for(method)
+        return _Request(image=img, caption=caption, truncated=truncated, pixels=pixels, text=text)
 
-        z_base = self.baseline.encode_image(pixels)
-        z_pruned, trace = model.encode_image_with_trace(pixels, spec)
-        timing = interleaved(
-            {"baseline": lambda: self.baseline.encode_image(pixels), "pruned": lambda: model.encode_image(pixels, spec)},
-            repeats=int(latency_repeats),
-            warmup=2,
+    def _time(
+        self, model: DualEncoder, pixels: torch.Tensor, spec: PruneSpec, protocol: LatencyProtocol
+    ) -> dict[str, Timing]:
+        """The baseline and `model` under `spec` on `pixels`, timed interleaved: "baseline" / "pruned"."""
+        base = self.baseline
+        variants = {"baseline": lambda: base.encode_image(pixels), "pruned": lambda: model.encode_image(pixels, spec)}
+        return interleaved(variants, protocol)
+
+    def _side(self, z: torch.Tensor, per_stage: list[int], text: torch.Tensor, gmacs: float, timing: Timing) -> Side:
+        """One model's figures from its (1, E) image embedding, tokens per stage and timing."""
+        return Side(
+            score=float(z[0] @ text[0]),
+            tokens=per_stage[-1],
+            tokens_per_stage=per_stage,
+            gmacs=gmacs,
+            latency_ms=timing.median_ms,
+            latency_iqr_ms=timing.iqr_ms,
+            top_captions=self.top_captions(z[0]),
         )
-        bs32 = None
-        if batch32:
-            big = pixels.expand(32, -1, -1, -1).contiguous()
-            bs32 = interleaved(
-                {"baseline": lambda: self.baseline.encode_image(big), "pruned": lambda: model.encode_image(big, spec)},
-                repeats=3,
-                warmup=1,
-            )
 
-        def side(z: torch.Tensor, per_stage: list[int], m: str, t: Timing) -> Side:
-            return Side(
-                score=float(z[0] @ text[0]),
-                tokens=per_stage[-1],
-                tokens_per_stage=per_stage,
-                gmacs=flops.gmacs(self.cfg, m, spec.keep_ratio if pruning.get(m).prunes else 1.0),
-                latency_ms=t.median_ms,
-                latency_iqr_ms=t.iqr_ms,
-                top_captions=self.top_captions(z[0]),
-            )
-
+    @staticmethod
+    def _overlays(img: Image.Image, trace: Trace, info: pruning.MethodInfo, style: str) -> dict[str, Image.Image]:
+        """The overlays that apply to the method: kept patches and stages always, heatmap and groups if any."""
         overlays = {
             "kept": overlay.kept_overlay(img, trace, style=style),
             "stages": overlay.stage_strip(img, trace, style=style),
@@ -339,43 +398,7 @@ class Session:
             groups = overlay.groups_overlay(img, trace)
             if groups is not None:
                 overlays["groups"] = groups
-        return Analysis(
-            method=method,
-            keep_ratio=spec.keep_ratio,
-            caption=caption,
-            # The baseline's tokens, stage for stage with the pruned side's.
-            baseline=side(z_base, [trace.num_patches] * len(trace.tokens_per_stage()), BASELINE, timing["baseline"]),
-            pruned=side(z_pruned, trace.tokens_per_stage(), method, timing["pruned"]),
-            trace=trace,
-            overlays=overlays,
-            latency_bs32=bs32,
-            caption_truncated=truncated,
-        )
-
-    @torch.inference_mode()
-    def compare(
-        self, image: Any, caption: str, keep_ratio: float = 0.5, style: str = "dim", methods: tuple[str, ...] | None = None
-    ) -> list[MethodSummary]:
-        """Every method at one keep ratio: overlay, score and GMACs (no latency, to stay quick)."""
-        caption, _ = self.check_caption(caption)
-        img = load_image(image)
-        pixels = to_tensor(img, self.preprocess)[None].to(self.device)
-        img = visible_region(img, self.preprocess)
-        text = self._embed_ids(self.tokenizer.encode_batch([caption]))
-        out = []
-        for m in pruning.names(prunes_only=True) if methods is None else methods:
-            spec = PruneSpec(m, float(keep_ratio), text=text if pruning.get(m).needs_caption else None)
-            z, trace = self.model_for(m).encode_image_with_trace(pixels, spec)
-            out.append(
-                MethodSummary(
-                    method=m,
-                    score=float(z[0] @ text[0]),
-                    tokens_per_stage=trace.tokens_per_stage(),
-                    gmacs=flops.gmacs(self.cfg, m, spec.keep_ratio),
-                    overlay=overlay.kept_overlay(img, trace, style=style),
-                )
-            )
-        return out
+        return overlays
 
     def warm_gmacs(self, keep_ratios: list[float], methods: tuple[str, ...] | None = None) -> None:
         """Fill the GMACs cache ahead of requests (fvcore traces take ~0.2 s each)."""
@@ -414,11 +437,8 @@ class Session:
             The `Sweep`, its stops in the order of `stops`.
         """
         info = pruning.get(method)
-        caption, _ = self.check_caption(caption)
-        img = load_image(image)
-        pixels = to_tensor(img, self.preprocess)[None].to(self.device)
-        img = visible_region(img, self.preprocess)  # overlays cover what the model saw
-        text = self._embed_ids(self.tokenizer.encode_batch([caption]))  # (1, E)
+        request = self._request(image, caption)
+        pixels, text = request.pixels, request.text
         model = self.model_for(method)
         order = sorted(range(len(stops)), key=lambda i: (first is None or stops[i] != first, i))
         done: dict[int, SweepStop] = {}
@@ -441,8 +461,8 @@ class Session:
         base = self.baseline.encode_image(pixels)
         return Sweep(
             method=method,
-            caption=caption,
-            image=img,
+            caption=request.caption,
+            image=request.image,
             baseline_score=float(base[0] @ text[0]),
             baseline_gmacs=flops.gmacs(self.cfg, BASELINE, 1.0),
             stops=[done[i] for i in range(len(stops))],

@@ -1,19 +1,53 @@
 """Interleaved A/B latency: the same noise hits every variant.
 
-Variants run in turn (A B A B ...) after warm-up, under `torch.inference_mode`
-with a fixed thread count; the figures are the median and inter-quartile range
-over the repeats. Nothing here prints.
+One protocol for every figure the project reports (`LatencyProtocol`): variants
+run in turn (A B A B ...), first `warmup` discarded rounds, then up to `repeats`
+measured ones, under `torch.inference_mode` with a fixed thread count; the
+figures are the median and inter-quartile range over the measured rounds. With
+a time budget, measuring stops once ``budget_s`` seconds have gone into measured
+rounds, but never before ``min_repeats`` of them. Nothing here prints.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+
+@dataclass(frozen=True)
+class LatencyProtocol:
+    """How a latency figure is measured.
+
+    Raises:
+        ValueError: for counts below their minimum or a non-positive budget.
+    """
+
+    warmup: int = 3  # discarded rounds run first (interleaved too): caches, allocator, lazy init
+    repeats: int = 20  # measured rounds at most; each round calls every variant once
+    threads: int | None = None  # torch intra-op threads for the run; None keeps the current setting
+    budget_s: float | None = None  # stop once measured rounds have taken this long (None: always `repeats`)
+    min_repeats: int = 3  # measured rounds even past the budget (capped at `repeats`): a median needs a few
+
+    def __post_init__(self) -> None:
+        if self.repeats < 1 or self.min_repeats < 1 or self.warmup < 0:
+            raise ValueError(
+                f"Latency protocol needs repeats >= 1, min_repeats >= 1 and warmup >= 0; got {self.repeats}, "
+                f"{self.min_repeats} and {self.warmup}."
+            )
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be at least 1 (or None), got {self.threads}.")
+        if self.budget_s is not None and not self.budget_s > 0:
+            raise ValueError(f"budget_s must be positive (or None), got {self.budget_s}.")
+
+    def replace(self, **changes: object) -> LatencyProtocol:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
 
 
 @dataclass(frozen=True)
@@ -22,10 +56,7 @@ class Timing:
 
     median_ms: float
     iqr_ms: float  # 75th minus 25th percentile
-    repeats: int
-
-    def to_dict(self) -> dict[str, float]:
-        return asdict(self)
+    repeats: int  # measured calls: fewer than the protocol's repeats when its time budget ran out
 
 
 @contextlib.contextmanager
@@ -41,30 +72,34 @@ def fixed_threads(threads: int | None) -> Iterator[None]:
 
 
 def interleaved(
-    variants: Mapping[str, Callable[[], object]], repeats: int = 20, warmup: int = 3, threads: int | None = None
+    variants: Mapping[str, Callable[[], object]],
+    protocol: LatencyProtocol = LatencyProtocol(),
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, Timing]:
-    """Time several zero-argument callables, interleaved.
+    """Time several zero-argument callables, interleaved, under one `LatencyProtocol`.
 
     Args:
         variants: name -> callable; each call is one measured unit of work.
-        repeats: measured calls per variant (at least 1).
-        warmup: discarded calls per variant, run first (also interleaved).
-        threads: torch threads for the run; None keeps the current setting.
+        protocol: warm-up, repeats, threads and time budget.
+        clock: seconds, monotonic (tests pass a fake one).
 
     Returns:
-        name -> `Timing`.
+        name -> `Timing`; every variant has the same number of repeats.
     """
-    if repeats < 1:
-        raise ValueError("repeats must be at least 1.")
     samples: dict[str, list[float]] = {name: [] for name in variants}
-    with fixed_threads(threads), torch.inference_mode():
-        for i in range(warmup + repeats):
-            for name, fn in variants.items():
-                t0 = time.perf_counter()
+    least = min(protocol.min_repeats, protocol.repeats)
+    with fixed_threads(protocol.threads), torch.inference_mode():
+        for _ in range(protocol.warmup):
+            for fn in variants.values():
                 fn()
-                dt = (time.perf_counter() - t0) * 1e3
-                if i >= warmup:
-                    samples[name].append(dt)
+        start = clock()
+        for done in range(1, protocol.repeats + 1):
+            for name, fn in variants.items():
+                t0 = clock()
+                fn()
+                samples[name].append((clock() - t0) * 1e3)
+            if protocol.budget_s is not None and done >= least and clock() - start >= protocol.budget_s:
+                break
     out = {}
     for name, s in samples.items():
         q25, q50, q75 = np.percentile(s, [25, 50, 75])
