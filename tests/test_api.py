@@ -133,3 +133,14 @@ def test_sweep_equals_analyze_at_its_stops(session, image, method):
     d = sweep.to_dict()
     assert d["method"] == method and len(d["stops"]) == 3 and "trace" not in d["stops"][0]
     assert d["stops"][-1]["kept"] == list(range(16))  # keep ratio 1 keeps every patch
+
+
+def test_latency_is_measured_once_per_setting_within_its_budget(session, image):
+    timing = session.latency("tome", 0.5)
+    assert session.latency("tome", 0.5) is timing  # cached: the slider's stops are measured once each
+    assert session.latency("tome", 0.25) is not timing
+    assert api.LATENCY_BS1.min_repeats <= timing["pruned"].repeats <= api.LATENCY_BS1.repeats
+    d = session.analyze(image, "a red circle", method="tome", keep_ratio=0.5).to_dict()
+    assert d["pruned"]["latency_ms"] == round(timing["pruned"].median_ms, 4)
+    assert d["pruned"]["latency_repeats"] == timing["pruned"].repeats
+    assert session.latency("none", 0.3) is session.latency("none", 1.0)  # the baseline has one cost

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from . import flops, hf_clip, overlay
@@ -55,6 +56,7 @@ class Side:
     gmacs: float  # fvcore GMACs of the image encoder, batch 1
     latency_ms: float  # median, batch 1, measured interleaved with the other side
     latency_iqr_ms: float  # inter-quartile range of the same samples
+    latency_repeats: int  # measured passes behind the median (the time budget may stop short of the protocol's)
     top_captions: list[tuple[str, float]] = field(default_factory=list)  # best captions of the test-set bank
 
 
@@ -80,6 +82,7 @@ class Analysis:
                 "gmacs": round(s.gmacs, 6),
                 "latency_ms": round(s.latency_ms, 4),
                 "latency_iqr_ms": round(s.latency_iqr_ms, 4),
+                "latency_repeats": s.latency_repeats,
                 "top_captions": [[c, round(v, 4)] for c, v in s.top_captions],
             }
             if with_stages:
@@ -160,7 +163,9 @@ class Sweep:
         }
 
 
-LATENCY_BS1 = LatencyProtocol(warmup=2, repeats=10)  # `Session.analyze` at batch 1; `latency_repeats` overrides
+# `Session.latency` at batch 1: at most 1 s of measuring per request, so a model 100x costlier than the shipped
+# one still answers in time (with at least 3 interleaved pairs); `latency_repeats` overrides the repeats.
+LATENCY_BS1 = LatencyProtocol(warmup=2, repeats=10, budget_s=1.0, min_repeats=3)
 LATENCY_BS32 = LatencyProtocol(warmup=1, repeats=3)  # `Session.analyze(batch32=True)`: each call is ~30x the work
 
 
@@ -204,6 +209,7 @@ class Session:
         self.source, self.metrics = source, metrics
         self.cfg = baseline.cfg
         self.preprocess = preprocess or Preprocess(self.cfg.vision.image_size)
+        self._latency: dict[tuple[str, float, LatencyProtocol], dict[str, Timing]] = {}
         self.has_predictors = has_predictors
         self.device = next(baseline.parameters()).device
         self.caption_bank = list(caption_bank or [])
@@ -315,7 +321,7 @@ class Session:
         z_base = self.baseline.encode_image(request.pixels)
         z_pruned, trace = model.encode_image_with_trace(request.pixels, spec)
         per_stage = trace.tokens_per_stage()
-        timing = self._time(model, request.pixels, spec, LATENCY_BS1.replace(repeats=int(latency_repeats)))
+        timing = self.latency(method, spec.keep_ratio, LATENCY_BS1.replace(repeats=int(latency_repeats)))
         gmacs_base = flops.gmacs(self.cfg, BASELINE)
         gmacs = flops.gmacs(self.cfg, method, spec.keep_ratio if info.prunes else 1.0)
         bs32 = None
@@ -364,6 +370,29 @@ class Session:
         text = self._embed_ids(self.tokenizer.encode_batch([caption]))  # (1, E)
         return _Request(image=img, caption=caption, truncated=truncated, pixels=pixels, text=text)
 
+    def latency(
+        self, method: str, keep_ratio: float, protocol: LatencyProtocol = LATENCY_BS1
+    ) -> dict[str, Timing]:
+        """Batch-1 latency of the baseline and of `method` at `keep_ratio`, measured once per session.
+
+        The cost of a pass depends on the method and keep ratio, not on the picture or the
+        caption, so it is measured on a fixed input and cached per (method, keep ratio,
+        protocol): a repeated setting costs nothing, and the slider's stops are measured
+        once each.
+
+        Returns:
+            "baseline" and "pruned" `Timing`s (interleaved A B A B).
+        """
+        info = pruning.get(method)
+        key = (method, float(keep_ratio) if info.prunes else 1.0, protocol)
+        if key not in self._latency:
+            size = self.cfg.vision.image_size
+            pixels = torch.zeros(1, 3, size, size, device=self.device)
+            text = F.normalize(torch.ones(1, self.cfg.embed_dim, device=self.device), dim=-1)
+            spec = PruneSpec(method, key[1], text=text if info.needs_caption else None)
+            self._latency[key] = self._time(self.model_for(method), pixels, spec, protocol)
+        return self._latency[key]
+
     def _time(
         self, model: DualEncoder, pixels: torch.Tensor, spec: PruneSpec, protocol: LatencyProtocol
     ) -> dict[str, Timing]:
@@ -381,6 +410,7 @@ class Session:
             gmacs=gmacs,
             latency_ms=timing.median_ms,
             latency_iqr_ms=timing.iqr_ms,
+            latency_repeats=timing.repeats,
             top_captions=self.top_captions(z[0]),
         )
 
