@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from vlm_demo import api
@@ -144,3 +145,16 @@ def test_latency_is_measured_once_per_setting_within_its_budget(session, image):
     assert d["pruned"]["latency_ms"] == round(timing["pruned"].median_ms, 4)
     assert d["pruned"]["latency_repeats"] == timing["pruned"].repeats
     assert session.latency("none", 0.3) is session.latency("none", 1.0)  # the baseline has one cost
+
+
+def test_standing_reads_the_caption_against_the_bank(session, image):
+    z = torch.from_numpy(session.embed_images([image])[0])
+    sims = torch.from_numpy(session.embed_texts(session.caption_bank)) @ z
+    best, worst = float(sims.max()), float(sims.min())
+    assert session.standing(z, best + 1e-3)[0] == 1  # above every bank caption
+    assert session.standing(z, worst - 1e-3)[0] == len(sims) + 1  # below all of them
+    rank, p = session.standing(z, float(sims[0]))
+    scale = float(session.baseline.logit_scale.exp())
+    assert p == pytest.approx(float(torch.cat([sims[:1], sims]).mul(scale).softmax(0)[0]), rel=1e-5)
+    d = session.analyze(image, "a red circle", method="random", latency_repeats=1).to_dict()
+    assert 1 <= d["pruned"]["bank_rank"] <= len(sims) + 1 and 0 < d["pruned"]["bank_probability"] < 1

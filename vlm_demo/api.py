@@ -58,6 +58,8 @@ class Side:
     latency_iqr_ms: float  # inter-quartile range of the same samples
     latency_repeats: int  # measured passes behind the median (the time budget may stop short of the protocol's)
     top_captions: list[tuple[str, float]] = field(default_factory=list)  # best captions of the test-set bank
+    bank_rank: int | None = None  # 1 + bank captions this image scores above the caption (1: the caption wins)
+    bank_probability: float | None = None  # the caption's softmax probability against the bank, at logit_scale
 
 
 @dataclass
@@ -84,6 +86,8 @@ class Analysis:
                 "latency_iqr_ms": round(s.latency_iqr_ms, 4),
                 "latency_repeats": s.latency_repeats,
                 "top_captions": [[c, round(v, 4)] for c, v in s.top_captions],
+                "bank_rank": s.bank_rank,
+                "bank_probability": None if s.bank_probability is None else round(s.bank_probability, 6),
             }
             if with_stages:
                 d["tokens_per_stage"] = s.tokens_per_stage
@@ -255,6 +259,25 @@ class Session:
             out.append(model.encode_image(pixels, spec))
         return torch.cat(out).cpu().numpy() if out else np.zeros((0, self.cfg.embed_dim), np.float32)
 
+    def standing(self, embedding: torch.Tensor, score: float) -> tuple[int | None, float | None]:
+        """Where a caption with cosine `score` stands among the bank's captions for one (E,) image embedding.
+
+        A readout a person can read, beside the raw cosine (whose range depends on the
+        model): the caption's rank against every bank caption (1 = none scores higher),
+        and its probability when the model picks one caption out of the bank plus it,
+        a softmax at the model's own ``logit_scale`` as in its contrastive training.
+
+        Returns:
+            (rank, probability), or (None, None) without a caption bank.
+        """
+        if self._bank is None:
+            return None, None
+        sims = self._bank @ embedding.to(self._bank.dtype)  # (N,)
+        rank = 1 + int((sims > score).sum())
+        scale = float(self.baseline.logit_scale.detach().exp().clamp(max=100))  # CLIP clamps the scale at 100
+        logits = torch.cat([torch.tensor([score], dtype=sims.dtype, device=sims.device), sims]) * scale
+        return rank, float(logits.softmax(0)[0])
+
     def top_captions(self, embedding: torch.Tensor, k: int = 3) -> list[tuple[str, float]]:
         """The `k` captions of the bank closest to one (E,) image embedding, with cosines."""
         if self._bank is None:
@@ -403,8 +426,12 @@ class Session:
 
     def _side(self, z: torch.Tensor, per_stage: list[int], text: torch.Tensor, gmacs: float, timing: Timing) -> Side:
         """One model's figures from its (1, E) image embedding, tokens per stage and timing."""
+        score = float(z[0] @ text[0])
+        rank, probability = self.standing(z[0], score)
         return Side(
-            score=float(z[0] @ text[0]),
+            score=score,
+            bank_rank=rank,
+            bank_probability=probability,
             tokens=per_stage[-1],
             tokens_per_stage=per_stage,
             gmacs=gmacs,
