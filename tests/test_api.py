@@ -154,7 +154,7 @@ def test_standing_reads_the_caption_against_the_bank(session, image):
     assert session.standing(z, best + 1e-3)[0] == 1  # above every bank caption
     assert session.standing(z, worst - 1e-3)[0] == len(sims) + 1  # below all of them
     rank, p = session.standing(z, float(sims[0]))
-    scale = float(session.baseline.logit_scale.exp())
+    scale = float(session.baseline.logit_scale.detach().exp())
     assert p == pytest.approx(float(torch.cat([sims[:1], sims]).mul(scale).softmax(0)[0]), rel=1e-5)
     d = session.analyze(image, "a red circle", method="random", latency_repeats=1).to_dict()
     assert 1 <= d["pruned"]["bank_rank"] <= len(sims) + 1 and 0 < d["pruned"]["bank_probability"] < 1
