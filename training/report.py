@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from training.data import write_text_atomic
+from vlm_demo.atomic import write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINTS = ("baseline", "pruned")
