@@ -20,6 +20,16 @@ CAPTIONS = [
     "a little purple heart in the bottom right corner",
 ]
 
+# A small HuggingFace CLIP config.json: causal text attention pooled at the end-of-text token, quick GELU,
+# pre-norm, no patch bias; built with random weights in a fraction of a second.
+SMALL_CLIP = {
+    "model_type": "clip", "projection_dim": 24,
+    "vision_config": dict(image_size=32, patch_size=8, hidden_size=48, intermediate_size=80, num_hidden_layers=4,
+                          num_attention_heads=3),
+    "text_config": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        max_position_embeddings=16, vocab_size=100),
+}  # fmt: skip
+
 
 def make_checkpoints(folder: Path, preset: str = "tiny") -> Path:
     """baseline/ and pruned/ with random weights (different seeds), plus a caption bank."""

@@ -2,8 +2,9 @@
 
 import pytest
 import torch
+from conftest import SMALL_CLIP
 
-from vlm_demo import flops, pruning
+from vlm_demo import flops, hf_clip, pruning
 from vlm_demo.config import get_preset
 from vlm_demo.model import DualEncoder
 from vlm_demo.pruning import PruneSpec
@@ -68,3 +69,22 @@ def test_results_are_cached():
 def test_unknown_method():
     with pytest.raises(ValueError, match="Unknown pruning method"):
         flops.gmacs(get_preset("tiny").model, "magic", 0.5)
+
+
+@pytest.mark.parametrize("config", ["tiny", "small_clip"])
+def test_text_tower_fvcore_matches_closed_form_with_every_op_handled(config):
+    cfg = get_preset("tiny").model if config == "tiny" else hf_clip.model_config(SMALL_CLIP)
+    fca = flops.text_analysis(DualEncoder(cfg))
+    assert dict(fca.unsupported_ops()) == {}
+    t = cfg.text
+    assert fca.by_operator()["scaled_dot_product_attention"] == t.depth * 2 * t.context_length**2 * t.width
+    assert fca.total() / 1e9 == pytest.approx(flops.closed_form_text_gmacs(cfg), rel=0.02)
+    assert flops.text_gmacs(cfg, batch=3) == pytest.approx(3 * flops.closed_form_text_gmacs(cfg), rel=0.02)
+
+
+def test_vit_b_16_image_tower_matches_closed_form():
+    cfg = hf_clip.model_config(hf_clip.CLIP_SHAPES["vit-b-16"].config)
+    assert (cfg.vision.num_patches, cfg.vision.width, cfg.vision.depth) == (196, 768, 12)
+    fca = flops.analysis(DualEncoder(cfg), PruneSpec())
+    assert dict(fca.unsupported_ops()) == {}
+    assert fca.total() / 1e9 == pytest.approx(flops.closed_form_gmacs(cfg), rel=0.02)

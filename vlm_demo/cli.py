@@ -61,6 +61,22 @@ positive_int = _bounded_int(1)  # argparse type: a whole number >= 1
 non_negative_int = _bounded_int(0)  # argparse type: a whole number >= 0
 
 
+def placement(text: str) -> str | tuple[int, ...]:
+    """argparse type: where pruning stages sit, ``paper``, ``shared`` or block indices like ``1,3``.
+
+    The blocks are checked against the model later (`vlm_demo.pruning.resolve_stages`).
+    """
+    from .pruning import PLACEMENTS  # here: the other parsers need no torch
+
+    if text in PLACEMENTS:
+        return text
+    try:
+        blocks = tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected paper, shared or block indices like 1,3; got {text!r}") from None
+    return blocks
+
+
 def positive_float(text: str) -> float:
     """argparse type: a finite number > 0."""
     try:

@@ -1,4 +1,4 @@
-"""Honest compute accounting for the image encoder: fvcore counts, checked against a closed form.
+"""Honest compute accounting for both towers: fvcore counts, checked against a closed form.
 
 Units: fvcore's "flop" is one multiply-accumulate, so every figure here is in
 **MACs** (GMACs = 1e9 MACs). Where FLOPs are shown, FLOPs = 2 x MACs.
@@ -16,6 +16,11 @@ every operator the encoder runs has a handle:
 `closed_form_gmacs` recomputes the count from the configuration and the token
 counts per block; the tests hold fvcore to it within 2% for every method and keep
 ratio. Counts depend only on (config, method, keep ratio, batch), so they are cached.
+
+The text tower is counted the same way (`text_gmacs`, `closed_form_text_gmacs`): one
+caption of the model's full context length, every position attended (a causal mask
+skips no multiply in ``scaled_dot_product_attention``), the embedding lookup 0 MACs.
+Published CLIP figures often add both towers; `vlm_demo.bench` prints them side by side.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ ZERO_MAC_OPS = (
     "aten::rand", "aten::log_", "aten::full", "aten::full_like", "aten::ones", "aten::zeros", "aten::eye",
     "aten::index", "aten::index_put_", "aten::arange", "aten::fill_", "aten::copy_", "aten::empty",
     "aten::empty_like", "aten::repeat", "aten::flatten", "aten::cat", "aten::stack", "aten::detach",
+    "aten::embedding", "aten::triu", "aten::argmax", "aten::sigmoid_",
 )  # fmt: skip
 
 
@@ -70,6 +76,38 @@ class _EncodeImage(nn.Module):
         return self.model.encode_image(pixels, self.spec)
 
 
+class _EncodeText(nn.Module):
+    """Wraps `encode_text` so that fvcore can trace it."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_text(ids)
+
+
+def _count(model: nn.Module, wrapper: nn.Module, inputs: tuple[torch.Tensor, ...]):
+    """Run an fvcore `FlopCountAnalysis` of `wrapper` (around `model`) with every op handled."""
+    from fvcore.nn import FlopCountAnalysis
+
+    handles = {op: _zero for op in ZERO_MAC_OPS}
+    handles["aten::scaled_dot_product_attention"] = _sdpa_macs
+    was_training = model.training
+    model.eval()
+    try:
+        fca = FlopCountAnalysis(wrapper, inputs).set_op_handle(**handles)
+        fca.unsupported_ops_warnings(False)
+        fca.uncalled_modules_warnings(False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings about data-dependent top-k: expected here
+            logging.getLogger("fvcore").setLevel(logging.ERROR)
+            fca.total()
+    finally:
+        model.train(was_training)
+    return fca
+
+
 def analysis(model: nn.Module, spec: PruneSpec, batch: int = 1):
     """An fvcore `FlopCountAnalysis` of ``model.encode_image`` with every op handled.
 
@@ -81,25 +119,24 @@ def analysis(model: nn.Module, spec: PruneSpec, batch: int = 1):
     Returns:
         The `FlopCountAnalysis` (already run); ``.total()`` is in MACs.
     """
-    from fvcore.nn import FlopCountAnalysis
-
     cfg = model.cfg.vision
     pixels = torch.zeros(batch, 3, cfg.image_size, cfg.image_size)
-    handles = {op: _zero for op in ZERO_MAC_OPS}
-    handles["aten::scaled_dot_product_attention"] = _sdpa_macs
-    was_training = model.training
-    model.eval()
-    try:
-        fca = FlopCountAnalysis(_EncodeImage(model, spec), (pixels,)).set_op_handle(**handles)
-        fca.unsupported_ops_warnings(False)
-        fca.uncalled_modules_warnings(False)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tracer warnings about data-dependent top-k: expected here
-            logging.getLogger("fvcore").setLevel(logging.ERROR)
-            fca.total()
-    finally:
-        model.train(was_training)
-    return fca
+    return _count(model, _EncodeImage(model, spec), (pixels,))
+
+
+def text_analysis(model: nn.Module, batch: int = 1):
+    """An fvcore `FlopCountAnalysis` of ``model.encode_text`` on `batch` captions of the full context length.
+
+    Args:
+        model: a `DualEncoder` (its weights do not change the count).
+        batch: captions per forward pass.
+
+    Returns:
+        The `FlopCountAnalysis` (already run); ``.total()`` is in MACs.
+    """
+    t = model.cfg.text
+    ids = (torch.arange(t.context_length) % t.vocab_size).expand(batch, -1).contiguous()  # (B, L)
+    return _count(model, _EncodeText(model), (ids,))
 
 
 Placement = str | tuple[int, ...] | None  # see `PruneSpec.stages`; None: the config's pruning.placement
@@ -122,6 +159,20 @@ def _cached_gmacs(
     torch.manual_seed(0)
     model = DualEncoder(cfg)
     return analysis(model, _spec_for(cfg, method, keep_ratio, fuse, placement), batch).total() / 1e9
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_text_gmacs(config_json: str, batch: int) -> float:
+    from .model import DualEncoder
+
+    torch.manual_seed(0)
+    model = DualEncoder(ModelConfig.from_dict(json.loads(config_json)))
+    return text_analysis(model, batch).total() / 1e9
+
+
+def text_gmacs(cfg: ModelConfig, batch: int = 1) -> float:
+    """fvcore GMACs of one text-encoder pass over `batch` captions of ``cfg.text.context_length`` tokens (cached)."""
+    return _cached_text_gmacs(json.dumps(cfg.to_dict(), sort_keys=True), int(batch))
 
 
 def gmacs(
@@ -208,3 +259,18 @@ def closed_form_gmacs(
     macs += 5 * C + C * E  # final norm and projection of the CLS token
     return batch * macs / 1e9
 
+
+
+def closed_form_text_gmacs(cfg: ModelConfig, batch: int = 1) -> float:
+    """GMACs of the text tower from a per-block formula, for captions of the full context length.
+
+    Per block with L tokens, width C, MLP width H: QKV ``3LC^2`` + projection ``LC^2`` +
+    attention matmuls ``2L^2 C`` (a causal mask saves none) + MLP ``2LCH`` + two layer
+    norms ``10LC``; then the final norm and the projection of the pooled token. The
+    token-embedding lookup is no multiply-accumulate.
+    """
+    t = cfg.text
+    L, C, H, E = t.context_length, t.width, t.mlp_width, cfg.embed_dim
+    macs = t.depth * (4 * L * C * C + 2 * L * L * C + 2 * L * C * H + 10 * L * C)
+    macs += 5 * C + C * E
+    return batch * macs / 1e9

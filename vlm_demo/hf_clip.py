@@ -73,6 +73,67 @@ SAFETENSORS_HINT = (
 )
 
 
+@dataclass(frozen=True)
+class Published:
+    """A cost figure a model's authors or a model zoo publish, in GMACs (their GFLOPs halved where FLOPs = 2 MACs)."""
+
+    towers: str  # what it counts: "image", "text" or "image+text"
+    gmacs: float
+    source: str  # where the figure is printed, and how it was converted
+
+
+@dataclass(frozen=True)
+class ClipShape:
+    """A published CLIP architecture, to build with random weights (no download) and measure."""
+
+    hub_id: str  # the HuggingFace repository whose config.json this restates
+    config: dict[str, Any]  # its architecture as a config.json dict (`model_config` maps it)
+    published: tuple[Published, ...] = ()  # cost figures to reconcile with the count
+
+
+# Named CLIP shapes for `python -m vlm_demo.bench --config NAME`: the architecture fields of each
+# model's config.json (the rest take transformers' defaults, as in `model_config`). Costs do not
+# depend on the activation, the eps or the token ids.
+CLIP_SHAPES: dict[str, ClipShape] = {
+    "tinyclip-8m-16": ClipShape(
+        hub_id="wkcn/TinyCLIP-ViT-8M-16-Text-3M-YFCC15M",
+        config={
+            "model_type": "clip", "projection_dim": 512,
+            "vision_config": {
+                "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 10, "num_attention_heads": 4,
+                "patch_size": 16, "image_size": 224, "hidden_act": "gelu",
+            },
+            # TinyCLIP trained in open_clip without quick_gelu (its model config does not ask for it), so
+            # nn.GELU, "gelu" in transformers' terms; the ONNX export of this checkpoint says "gelu" too.
+            "text_config": {
+                "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 3, "num_attention_heads": 4,
+                "max_position_embeddings": 77, "vocab_size": 49408, "hidden_act": "gelu",
+            },
+        },
+        published=(
+            Published("image+text", 2.0, "TinyCLIP model card / README table, 'MACs (G)' 2.0"),
+        ),
+    ),
+    "vit-b-16": ClipShape(
+        hub_id="openai/clip-vit-base-patch16",
+        config={
+            "model_type": "clip", "projection_dim": 512,
+            "vision_config": {
+                "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+                "patch_size": 16, "image_size": 224, "hidden_act": "quick_gelu",
+            },
+            "text_config": {
+                "hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 8,
+                "max_position_embeddings": 77, "vocab_size": 49408, "hidden_act": "quick_gelu", "eos_token_id": 2,
+            },
+        },
+        published=(
+            Published("image", 35.13 / 2, "open_clip docs/model_profile.csv, ViT-B-16 image_gflops 35.13 (= 2 x MACs)"),
+            Published("text", 5.96 / 2, "open_clip docs/model_profile.csv, ViT-B-16 text_gflops 5.96 (= 2 x MACs)"),
+        ),
+    ),
+}  # fmt: skip
+
 @dataclass
 class ClipCheckpoint:
     """A loaded HuggingFace CLIP."""
@@ -136,6 +197,26 @@ def model_config(hf: dict[str, Any], source: str = CONFIG_FILE) -> ModelConfig:
         embed_dim=hf.get("projection_dim", 512),
         init_logit_scale=hf.get("logit_scale_init_value", 2.6592),
     )
+
+
+def read_model_config(path: str | os.PathLike) -> ModelConfig:
+    """The `ModelConfig` of a HuggingFace CLIP ``config.json`` (or of the folder holding one); reads nothing else.
+
+    Raises:
+        FileNotFoundError: when there is no such file.
+        ValueError: for a file that is not a CLIP config, or an architecture `model_config` refuses.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is not a file: give a HuggingFace CLIP config.json or its folder.")
+    hf = _read_json(path)
+    if hf.get("model_type") != "clip":
+        raise ValueError(
+            f"{path} is not a HuggingFace CLIP config: its model_type is {hf.get('model_type')!r}, not 'clip'."
+        )
+    return model_config(hf, str(path))
 
 
 def _tower(sub: dict[str, Any]) -> dict[str, Any]:
