@@ -11,6 +11,7 @@ the page measures it when the slider settles (see app.py).
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import io
 
@@ -91,7 +92,8 @@ def frames_html(sweep: Sweep, current: float, style: str = "dim", total: int | N
     status = ""
     if total is not None and total > len(sweep.stops):
         status = f'<div class="scrub-status">computing the other stops… ({len(sweep.stops)}/{total})</div>'
-    return f'<div class="scrub" data-method="{html.escape(sweep.method)}">{status}{"".join(frames)}</div>'
+    input_key = hashlib.sha1(f"{sweep.method}\n{sweep.caption}".encode() + image.tobytes()).hexdigest()[:12]
+    return f'<div class="scrub" data-key="{input_key}" data-method="{html.escape(sweep.method)}">{status}{"".join(frames)}</div>'
 
 
 # Runs in the browser on every slider event: show the frame of the slider's value, hide the others,
