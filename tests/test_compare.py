@@ -74,7 +74,7 @@ def test_rows_without_a_placement_are_paper_rows_and_the_baseline_serves_all(met
 
 def test_ablation_table(metrics: dict) -> None:
     assert compare.ablation_table(metrics) == [
-        "Placement ablation: not measured in this file; re-run `python -m training.evaluate` `--placements paper shared`."
+        "Placement ablation: not measured in this file; re-run `python -m training.evaluate --placements paper shared`."
     ]
     paper = [dict(r, placement="paper", stage_blocks=[1, 3] if r["method"] != "none" else [], same_as_placement=None)
              for r in metrics["rows"]]  # fmt: skip

@@ -25,7 +25,8 @@ DEFAULT_PLACEMENT = "paper"  # the placement of a row without the key (files old
 MATCHED_GMACS = (0.65, 0.5)  # the GMACs ratios the matched tables compare methods at
 MATCHED_KEYS = ("mean_r1", "pair_acc", "object_recall", "latency_ratio_bs32", "latency_ratio_bs1")
 DASH = "–"  # a figure the row does not have (text_guided has no retrieval recall)
-RERUN_CMD = "re-run `python -m training.evaluate`"
+EVALUATE = "python -m training.evaluate"
+RERUN_CMD = f"re-run `{EVALUATE}`"
 RERUN = f"not measured in this file; {RERUN_CMD}"
 KEEP_RATE_NOTE = (
     "Keep ratios are nominal: ours is the share of patch tokens left after the last stage, while DynamicViT and "
@@ -59,6 +60,16 @@ def table(header: list[str], align: str, rows: Iterable[list[str]]) -> list[str]
 def placement_of(row: dict[str, Any]) -> str:
     """Where a row's stages sat; `DEFAULT_PLACEMENT` for a row from before the key existed."""
     return row.get("placement") or DEFAULT_PLACEMENT
+
+
+def recorded(metrics: dict[str, Any]) -> bool:
+    """Whether the file records its rows' placements (files from before the key do not)."""
+    return any("placement" in r for r in metrics["rows"])
+
+
+def placement_label(metrics: dict[str, Any], placement: str) -> str:
+    """"paper placement", or what a file from before the key can say."""
+    return f"{placement} placement" if recorded(metrics) else "placement not recorded in this file"
 
 
 def placements(metrics: dict[str, Any]) -> list[str]:
@@ -159,8 +170,8 @@ def ablation_table(metrics: dict[str, Any]) -> list[str]:
     One line when the file measured a single placement.
     """
     measured = placements(metrics)
-    if len(measured) < 2 or not any("placement" in r for r in metrics["rows"]):
-        return [f"Placement ablation: {RERUN} `--placements paper shared`."]
+    if len(measured) < 2 or not recorded(metrics):
+        return [f"Placement ablation: not measured in this file; re-run `{EVALUATE} --placements paper shared`."]
     header = ["method", "keep", "placement", "stage blocks", "tokens per stage", "GMACs ratio", "mean R@1",
               "pair acc", "object recall"]  # fmt: skip
     rows = metrics["rows"]

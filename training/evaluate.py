@@ -652,9 +652,9 @@ def render_report(m: dict[str, Any]) -> str:
     placements = compare.placements(m)
     lines += ["## At matched GMACs", "", compare.MATCHED_NOTE, ""]
     for p in placements:
-        lines += [f"**{p.capitalize()} placement:**", "", *compare.matched_table(m, p), ""]
+        lines += [f"**{compare.placement_label(m, p).capitalize()}:**", "", *compare.matched_table(m, p), ""]
     lines += [
-        f"## Every measured row ({placements[0]} placement)",
+        f"## Every measured row ({compare.placement_label(m, placements[0])})",
         "",
         "| method | keep | tokens | GMACs | GMACs ratio | R@1 i2t | R@1 t2i | mean R@1 | R@5 / R@10 mean "
         "| pair acc | obj recall (random) | lossy-ness | ms bs1 | ms bs32 | latency ratio bs32 |",

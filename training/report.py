@@ -121,7 +121,7 @@ def _score(r: dict[str, Any]) -> tuple[str, float]:
 
 
 def _placement_note(m: dict[str, Any], placement: str) -> str:
-    if any("placement" in r for r in m["rows"]):
+    if compare.recorded(m):
         return f"Stages at the `{placement}` placement (`training.evaluate --placements`)."
     return f"Where the stages sat is not recorded in this file (it predates the placement setting); {compare.RERUN_CMD}."
 
