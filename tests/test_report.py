@@ -83,7 +83,8 @@ def test_results_compare_at_matched_gmacs_before_the_nominal_table(src):
     assert text.index("**At matched GMACs.**") < text.index("**At nominal keep ratios**")
     assert "DynamicViT and EViT state a per-stage keep rate ρ" in text
     # GMACs ratios 0.58 (keep 0.5) and 0.42 (keep 0.3) bracket 0.5 halfway: learned's R@1 39.2 and 39.0 -> 39.1.
-    assert "| 0.50 | learned | keep 0.5: 0.58 and keep 0.3: 0.42, interpolated | 39.1 | 79.0 | 0.90 | 0.50 / 0.90 |" in text
+    learned = "| 0.50 | learned | keep 0.5: 0.58 and keep 0.3: 0.42, interpolated | 39.1 | 79.0 | 0.90 | 0.50 / 0.90 |"
+    assert learned in text
     assert "| 0.65 | tome | not reached by the measured keep ratios |" in text  # no row above 0.58
 
 

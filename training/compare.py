@@ -28,6 +28,7 @@ DASH = "–"  # a figure the row does not have (text_guided has no retrieval rec
 EVALUATE = "python -m training.evaluate"
 RERUN_CMD = f"re-run `{EVALUATE}`"
 RERUN = f"not measured in this file; {RERUN_CMD}"
+CEILING = "**R@1 ceiling of the test split (oracle):**"
 KEEP_RATE_NOTE = (
     "Keep ratios are nominal: ours is the share of patch tokens left after the last stage, while DynamicViT and "
     "EViT state a per-stage keep rate ρ (with S stages our r = ρ^S) and ToMe a number r of tokens merged in every "
@@ -124,7 +125,8 @@ def matched(
     """
     pts = sorted((r for r in rows if r["method"] == method), key=lambda r: r["gmacs_ratio"])
     hit = next((r for r in pts if abs(r["gmacs_ratio"] - target) < 1e-9), None)
-    pairs = [(hit, hit)] if hit else [(a, b) for a, b in zip(pts, pts[1:]) if a["gmacs_ratio"] < target < b["gmacs_ratio"]]
+    between = [(a, b) for a, b in zip(pts, pts[1:]) if a["gmacs_ratio"] < target < b["gmacs_ratio"]]
+    pairs = [(hit, hit)] if hit else between
     if not pairs:
         return None
     lo, hi = pairs[0]
@@ -136,7 +138,9 @@ def matched(
     return out
 
 
-def matched_table(metrics: dict[str, Any], placement: str | None = None, targets: Sequence[float] = MATCHED_GMACS) -> list[str]:
+def matched_table(
+    metrics: dict[str, Any], placement: str | None = None, targets: Sequence[float] = MATCHED_GMACS
+) -> list[str]:
     """Every method at each target GMACs ratio, interpolated; a line for a target a method does not reach."""
     rows = rows_at(metrics, placement)
     base = next(r for r in rows if r["method"] == BASELINE)
@@ -149,7 +153,7 @@ def matched_table(metrics: dict[str, Any], placement: str | None = None, targets
         for method in methods(rows):
             m = matched(rows, method, target)
             if m is None:
-                body.append([f"{target:.2f}", method, "not reached by the measured keep ratios", DASH, DASH, DASH, DASH])
+                body.append([f"{target:.2f}", method, "not reached by the measured keep ratios", *[DASH] * 4])
                 continue
             lo, hi = m["lo"], m["hi"]
             where = f"keep {hi['keep_ratio']:g}: {hi['gmacs_ratio']:.2f}"
@@ -189,7 +193,7 @@ def ablation_table(metrics: dict[str, Any]) -> list[str]:
         if r.get("same_as_placement"):
             where += f" (= {r['same_as_placement']})"
         blocks = r.get("stage_blocks")
-        body.append([r["method"], format(r["keep_ratio"], "g"), where, DASH if not blocks else ",".join(map(str, blocks)),
+        body.append([r["method"], format(r["keep_ratio"], "g"), where, ",".join(map(str, blocks)) if blocks else DASH,
                      "/".join(map(str, r["tokens"])), f"{r['gmacs_ratio']:.2f}", fmt(r["mean_r1"], ".1f"),
                      fmt(r["pair_acc"], ".1f"), fmt(r["object_recall"], ".2f")])  # fmt: skip
     return table(header, "lrllrrrrr", body)
@@ -201,14 +205,14 @@ def ablation_table(metrics: dict[str, Any]) -> list[str]:
 def ceiling_line(metrics: dict[str, Any]) -> str:
     """"baseline mean R@1 X of a ceiling of Y (Z%)", from the oracle's figures; a re-run hint without them."""
     if "oracle" not in metrics:
-        return f"**R@1 ceiling of the test split (oracle):** {RERUN}."
+        return f"{CEILING} {RERUN}."
     oracle = metrics["oracle"]
     if oracle is None:
-        return "**R@1 ceiling of the test split (oracle):** none, the dataset has no object ground truth (objects.json)."
+        return f"{CEILING} none, the dataset has no object ground truth (objects.json)."
     base = next(r for r in metrics["rows"] if r["method"] == BASELINE)
     share = DASH if base["mean_r1"] is None or not oracle["mean_r1"] else f"{base['mean_r1'] / oracle['mean_r1']:.0%}"
     return (
-        f"**R@1 ceiling of the test split (oracle):** baseline mean R@1 {fmt(base['mean_r1'], '.1f')} of a ceiling "
+        f"{CEILING} baseline mean R@1 {fmt(base['mean_r1'], '.1f')} of a ceiling "
         f"of {oracle['mean_r1']:.1f} ({share}); the oracle matches each caption's stated objects to the ground truth "
         f"and breaks ties at random (R@1 image→text {oracle['r1_i2t']:.1f}, text→image {oracle['r1_t2i']:.1f}): "
         "captions that fit more than one test image cap what any model can reach."

@@ -402,7 +402,8 @@ def _add_ground_truth(test: _TestSet, objects: dict[str, Any], models: _Models) 
     test.have_boxes = have_boxes if bool(have_boxes.any()) else None
     ed = test.data
     try:
-        test.oracle = oracle.ground_truth_ceiling(ed.captions, ed.caption_to_image.tolist(), ed.names, objects["images"])
+        owner = ed.caption_to_image.tolist()
+        test.oracle = oracle.ground_truth_ceiling(ed.captions, owner, ed.names, objects["images"])
     except oracle.CaptionError as e:
         logger.warning("No R@1 ceiling: a test caption is not the generator's (%s).", e)
 
@@ -428,9 +429,8 @@ class _Rows:
     def run(self) -> list[dict[str, Any]]:
         placements = self.opts.placements
         grid_rows = [(BASELINE, 1.0, placements[0])]
-        grid_rows += [
-            (m, r, p) for p in placements for m in self.opts.methods if pruning.get(m).prunes for r in self.opts.keep_ratios
-        ]  # fmt: skip
+        pruned = [m for m in self.opts.methods if pruning.get(m).prunes]
+        grid_rows += [(m, r, p) for p in placements for m in pruned for r in self.opts.keep_ratios]
         with logging_redirect_tqdm():
             bar = tqdm(grid_rows, desc="evaluate", unit="row", disable=not self.opts.progress)
             for method, r, p in bar:

@@ -123,7 +123,7 @@ def _score(r: dict[str, Any]) -> tuple[str, float]:
 def _placement_note(m: dict[str, Any], placement: str) -> str:
     if compare.recorded(m):
         return f"Stages at the `{placement}` placement (`training.evaluate --placements`)."
-    return f"Where the stages sat is not recorded in this file (it predates the placement setting); {compare.RERUN_CMD}."
+    return f"Where the stages sat is not recorded in this file (it predates the placement key); {compare.RERUN_CMD}."
 
 
 def results(src: Sources) -> str:
@@ -176,7 +176,8 @@ def findings(src: Sources) -> str:
     oracle = m.get("oracle")
     ceiling = ""
     if oracle and base["mean_r1"] is not None and oracle.get("mean_r1"):
-        ceiling = f", {base['mean_r1'] / oracle['mean_r1']:.0%} of the test split's R@1 ceiling ({oracle['mean_r1']:.1f})"
+        share = base["mean_r1"] / oracle["mean_r1"]
+        ceiling = f", {share:.0%} of the test split's R@1 ceiling ({oracle['mean_r1']:.1f})"
     lines = [
         f"- **The baseline learned:** mean R@1 {base['mean_r1']:.1f}% over {n:,} test images (chance is "
         f"{100 / n:.1f}%{ceiling}), pair accuracy {base['pair_acc']:.1f}%."
