@@ -170,6 +170,8 @@ def test_main_writes_metrics_report_and_plot(tiny: tuple[Path, Path], tmp_path: 
     assert m["dataset"]["images"] == 3 and m["dataset"]["captions"] == 15  # 24 images: 18/3/3
     assert m["training"]["seconds_per_epoch"] == {"none": 1.0, "learned": 2.0}
     assert m["model"]["params"] > 0
+    assert m["options"]["placements"] == ["paper"] and {r["placement"] for r in m["rows"]} == {"paper"}
+    assert set(m["oracle"]) == {"r1_t2i", "r1_i2t", "mean_r1"}
 
     rows = m["rows"]
     assert {r["method"] for r in rows} == set(METHODS)
@@ -211,6 +213,40 @@ def test_main_writes_metrics_report_and_plot(tiny: tuple[Path, Path], tmp_path: 
     assert (out / "tradeoff.png").stat().st_size > 1000
 
 
+def test_placements_paper_and_shared_each_get_rows(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    from training.evaluate import main
+
+    _, ckpt = tiny
+    out = tmp_path / "eval"
+    m = main(["--checkpoints", str(ckpt), "--out", str(out), "--keep-ratios", "0.5", "--placements", "paper", "shared",
+              "--no-latency", "--quiet", "--threads", "1"])  # fmt: skip
+    assert m["options"]["placements"] == ["paper", "shared"]
+    rows = m["rows"]
+    assert [(r["method"], r["placement"]) for r in rows if r["method"] == "none"] == [("none", "paper")]  # one, shared
+    by = {(r["method"], r["placement"]): r for r in rows if r["method"] != "none"}
+    assert set(by) == {(meth, p) for meth in ("learned", "cls_attention", "text_guided", "tome", "random")
+                       for p in ("paper", "shared")}  # fmt: skip
+    # Tiny: 4 blocks, predictors before blocks 1 and 2 (the shared placement).
+    assert by[("cls_attention", "paper")]["stage_blocks"] == [1, 2, 3]
+    assert by[("tome", "paper")]["stage_blocks"] == [0, 1, 2, 3]
+    for meth in ("cls_attention", "tome"):  # the two whose paper placement differs: measured again
+        shared = by[(meth, "shared")]
+        assert shared["stage_blocks"] == [1, 2] and shared["same_as_placement"] is None
+        assert len(shared["tokens"]) == 3 and shared["gmacs"] != by[(meth, "paper")]["gmacs"]
+    for meth in ("learned", "text_guided", "random"):  # the same blocks either way: copied, marked
+        paper, shared = by[(meth, "paper")], by[(meth, "shared")]
+        assert shared["same_as_placement"] == "paper" and paper["same_as_placement"] is None
+        assert {k: v for k, v in shared.items() if k not in ("placement", "same_as_placement")} == {
+            k: v for k, v in paper.items() if k not in ("placement", "same_as_placement")
+        }
+    # The oracle: 3 test images whose scenes differ, so every caption fits its own image alone.
+    assert m["oracle"] == {"r1_t2i": 100.0, "r1_i2t": 100.0, "mean_r1": 100.0}
+    report = (out / "report.md").read_text()
+    assert "## Placement ablation" in report and "| tome | 0.5 | shared | 1,2 |" in report
+    assert "| learned | 0.5 | shared (= paper) | 1,2 |" in report
+    assert "**Shared placement:**" in report and "of a ceiling of 100.0" in report
+
+
 def test_real_data_without_ground_truth(tiny: tuple[Path, Path], tmp_path: Path) -> None:
     """Without objects.json (the real Flickr8k) pair accuracy and object recall are null, not made up."""
     from training.evaluate import evaluate
@@ -223,6 +259,7 @@ def test_real_data_without_ground_truth(tiny: tuple[Path, Path], tmp_path: Path)
                  latency=False, progress=False, threads=1)  # fmt: skip
     assert m["dataset"]["synthetic"] is False and m["dataset"]["root"] == str(real)
     assert [(r["method"], r["keep_ratio"]) for r in m["rows"]] == [("none", 1.0), ("text_guided", 0.5), ("random", 0.5)]
+    assert m["oracle"] is None  # no ground truth, no ceiling
     for r in m["rows"]:
         assert r["pair_acc"] is None and r["object_recall"] is None and r["latency_ms_bs32"] is None
     guided = m["rows"][1]

@@ -68,22 +68,42 @@ def src() -> report.Sources:
 def test_results_table_has_the_baseline_then_every_method_at_the_headline_keeps(src):
     lines = report.results(src).splitlines()
     assert lines[0].startswith("Test split: 200 synthetic images × 1,000 captions.") and "4 CPUs" in lines[0]
-    body = [line for line in lines if line.startswith("| ") and not line.startswith("| method")]
+    assert "not recorded in this file" in lines[0]  # a file from before the placement key
+    assert "R@1 ceiling of the test split (oracle):** not measured in this file" in lines[2]
+    nominal = lines[lines.index(next(x for x in lines if x.startswith("**At nominal keep ratios**"))):]
+    body = [line for line in nominal if line.startswith("| ") and not line.startswith("| method")]
     assert len(body) == 1 + 5 * 3
     assert body[0] == "| none | 1 | 4/3/2 | 0.6000 | 1.00 | 40.0 | 80.0 | 1.00 (1.00) | 0.000 | 2.0 | 60.0 | 1.00 |"
     guided = next(line for line in body if line.startswith("| text_guided | 0.3 |"))
     assert guided.split(" | ")[5] == "–" and guided.split(" | ")[8] == "–"  # no recall, no lossy-ness
 
 
+def test_results_compare_at_matched_gmacs_before_the_nominal_table(src):
+    text = report.results(src)
+    assert text.index("**At matched GMACs.**") < text.index("**At nominal keep ratios**")
+    assert "DynamicViT and EViT state a per-stage keep rate ρ" in text
+    # GMACs ratios 0.58 (keep 0.5) and 0.42 (keep 0.3) bracket 0.5 halfway: learned's R@1 39.2 and 39.0 -> 39.1.
+    learned = "| 0.50 | learned | keep 0.5: 0.58 and keep 0.3: 0.42, interpolated | 39.1 | 79.0 | 0.90 | 0.50 / 0.90 |"
+    assert learned in text
+    assert "| 0.65 | tome | not reached by the measured keep ratios |" in text  # no row above 0.58
+
+
 def test_findings_compute_every_figure_and_comparison(src):
     text = report.findings(src)
     assert "mean R@1 40.0% over 200 test images (chance is 0.5%), pair accuracy 80.0%" in text
-    assert "mean R@1 39.0 (1.0 points below the baseline, lossy-ness 0.025), 19.0 points above `random`" in text
-    assert "keeps 90% of the object patches, against 30% for `random`" in text
-    assert "The best training-free method is `tome`:** mean R@1 35.0" in text
+    assert "at 0.50× the baseline's GMACs** (interpolated between keep ratios 0.5 and 0.3)" in text
+    assert "mean R@1 39.1 (0.9 points below the baseline), 19.1 points above `random`" in text
+    assert "keeps 90% of the object patches, against 40% for `random`" in text
+    assert "The best training-free method at 0.50× the baseline's GMACs is `tome`:** mean R@1 35.0" in text
     assert "`cls_attention` 10.0 mean R@1" in text  # below random's 20.0 mean R@1
     assert "`text_guided`" not in text.split("Below")[1].split("\n")[0]  # 75.0 pair acc beats random's 70.0
-    assert "`learned` 0.42 / 0.50 / 0.90" in text
+    assert "`learned` 0.50 / 0.90" in text
+
+
+def test_findings_put_the_baseline_against_the_ceiling(src):
+    src.metrics["oracle"] = {"r1_i2t": 80.0, "r1_t2i": 80.0, "mean_r1": 80.0}
+    assert "(chance is 0.5%, 50% of the test split's R@1 ceiling (80.0))" in report.findings(src)
+    assert "baseline mean R@1 40.0 of a ceiling of 80.0 (50%)" in report.results(src)
 
 
 def test_training_time_sums_the_recorded_epochs(src):

@@ -1,11 +1,13 @@
 """Evaluate every pruning method at every keep ratio: accuracy, compute and latency.
 
 The Flickr8k protocol (Hodosh et al. 2013) on the TEST split (1,000 images x 5
-captions for Flickr8k; ``--eval-limit`` for quick runs). For each (method, keep ratio)
-row: tokens per stage, fvcore GMACs, Recall@1/5/10 both ways, hard-negative pair
+captions for Flickr8k; ``--eval-limit`` for quick runs). For each (method, keep ratio,
+placement) row: tokens per stage, fvcore GMACs, Recall@1/5/10 both ways, hard-negative pair
 accuracy, object-patch recall (synthetic data), lossy-ness against ``none``, and
 latency at batch 1 and 32 measured interleaved with the baseline. Metric
-definitions live in `training.metrics`.
+definitions live in `training.metrics`; ``--placements paper shared`` adds the placement
+ablation. On synthetic data ``metrics.json``'s ``"oracle"`` holds the split's R@1 ceiling
+(`training.oracle`), and the report compares methods at matched GMACs (`training.compare`).
 
 Checkpoints: ``learned`` runs the fine-tuned ``CKPT/pruned/`` model; every other
 method runs ``CKPT/baseline/``. Text embeddings always come from the baseline's text
@@ -39,7 +41,9 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from training import compare
 from training import metrics as M
+from training import oracle
 from training.data import EvalData, eval_data, load_objects, load_splits
 from vlm_demo import cli, flops
 from vlm_demo.atomic import write_text_atomic
@@ -52,6 +56,7 @@ from vlm_demo.tokenizer import Tokenizer
 logger = logging.getLogger(__name__)
 
 DEFAULT_KEEP_RATIOS = (1.0, 0.7, 0.5, 0.3, 0.2, 0.1)
+DEFAULT_PLACEMENTS = ("paper",)  # each method's paper default; "shared" adds the ablation at the config's stages
 LATENCY_BATCH = 32  # the throughput batch; batch 1 is a user's latency
 RECALL_KS = (1, 5, 10)
 LATENCY_KEYS = ("latency_ms", "latency_iqr_ms", "baseline_latency_ms", "latency_ratio")  # each with _bs1, _bs32
@@ -111,6 +116,13 @@ def _validate(methods: Sequence[str], keep_ratios: Sequence[float]) -> tuple[lis
     # The none row is the reference of lossy-ness and of every ratio, so it is always evaluated.
     ordered = [BASELINE] + [m for m in pruning.names(prunes_only=True) if m in methods]
     return ordered, sorted({float(r) for r in keep_ratios}, reverse=True)
+
+
+def _validate_placements(placements: Sequence[str]) -> list[str]:
+    bad = [p for p in placements if p not in pruning.PLACEMENTS]
+    if bad or not placements:
+        raise ValueError(f"Placements must be some of {', '.join(pruning.PLACEMENTS)}, got {list(placements)}.")
+    return list(dict.fromkeys(placements))
 
 
 def _config_summary(model: DualEncoder) -> dict[str, Any]:
@@ -211,6 +223,7 @@ def evaluate(
     *,
     methods: Sequence[str] | None = None,
     keep_ratios: Sequence[float] = DEFAULT_KEEP_RATIOS,
+    placements: Sequence[str] = DEFAULT_PLACEMENTS,
     limit: int | None = None,
     latency_repeats: int = LATENCY.repeats,
     latency_budget_s: float | None = None,
@@ -228,6 +241,10 @@ def evaluate(
         data: dataset root; None uses the ``data`` recorded in ``baseline/training.json``.
         methods: methods to evaluate; ``none`` is always added (it is the reference).
         keep_ratios: keep ratios; ``none`` gets one row, at 1.0.
+        placements: where the stages sit (`vlm_demo.pruning.PLACEMENTS`): every method is
+            evaluated at each; the first is the one the report's main tables show. A method
+            whose blocks are the same at two placements (``learned`` always runs its trained
+            stages) is evaluated once, and its row copied with ``same_as_placement``.
         limit: evaluate the first `limit` test images only (None: all).
         latency_repeats: measured calls per variant and batch size (after `LATENCY.warmup` warm-up calls).
         latency_budget_s: stop timing a row's batch size once its measured calls took this long
@@ -247,6 +264,7 @@ def evaluate(
     """
     t_start = time.perf_counter()
     methods, keep_ratios = _validate(pruning.names() if methods is None else methods, keep_ratios)
+    placements = _validate_placements(placements)
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
     if latency and latency_repeats < 1:
@@ -258,7 +276,9 @@ def evaluate(
     protocol = LATENCY.replace(repeats=latency_repeats, budget_s=latency_budget_s) if latency else None
     # One thread count for the whole run (encoding and latency alike); restored afterwards.
     with fixed_threads(threads):
-        opts = _Options(methods, keep_ratios, limit, protocol, batch_size, seed, torch.get_num_threads(), progress)
+        opts = _Options(
+            methods, keep_ratios, limit, protocol, batch_size, seed, torch.get_num_threads(), progress, placements
+        )
         torch.manual_seed(seed)
         checkpoints = Path(checkpoints)
         models = _load_models(checkpoints, methods)
@@ -284,6 +304,7 @@ class _Options:
     seed: int  # of random pruning
     threads: int  # torch threads of the run
     progress: bool  # progress bars
+    placements: list[str] = field(default_factory=lambda: list(DEFAULT_PLACEMENTS))  # the first is the main one
 
 
 @dataclass
@@ -332,6 +353,7 @@ class _TestSet:
     have_neg: torch.Tensor | None = None  # (N,) bool: the image has a hard negative; None if none has
     have_boxes: torch.Tensor | None = None  # (N,) bool: the image has object boxes; None if none has
     boxes: list[list[list[float]]] = field(default_factory=list)  # per image, [x0, y0, x1, y1] boxes
+    oracle: dict[str, float] | None = None  # the R@1 ceiling (`training.oracle`); None without ground truth
 
     def pair_acc(self, img: torch.Tensor, neg_img: torch.Tensor | None = None) -> float | None:
         """Hard-negative pair accuracy of (N, E) image embeddings (`neg_img`: pruned with the negatives)."""
@@ -378,10 +400,19 @@ def _add_ground_truth(test: _TestSet, objects: dict[str, Any], models: _Models) 
     test.box_size = float(objects.get("image_size", test.box_size))
     test.have_neg = have_neg if bool(have_neg.any()) else None
     test.have_boxes = have_boxes if bool(have_boxes.any()) else None
+    ed = test.data
+    try:
+        owner = ed.caption_to_image.tolist()
+        test.oracle = oracle.ground_truth_ceiling(ed.captions, owner, ed.names, objects["images"])
+    except oracle.CaptionError as e:
+        logger.warning("No R@1 ceiling: a test caption is not the generator's (%s).", e)
 
 
 class _Rows:
-    """The table: one row per (method, keep ratio), ``none`` first as every row's reference."""
+    """The table: one row per (method, keep ratio, placement), ``none`` first as every row's reference.
+
+    The baseline prunes nowhere, so it has one row, whatever the placements.
+    """
 
     def __init__(self, models: _Models, test: _TestSet, opts: _Options):
         self.models, self.test, self.opts = models, test, opts
@@ -396,28 +427,45 @@ class _Rows:
         self.lat_text = {1: test.pos_emb[:1], LATENCY_BATCH: test.pos_emb[lat_idx]}
 
     def run(self) -> list[dict[str, Any]]:
-        grid_rows = [(BASELINE, 1.0)]
-        grid_rows += [(m, r) for m in self.opts.methods if pruning.get(m).prunes for r in self.opts.keep_ratios]
+        placements = self.opts.placements
+        grid_rows = [(BASELINE, 1.0, placements[0])]
+        pruned = [m for m in self.opts.methods if pruning.get(m).prunes]
+        grid_rows += [(m, r, p) for p in placements for m in pruned for r in self.opts.keep_ratios]
         with logging_redirect_tqdm():
             bar = tqdm(grid_rows, desc="evaluate", unit="row", disable=not self.opts.progress)
-            for method, r in bar:
-                bar.set_postfix_str(f"{method} {r:g}")
-                self.rows.append(self._row(method, r))
+            for method, r, p in bar:
+                bar.set_postfix_str(f"{method} {r:g} {p}")
+                self.rows.append(self._copy(method, r, p) or self._row(method, r, p))
                 logger.info(_row_line(self.rows[-1]))
             bar.close()
         return self.rows
 
-    def _row(self, method: str, r: float) -> dict[str, Any]:
+    def _blocks(self, method: str, placement: str) -> list[int]:
+        v = self.cfg.vision
+        return list(pruning.resolve_stages(method, v.depth, self.cfg.pruning.stages, placement))
+
+    def _copy(self, method: str, r: float, placement: str) -> dict[str, Any] | None:
+        """The row of an earlier placement that puts `method`'s stages at the same blocks, relabelled; else None."""
+        blocks = self._blocks(method, placement)
+        for row in self.rows:
+            if row["method"] == method and row["keep_ratio"] == r and row["stage_blocks"] == blocks:
+                return {**row, "placement": placement, "same_as_placement": row["placement"]}
+        return None
+
+    def _row(self, method: str, r: float, placement: str) -> dict[str, Any]:
         info = pruning.get(method)
         model = self.models.serving(info)
         fuse = True  # EViT's fused token, as EViT evaluates it (PruneSpec's default)
         # An inactive spec on the baseline is the baseline itself: reuse its embeddings and timings.
         reuse = model is self.models.base and not (info.prunes and r < 1.0) and self.reference is not None
-        recalls, pair, kept, tokens = self._accuracy(method, r, model, fuse, reuse)
-        g = flops.gmacs(self.cfg, method, r, 1, fuse)
+        recalls, pair, kept, tokens = self._accuracy(method, r, model, fuse, reuse, placement)
+        g = flops.gmacs(self.cfg, method, r, 1, fuse, placement=placement)
         row: dict[str, Any] = {
             "method": method,
             "keep_ratio": r,
+            "placement": placement,  # the baseline's one row serves every placement
+            "stage_blocks": self._blocks(method, placement),
+            "same_as_placement": None,  # the placement whose row this one copies (the same blocks)
             "checkpoint": "pruned" if model is self.models.pruned else "baseline",
             "tokens": tokens,
             "gmacs": g,
@@ -434,44 +482,49 @@ class _Rows:
         row["object_recall_random"] = M.random_expectation(kept_ratio, self.cfg.vision.num_patches)
         row["lossyness"] = M.lossyness(row["mean_r1"], self.rows[0]["mean_r1"] if self.rows else row["mean_r1"])
         row["same_as_baseline"] = reuse  # the row runs exactly the baseline's computation
-        row.update(self._latency(model, method, r, fuse, reuse))
+        row.update(self._latency(model, method, r, fuse, reuse, placement))
         return row
 
     def _accuracy(
-        self, method: str, r: float, model: DualEncoder, fuse: bool, reuse: bool
+        self, method: str, r: float, model: DualEncoder, fuse: bool, reuse: bool, placement: str
     ) -> tuple[dict[str, float] | None, float | None, torch.Tensor | None, list[int]]:
         """(retrieval recalls, pair accuracy, (N, k') kept positions, tokens per stage) of one row."""
         info = pruning.get(method)
         if reuse:
             ref = self.reference
             assert ref is not None
-            tokens = flops.tokens_per_stage(self.cfg, method, r, fuse)  # the method's stages, none of them pruning
+            # The method's stages, none of them pruning.
+            tokens = flops.tokens_per_stage(self.cfg, method, r, fuse, placement=placement)
             return None if info.needs_caption else self._recalls(ref.emb), self.reference_pair, ref.kept, tokens
         if info.needs_caption:
-            return None, *self._query_aware(method, r, model, fuse)
-        seed = self.opts.seed
-        run = self._encode(model, lambda s, e: PruneSpec(method, r, seed=seed + s, fuse=fuse), f"{method} {r:g}")
+            return None, *self._query_aware(method, r, model, fuse, placement)
+        seed, where = self.opts.seed, placement
+        run = self._encode(
+            model, lambda s, e: PruneSpec(method, r, seed=seed + s, fuse=fuse, stages=where), f"{method} {r:g} {where}"
+        )
         pair = self.test.pair_acc(run.emb)
         if not info.prunes:
             self.reference, self.reference_pair = run, pair
         return self._recalls(run.emb), pair, run.kept, run.tokens
 
     def _query_aware(
-        self, method: str, r: float, model: DualEncoder, fuse: bool
+        self, method: str, r: float, model: DualEncoder, fuse: bool, placement: str
     ) -> tuple[float | None, torch.Tensor | None, list[int]]:
         """One pass per (image, caption) pair, so no retrieval recalls: (pair accuracy, kept, tokens)."""
-        test, seed = self.test, self.opts.seed
+        test, seed, where = self.test, self.opts.seed, placement
         if test.have_neg is None and test.have_boxes is None:
-            return None, None, flops.tokens_per_stage(self.cfg, method, r, fuse)
+            return None, None, flops.tokens_per_stage(self.cfg, method, r, fuse, placement=placement)
         with_pos = self._encode(
-            model, lambda s, e: PruneSpec(method, r, text=test.pos_emb[s:e], seed=seed), f"{method} {r:g} (caption)"
-        )
+            model, lambda s, e: PruneSpec(method, r, text=test.pos_emb[s:e], seed=seed, stages=where),
+            f"{method} {r:g} {where} (caption)",
+        )  # fmt: skip
         pair = None
         if test.have_neg is not None and test.neg_emb is not None:
             neg_emb = test.neg_emb
             with_neg = self._encode(
-                model, lambda s, e: PruneSpec(method, r, text=neg_emb[s:e], seed=seed), f"{method} {r:g} (negative)"
-            )
+                model, lambda s, e: PruneSpec(method, r, text=neg_emb[s:e], seed=seed, stages=where),
+                f"{method} {r:g} {where} (negative)",
+            )  # fmt: skip
             pair = test.pair_acc(with_pos.emb, with_neg.emb)
         return pair, with_pos.kept, with_pos.tokens
 
@@ -481,7 +534,9 @@ class _Rows:
     def _recalls(self, emb: torch.Tensor) -> dict[str, float]:
         return M.recall_at_k(emb @ self.test.text_emb.T, self.test.data.caption_to_image, RECALL_KS)
 
-    def _latency(self, model: DualEncoder, method: str, r: float, fuse: bool, reuse: bool) -> dict[str, Any]:
+    def _latency(
+        self, model: DualEncoder, method: str, r: float, fuse: bool, reuse: bool, placement: str
+    ) -> dict[str, Any]:
         """The row's latency fields: measured, copied from the baseline row (`reuse`), or null."""
         keys = [f"{key}_bs{bs}" for bs in self.lat_images for key in LATENCY_KEYS]
         if self.opts.latency is None:
@@ -491,7 +546,7 @@ class _Rows:
         base, result = self.models.base, {}
         for bs, x in self.lat_images.items():
             text = self.lat_text[bs] if pruning.get(method).needs_caption else None
-            spec = PruneSpec(method, r, text=text, seed=self.opts.seed, fuse=fuse)
+            spec = PruneSpec(method, r, text=text, seed=self.opts.seed, fuse=fuse, stages=placement)
             variants = {"baseline": lambda: base.encode_image(x), "method": lambda: model.encode_image(x, spec)}
             t = interleaved(variants, self.opts.latency)
             b, m = t["baseline"], t["method"]
@@ -515,11 +570,13 @@ def _metrics(models: _Models, test: _TestSet, rows: list[dict[str, Any]], opts: 
             "pair_images": None if test.have_neg is None else int(test.have_neg.sum()),
         },
         "model": _config_summary(models.base),
+        "oracle": test.oracle,
         "training": _training_summary(models),
         "machine": _machine(opts.threads),
         "options": {
             "methods": opts.methods,
             "keep_ratios": opts.keep_ratios,
+            "placements": opts.placements,
             "latency_repeats": None if opts.latency is None else opts.latency.repeats,
             "latency_budget_s": None if opts.latency is None else opts.latency.budget_s,
             "latency_batch_sizes": [1, LATENCY_BATCH],
@@ -529,6 +586,7 @@ def _metrics(models: _Models, test: _TestSet, rows: list[dict[str, Any]], opts: 
         "units": {
             "gmacs": "giga multiply-accumulates per image (fvcore; FLOPs = 2 x MACs)",
             "recall": "percent",
+            "oracle": "percent, the expected R@1 of a ground-truth oracle with random tie-breaking (training.oracle)",
             "pair_acc": "percent",
             "object_recall": "fraction",
             "lossyness": "fraction, 1 - mean R@1 / mean R@1 of none",
@@ -560,7 +618,7 @@ def _fmt(value: Any, spec: str = ".1f", none: str = "-") -> str:
 
 def _row_line(row: dict[str, Any]) -> str:
     return (
-        f"{row['method']:>13s} keep {row['keep_ratio']:.2f} tokens {row['tokens']} "
+        f"{row['method']:>13s} keep {row['keep_ratio']:.2f} {row['placement']} tokens {row['tokens']} "
         f"GMACs {row['gmacs']:.4f} ({row['gmacs_ratio']:.2f}x) mean R@1 {_fmt(row['mean_r1'])} "
         f"pair {_fmt(row['pair_acc'])} obj {_fmt(row['object_recall'], '.2f')} "
         f"bs32 {_fmt(row['latency_ms_bs32'], '.1f')} ms ({_fmt(row['latency_ratio_bs32'], '.2f')}x)"
@@ -579,20 +637,30 @@ def render_report(m: dict[str, Any]) -> str:
         f"{ds['captions']} captions" + (f" (limited to the first {ds['limit']})" if ds.get("limit") else "") + ".",
         f"- **Model:** {mod['image_size']} px images, {mod['patch_size']} px patches "
         f"({mod['num_patches']} patch tokens), "
-        f"ViT width {mod['vision_width']} x {mod['vision_depth']} blocks, pruning before blocks "
-        f"{', '.join(str(s) for s in mod['pruning_stages'])}; {mod['params'] / 1e6:.2f} M parameters.",
+        f"ViT width {mod['vision_width']} x {mod['vision_depth']} blocks, keep predictors before blocks "
+        f"{', '.join(str(s) for s in mod['pruning_stages'])} (the `shared` placement); "
+        f"{mod['params'] / 1e6:.2f} M parameters.",
         f"- **Machine:** {mach['platform']} ({mach['processor']}), {mach['cpu_count']} CPUs, "
         f"torch {mach['torch']} with {mach['torch_threads']} threads.",
         "- **Training, seconds per epoch:** "
         + ", ".join(f"{m} ({'baseline' if m == BASELINE else 'pruned fine-tune'}) {_fmt(v)}" for m, v in spe.items())
         + ".",
         f"- **Evaluation took** {m.get('seconds', 0):.0f} s.",
+        f"- {compare.ceiling_line(m)}",
+        "",
+    ]
+    placements = compare.placements(m)
+    lines += ["## At matched GMACs", "", compare.MATCHED_NOTE, ""]
+    for p in placements:
+        lines += [f"**{compare.placement_label(m, p).capitalize()}:**", "", *compare.matched_table(m, p), ""]
+    lines += [
+        f"## Every measured row ({compare.placement_label(m, placements[0])})",
         "",
         "| method | keep | tokens | GMACs | GMACs ratio | R@1 i2t | R@1 t2i | mean R@1 | R@5 / R@10 mean "
         "| pair acc | obj recall (random) | lossy-ness | ms bs1 | ms bs32 | latency ratio bs32 |",
         "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in m["rows"]:
+    for r in compare.rows_at(m, placements[0]):
         obj = "-" if r["object_recall"] is None else f"{r['object_recall']:.2f} ({r['object_recall_random']:.2f})"
         r5r10 = "-" if r["mean_r5"] is None else f"{r['mean_r5']:.1f} / {r['mean_r10']:.1f}"
         lines.append(
@@ -603,6 +671,15 @@ def render_report(m: dict[str, Any]) -> str:
             f"| {_fmt(r['latency_ratio_bs32'], '.2f')} |"
         )
     lines += [
+        "",
+        "## Placement ablation",
+        "",
+        "Where the stages sit: `paper` is each method's paper default for this depth (EViT inside blocks at 1/4, "
+        "1/2 and 3/4, ToMe in every block), `shared` every method at the keep predictors' blocks. `learned` always "
+        "runs the stages its predictors were trained for; a row marked (= paper) runs the same blocks as the paper "
+        "placement and is copied from it. The baseline's row serves every placement.",
+        "",
+        *compare.ablation_table(m),
         "",
         "**How to read this.** *GMACs* are fvcore counts of multiply-accumulates for one image through "
         "the image encoder (FLOPs = 2 x MACs), including attention and each method's scoring cost; "
@@ -636,7 +713,7 @@ def plot_tradeoff(m: dict[str, Any], path: str | os.PathLike) -> Path:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    rows = m["rows"]
+    rows = compare.rows_at(m)  # the main placement: one curve per method
     methods = list(dict.fromkeys(r["method"] for r in rows))
     colours = {name: plt.get_cmap("tab10")(i) for i, name in enumerate(pruning.names())}
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), gridspec_kw={"width_ratios": [1.2, 0.9, 1.2]})
@@ -721,6 +798,11 @@ def _parser() -> argparse.ArgumentParser:
         "--keep-ratios", nargs="+", type=float, default=list(DEFAULT_KEEP_RATIOS), metavar="RATIO",
         help=f"keep ratios in (0, 1] (default: {' '.join(f'{r:g}' for r in DEFAULT_KEEP_RATIOS)})",
     )  # fmt: skip
+    p.add_argument(
+        "--placements", nargs="+", default=list(DEFAULT_PLACEMENTS), choices=pruning.PLACEMENTS, metavar="PLACEMENT",
+        help="where the stages sit, each evaluated: paper (each method's paper default), shared (every method at the "
+        "config's pruning.stages); the first is the report's main one (default: paper)",
+    )  # fmt: skip
     p.add_argument("--eval-limit", type=cli.positive_int, default=None,
                    help="evaluate only the first N test images (default: all)")  # fmt: skip
     p.add_argument("--latency-repeats", type=cli.positive_int, default=LATENCY.repeats,
@@ -760,6 +842,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             args.data,
             methods=args.methods,
             keep_ratios=args.keep_ratios,
+            placements=args.placements,
             limit=args.eval_limit,
             latency_repeats=args.latency_repeats,
             latency_budget_s=args.latency_budget,

@@ -16,20 +16,21 @@ import argparse
 import json
 import re
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from training import compare
+from training.compare import DASH, table
 from vlm_demo.atomic import write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINTS = ("baseline", "pruned")
-BASELINE = "none"  # metrics.json's unpruned row, the reference of lossy-ness
+BASELINE = compare.BASELINE  # metrics.json's unpruned row, the reference of lossy-ness
 CONTROL = "random"  # the control every method must beat
-HEADLINE_KEEPS = (0.5, 0.3, 0.1)  # the keep ratios of the headline table
-FOCUS_KEEP = 0.3  # the keep ratio the findings compare methods at
-DASH = "–"  # a figure the method does not have (text_guided has no retrieval recall)
+HEADLINE_KEEPS = (0.5, 0.3, 0.1)  # the keep ratios of the nominal table
+FOCUS_GMACS = 0.5  # the GMACs ratio the findings compare methods at
 
 # The blocks each file holds; a card's blocks describe the checkpoint of its folder.
 TARGETS: dict[str, tuple[str, ...]] = {
@@ -83,18 +84,11 @@ def load_sources(checkpoints: Path) -> Sources:
 # ----------------------------------------------------------------------------- formatting
 
 
-def _f(value: float | None, spec: str) -> str:
-    return DASH if value is None else format(value, spec)
+_f = compare.fmt
 
 
 def _keep(r: float) -> str:
     return format(r, "g")
-
-
-def _table(header: list[str], align: str, rows: Iterable[list[str]]) -> list[str]:
-    """A Markdown table; `align` has one letter a column, l or r."""
-    rule = "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"
-    return ["| " + " | ".join(header) + " |", rule, *("| " + " | ".join(r) + " |" for r in rows)]
 
 
 def _minutes(seconds: float) -> str:
@@ -104,21 +98,12 @@ def _minutes(seconds: float) -> str:
 # ----------------------------------------------------------------------------- rows
 
 
-def row(metrics: dict[str, Any], method: str, keep: float) -> dict[str, Any]:
-    """The metrics row of (method, keep ratio).
-
-    Raises:
-        ValueError: metrics.json has no such row.
-    """
-    for r in metrics["rows"]:
-        if r["method"] == method and abs(r["keep_ratio"] - keep) < 1e-9:
-            return r
-    raise ValueError(f"metrics.json has no row for {method} at keep ratio {keep:g}; rerun training.evaluate.")
+row = compare.find_row  # the row of (method, keep ratio) at the file's main placement
 
 
 def _methods(metrics: dict[str, Any]) -> list[str]:
-    """The pruning methods of metrics.json, in its order, the baseline left out."""
-    return [m for m in dict.fromkeys(r["method"] for r in metrics["rows"]) if m != BASELINE]
+    """The pruning methods of metrics.json's main placement, in its order, the baseline left out."""
+    return compare.methods(compare.rows_at(metrics))
 
 
 def _obj(r: dict[str, Any]) -> str:
@@ -128,23 +113,38 @@ def _obj(r: dict[str, Any]) -> str:
 
 
 def _score(r: dict[str, Any]) -> tuple[str, float]:
-    """What a method is compared by: mean R@1, or pair accuracy where it has no recall."""
+    """What a method is compared by: mean R@1, or pair accuracy where it has no recall (a row or a matched point)."""
     return ("pair acc", r["pair_acc"]) if r["mean_r1"] is None else ("mean R@1", r["mean_r1"])
 
 
 # ----------------------------------------------------------------------------- blocks
 
 
+def _placement_note(m: dict[str, Any], placement: str) -> str:
+    if compare.recorded(m):
+        return f"Stages at the `{placement}` placement (`training.evaluate --placements`)."
+    return f"Where the stages sat is not recorded in this file (it predates the placement key); {compare.RERUN_CMD}."
+
+
 def results(src: Sources) -> str:
-    """The headline table: the baseline, then every method at `HEADLINE_KEEPS`."""
+    """The ceiling, every method at matched GMACs, then the baseline and every method at `HEADLINE_KEEPS`."""
     m = src.metrics
     ds, mach = m["dataset"], m["machine"]
     kind = "synthetic images" if ds["synthetic"] else "images"
     threads = f", {mach['torch_threads']} threads" if mach.get("torch_threads") else ""
+    placement = compare.placements(m)[0]
     lines = [
         f"Test split: {ds['images']:,} {kind} × {ds['captions']:,} captions. GMACs per image at batch 1; latency "
         f"in ms, the median of runs interleaved with the baseline, measured on {mach['processor']} with "
-        f"{mach['cpu_count']} CPUs, torch {mach['torch']}{threads}.",
+        f"{mach['cpu_count']} CPUs, torch {mach['torch']}{threads}. {_placement_note(m, placement)}",
+        "",
+        compare.ceiling_line(m),
+        "",
+        f"**At matched GMACs.** {compare.MATCHED_NOTE}",
+        "",
+        *compare.matched_table(m, placement),
+        "",
+        "**At nominal keep ratios** (what each method was run at; compare across methods by the GMACs ratio):",
         "",
     ]
     header = ["method", "keep", "tokens (a fused one counts)", "GMACs", "GMACs ratio", "mean R@1", "pair acc",
@@ -157,59 +157,81 @@ def results(src: Sources) -> str:
          _f(r["latency_ratio_bs32"], ".2f")]
         for r in picked
     ]  # fmt: skip
-    return "\n".join(lines + _table(header, "lrlrrrrrrrrr", body))
+    return "\n".join(lines + table(header, "lrlrrrrrrrrr", body))
+
+
+def _between(x: dict[str, Any]) -> str:
+    """Which measured rows a matched figure comes from."""
+    lo, hi = x["lo"], x["hi"]
+    if x["exact"]:
+        return f"measured at keep ratio {_keep(lo['keep_ratio'])}"
+    return f"interpolated between keep ratios {_keep(hi['keep_ratio'])} and {_keep(lo['keep_ratio'])}"
 
 
 def findings(src: Sources) -> str:
-    """What the table says, with every figure computed; the comparisons are computed too."""
-    m, k = src.metrics, FOCUS_KEEP
+    """What the tables say, every method compared at `FOCUS_GMACS`; every figure and comparison computed."""
+    m, g = src.metrics, FOCUS_GMACS
+    rows = compare.rows_at(m)
     base, n = row(m, BASELINE, 1.0), m["dataset"]["images"]
-    control = row(m, CONTROL, k)
-    methods = [meth for meth in _methods(m) if meth != CONTROL]
-    at = {meth: row(m, meth, k) for meth in methods}
-    trained = [meth for meth in methods if at[meth]["checkpoint"] != "baseline"]
-    free = [meth for meth in methods if meth not in trained and at[meth]["mean_r1"] is not None]
+    oracle = m.get("oracle")
+    ceiling = ""
+    if oracle and base["mean_r1"] is not None and oracle.get("mean_r1"):
+        share = base["mean_r1"] / oracle["mean_r1"]
+        ceiling = f", {share:.0%} of the test split's R@1 ceiling ({oracle['mean_r1']:.1f})"
     lines = [
         f"- **The baseline learned:** mean R@1 {base['mean_r1']:.1f}% over {n:,} test images (chance is "
-        f"{100 / n:.1f}%), pair accuracy {base['pair_acc']:.1f}%."
+        f"{100 / n:.1f}%{ceiling}), pair accuracy {base['pair_acc']:.1f}%."
     ]
+    at = {meth: compare.matched(rows, meth, g) for meth in _methods(m)}
+    missing = [meth for meth, x in at.items() if x is None]
+    at = {meth: x for meth, x in at.items() if x is not None}
+    control = at.get(CONTROL)
+    methods = [meth for meth in at if meth != CONTROL]
+    trained = [meth for meth in methods if at[meth]["lo"]["checkpoint"] != "baseline"]
+    free = [meth for meth in methods if meth not in trained and at[meth]["mean_r1"] is not None]
+    where = f"at {g:.2f}× the baseline's GMACs"
     for meth in trained:
-        r = at[meth]
+        x = at[meth]
+        vs = ""
+        if control is not None:
+            vs = (f", {x['mean_r1'] - control['mean_r1']:.1f} points above `{CONTROL}`; it keeps "
+                  f"{x['object_recall']:.0%} of the object patches, against {control['object_recall']:.0%} for "
+                  f"`{CONTROL}`")  # fmt: skip
         lines.append(
-            f"- **`{meth}` (trained predictors), at keep ratio {k:g}** ({r['gmacs_ratio']:.2f}× the GMACs): mean "
-            f"R@1 {r['mean_r1']:.1f} ({base['mean_r1'] - r['mean_r1']:.1f} points below the baseline, lossy-ness "
-            f"{r['lossyness']:.3f}), {r['mean_r1'] - control['mean_r1']:.1f} points above `{CONTROL}`; it keeps "
-            f"{r['object_recall']:.0%} of the object patches, against {control['object_recall']:.0%} for `{CONTROL}`."
+            f"- **`{meth}` (trained predictors), {where}** ({_between(x)}): mean R@1 {x['mean_r1']:.1f} "
+            f"({base['mean_r1'] - x['mean_r1']:.1f} points below the baseline){vs}."
         )
     if free:
         best = max(free, key=lambda meth: at[meth]["mean_r1"])
-        r = at[best]
+        x = at[best]
         lines.append(
-            f"- **The best training-free method is `{best}`:** mean R@1 {r['mean_r1']:.1f} at keep ratio {k:g} "
-            f"(lossy-ness {r['lossyness']:.3f})."
+            f"- **The best training-free method {where} is `{best}`:** mean R@1 {x['mean_r1']:.1f} ({_between(x)})."
         )
-    lines.append(
-        f"- **`{CONTROL}` is the control:** mean R@1 {control['mean_r1']:.1f} at keep ratio {k:g}, pair accuracy "
-        f"{control['pair_acc']:.1f}."
-    )
-    said = []
-    for meth in methods:
-        what, value = _score(at[meth])
-        if value < control["pair_acc" if what == "pair acc" else "mean_r1"]:
-            said.append(f"`{meth}` {value:.1f} {what}")
-    if said:
+    if control is not None:
         lines.append(
-            f"- **Below `{CONTROL}` at keep ratio {k:g}:** {', '.join(said)} (`{CONTROL}`: "
-            f"{control['mean_r1']:.1f} mean R@1, {control['pair_acc']:.1f} pair acc)."
+            f"- **`{CONTROL}` is the control:** mean R@1 {control['mean_r1']:.1f} {where}, pair accuracy "
+            f"{control['pair_acc']:.1f}."
         )
-    timed = [at[meth] for meth in methods if at[meth]["latency_ratio_bs32"] is not None]
+        said = []
+        for meth in methods:
+            what, value = _score(at[meth])
+            if value < control["pair_acc" if what == "pair acc" else "mean_r1"]:
+                said.append(f"`{meth}` {value:.1f} {what}")
+        if said:
+            lines.append(
+                f"- **Below `{CONTROL}` {where}:** {', '.join(said)} (`{CONTROL}`: "
+                f"{control['mean_r1']:.1f} mean R@1, {control['pair_acc']:.1f} pair acc)."
+            )
+    timed = [meth for meth in methods if at[meth]["latency_ratio_bs32"] is not None]
     if timed:
-        said = [f"`{r['method']}` {r['gmacs_ratio']:.2f} / {r['latency_ratio_bs32']:.2f} / "
-                f"{_f(r['latency_ratio_bs1'], '.2f')}" for r in timed]  # fmt: skip
+        said = [f"`{meth}` {at[meth]['latency_ratio_bs32']:.2f} / {_f(at[meth]['latency_ratio_bs1'], '.2f')}"
+                for meth in timed]  # fmt: skip
         lines.append(
-            f"- **Cost at keep ratio {k:g},** as ratios to the baseline (GMACs / latency at batch 32 / latency at "
-            f"batch 1): {', '.join(said)}."
+            f"- **Latency {where},** as ratios to the baseline (batch 32 / batch 1, interpolated like the rest): "
+            f"{', '.join(said)}."
         )
+    if missing:
+        lines.append(f"- **Not reached {where}** by the measured keep ratios: {', '.join(f'`{x}`' for x in missing)}.")
     return "\n".join(lines)
 
 
@@ -263,7 +285,7 @@ def card_model(src: Sources, name: str) -> str:
 def card_metrics(src: Sources, name: str) -> str:
     """The metrics rows measured on one checkpoint; the baseline's at `HEADLINE_KEEPS` only."""
     m = src.metrics
-    rows = [r for r in m["rows"] if r["checkpoint"] == name]
+    rows = [r for r in compare.rows_at(m) if r["checkpoint"] == name]
     if name == "baseline":
         rows = [r for r in rows if r["method"] == BASELINE or r["keep_ratio"] in HEADLINE_KEEPS]
     header = ["method", "keep", "tokens", "GMACs", "mean R@1", "mean R@5 / R@10", "pair acc",
@@ -280,7 +302,7 @@ def card_metrics(src: Sources, name: str) -> str:
         f"On the test split ({ds['images']:,} images × {ds['captions']:,} captions), from "
         "`checkpoints/metrics.json`:"
     )
-    return "\n".join([lead, "", *_table(header, "lrlrrrrrr", body)])
+    return "\n".join([lead, "", *table(header, "lrlrrrrrr", body)])
 
 
 def card_training(src: Sources, name: str) -> str:
