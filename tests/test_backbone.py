@@ -143,6 +143,31 @@ def test_a_hub_backbone_is_recorded_by_id_and_commit(work, tmp_path, tokenizer_f
     assert session.has_predictors and "learned" in session.methods()
 
 
+def test_resume_after_an_interruption_matches_an_uninterrupted_run(work, tmp_path, monkeypatch):
+    def argv(out: Path, *extra: str) -> list[str]:
+        return ["--backbone", str(work / "clip"), "--data", str(work / "synth"), "--out", str(out), "--preset", "tiny",
+                "--pruned-epochs", "3", "--threads", "1", "--quiet", *extra]  # fmt: skip
+
+    train.main(argv(tmp_path / "whole"))
+    epochs, real_epoch = [], train._train_epoch
+
+    def interrupted(*args, **kwargs):
+        epochs.append(1)
+        if len(epochs) == 3:
+            raise KeyboardInterrupt  # as if killed during the last epoch
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train, "_train_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(argv(tmp_path / "broken"))
+    monkeypatch.setattr(train, "_train_epoch", real_epoch)
+    assert {p.name for p in (tmp_path / "broken").iterdir()} == {".resume"}  # the predictors' state only
+    train.main(argv(tmp_path / "broken", "--resume"))
+    whole, resumed = (load_file(str(tmp_path / f / addon.PREDICTORS_FILE)) for f in ("whole", "broken"))
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+    assert sorted(p.name for p in (tmp_path / "broken").iterdir()) == sorted(addon.ADDON_FILES)
+
+
 def _exit_2(main, argv: list[str], capsys) -> str:
     with pytest.raises(SystemExit) as info:
         main(argv)

@@ -592,7 +592,7 @@ def _training_summary(models: _Models) -> dict[str, Any]:
     return {
         "seconds_per_epoch": {m: t.get("seconds_per_epoch") for m, t in by_method.items()},
         "epochs": {m: t.get("epochs") for m, t in by_method.items()},
-        "preset": models.base_training.get("preset"),
+        "preset": models.base_training.get("preset") or models.pruned_training.get("preset"),
         "baseline": models.base_training,
         "pruned": models.pruned_training,
     }

@@ -291,7 +291,7 @@ def load_clip(
     untrained = sorted(model.state_dict().keys() - trained.keys())
     # Only the keep predictors have no CLIP counterpart; anything else here is a model change `_sources` misses.
     assert all(name.startswith("visual.predictors.") for name in untrained), untrained
-    log.info("%s: %d keep-predictor tensors are not in a CLIP checkpoint; they stay random.", folder, len(untrained))
+    log.debug("%s: %d keep-predictor tensors are not in a CLIP checkpoint; they start random.", folder, len(untrained))
     return ClipCheckpoint(model.to(device).eval(), tokenizer, preprocess, untrained)
 
 
