@@ -125,6 +125,8 @@ def load_backbone(source: str | os.PathLike | BackboneRef, device: str | torch.d
     ref = source if isinstance(source, BackboneRef) else locate(source)
     if is_addon(ref.folder):
         return _load_addon(ref.folder, device)
+    if not ref.folder.is_dir():
+        raise ValueError(f"{ref.source} is no folder, nor a Hub id owner/name[@revision]; name a HuggingFace CLIP.")
     if not hf_clip.is_clip_folder(ref.folder):
         raise ValueError(
             f"{ref.source} is not a HuggingFace CLIP (a folder whose config.json has model_type clip, or a Hub id "
