@@ -1,14 +1,24 @@
-"""Shared fixtures: tiny, randomly initialised checkpoints saved the real way."""
+"""Shared fixtures: tiny, randomly initialised checkpoints saved the real way.
+
+The shipped model's (`make_checkpoints`), and HuggingFace CLIPs (`make_clip`: a random
+tiny `transformers.CLIPModel` with a BPE tokenizer.json trained on a few sentences).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from tokenizers import Regex, decoders, normalizers, pre_tokenizers
+from tokenizers import Tokenizer as RustTokenizer
+from tokenizers.models import BPE
+from tokenizers.trainers import BpeTrainer
 
+from vlm_demo import hf_clip
 from vlm_demo.config import get_preset
 from vlm_demo.model import DualEncoder, save_checkpoint
 from vlm_demo.tokenizer import Tokenizer
@@ -51,3 +61,88 @@ def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def default_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_checkpoints(tmp_path_factory.mktemp("ckpt_default"), "default")
+
+
+# ----------------------------------------------------------------------------- HuggingFace CLIPs
+
+CONTEXT = 16  # max_position_embeddings of the tiny CLIPs: short, so that captions get truncated
+SENTENCES = [
+    "a photo of a cat sitting on a red sofa",
+    "two dogs run across the green grass",
+    "a small yellow star at the top left",
+    "a man riding a bicycle down the street",
+    "the blue car is parked near the old house",
+]
+
+
+def build_tokenizer(path: Path) -> RustTokenizer:
+    """A CLIP-style byte-level BPE (the normaliser, split and </w> suffix of transformers' CLIPTokenizer).
+
+    As in OpenAI's vocabulary, the two special tokens are the last ids, so the legacy
+    "largest id" rule finds <|endoftext|>. No post-processor is saved: transformers
+    adds its own, and so must vlm_demo.
+    """
+    tok = RustTokenizer(BPE(unk_token=hf_clip.EOS, end_of_word_suffix="</w>", continuing_subword_prefix=""))
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+    )
+    split = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(split), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = BpeTrainer(
+        vocab_size=320,
+        end_of_word_suffix="</w>",
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(SENTENCES, trainer)
+    # The BPE model itself must know <|endoftext|>: it is also the unknown token.
+    data = json.loads(tok.to_str())
+    vocab = data["model"]["vocab"]
+    vocab[hf_clip.BOS], vocab[hf_clip.EOS] = len(vocab), len(vocab) + 1
+    tok = RustTokenizer.from_str(json.dumps(data))
+    tok.add_special_tokens([hf_clip.BOS, hf_clip.EOS])
+    tok.save(str(path))
+    return tok
+
+
+@pytest.fixture(scope="session")
+def tokenizer_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tok") / hf_clip.TOKENIZER_FILE
+    build_tokenizer(path)
+    return path
+
+
+def make_clip(folder: Path, tokenizer_file: Path, vision: dict, text: dict, projection_dim: int, legacy: bool):
+    """Save a random CLIPModel, its tokenizer and image processor in `folder`; return the model."""
+    import transformers  # here, not at the top: it takes seconds to import, and most tests never build a CLIP
+
+    eos = RustTokenizer.from_file(str(tokenizer_file)).token_to_id(hf_clip.EOS)
+    cfg = transformers.CLIPConfig(
+        text_config=dict(
+            text, vocab_size=eos + 9, max_position_embeddings=CONTEXT, bos_token_id=eos - 1, pad_token_id=eos,
+            eos_token_id=2 if legacy else eos,
+        ),
+        vision_config=vision,
+        projection_dim=projection_dim,
+    )
+    torch.manual_seed(0)
+    model = transformers.CLIPModel(cfg).eval()
+    with torch.no_grad():  # biases and norms away from 0 and 1, so that a mixed-up tensor shows
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(folder)
+    shutil.copy(tokenizer_file, folder / hf_clip.TOKENIZER_FILE)
+    side = vision["image_size"]
+    transformers.CLIPImageProcessor(
+        size={"shortest_edge": side + 6},
+        crop_size={"height": side, "width": side},
+        image_mean=[0.5, 0.4, 0.3],
+        image_std=[0.2, 0.25, 0.3],
+    ).save_pretrained(folder)
+    return model

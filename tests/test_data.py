@@ -23,7 +23,7 @@ from training.data import (
 from training.synthetic import generate
 from vlm_demo.images import load_image
 from vlm_demo.tokenizer import Tokenizer
-from vlm_demo.transforms import MEAN, STD, to_tensor
+from vlm_demo.transforms import MEAN, STD, Preprocess, to_tensor
 
 
 def _png(path: Path, colour: tuple[int, int, int] = (200, 40, 40), size: int = 24) -> None:
@@ -292,20 +292,25 @@ def _odd_images(folder: Path) -> dict[str, Path]:
     return {p.name: p for p in folder.iterdir()}
 
 
-def test_training_tensors_equal_inference_tensors_for_odd_images(tmp_path: Path) -> None:
+# The shipped model's square resize, and a CLIP's shortest-edge resize, centre crop and own mean and std.
+SPECS = [32, Preprocess(32, shortest_edge=40, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=["square", "clip_crop"])
+def test_training_tensors_equal_inference_tensors_for_odd_images(tmp_path: Path, spec) -> None:
     images = _odd_images(tmp_path / "Images")
     assert Image.open(images["deep.png"]).mode.startswith("I")  # really 16-bit
     rows = ["image,caption,split"] + [f"{name},a caption,train" for name in images for _ in range(2)]
     (tmp_path / "captions.csv").write_text("\n".join(rows) + "\n")
     split = load_splits(tmp_path)["train"]
-    ds = TrainDataset(split, image_size=32, augment=False, progress=False)
-    evaluated = eval_data(split, 32, progress=False).images
+    ds = TrainDataset(split, image_size=spec, augment=False, progress=False)
+    evaluated = eval_data(split, spec, progress=False).images
     for i, path in enumerate(split.images):
-        expected = to_tensor(load_image(path), 32)  # what vlm_demo.api feeds the model
+        expected = to_tensor(load_image(path), spec)  # what vlm_demo.api feeds the model
         assert torch.equal(ds[i][0], expected), path.name
         assert torch.equal(evaluated[i], expected), path.name
         with Image.open(path) as im:
-            naive = to_tensor(im.convert("RGB"), 32)
+            naive = to_tensor(im.convert("RGB"), spec)
         assert not torch.equal(naive, expected), f"{path.name} would pass without the inference path"
 
 

@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from vlm_demo.images import load_image
 from vlm_demo.tokenizer import Tokenizer
-from vlm_demo.transforms import MEAN, STD, to_tensor
+from vlm_demo.transforms import MEAN, STD, Preprocess, as_preprocess, model_view
 
 logger = logging.getLogger(__name__)
 
@@ -391,18 +391,19 @@ def load_objects(root: str | os.PathLike) -> dict[str, Any] | None:
 
 # ----------------------------------------------------------------------------- tensors
 
-_MEAN = torch.tensor(MEAN, dtype=torch.float32).view(3, 1, 1)
-_STD = torch.tensor(STD, dtype=torch.float32).view(3, 1, 1)
 
-
-def load_image_uint8(path: str | os.PathLike, image_size: int) -> torch.Tensor:
+def load_image_uint8(path: str | os.PathLike, spec: int | Preprocess) -> torch.Tensor:
     """An image file as inference sees it, stored compactly as uint8 pixels.
 
     Decoding is `vlm_demo.images.load_image` (EXIF orientation, alpha onto white,
-    16-bit and palette modes) and resizing is `vlm_demo.transforms.to_tensor`: the
-    library's path, not a copy. `to_tensor` maps 8-bit pixels through MEAN/STD, so
-    its output maps back to them without loss, and `normalize` of the result
-    equals `to_tensor` bit for bit (tests/test_data.py holds both to this).
+    16-bit and palette modes) and resizing (and a CLIP's centre crop) is
+    `vlm_demo.transforms.model_view`, what `to_tensor` runs before it normalises: the
+    library's path, not a copy. `normalize` of the result with the same `spec` equals
+    `to_tensor` bit for bit (tests/test_data.py holds both to this).
+
+    Args:
+        path: the image file.
+        spec: the preprocessing, or a side in pixels for the shipped model's square resize.
 
     Returns:
         uint8 tensor (3, S, S).
@@ -411,33 +412,37 @@ def load_image_uint8(path: str | os.PathLike, image_size: int) -> torch.Tensor:
         image = load_image(path)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
-    x = to_tensor(image, image_size)  # (3, S, S) normalised float32
-    return (x * _STD + _MEAN).mul_(255.0).round_().clamp_(0, 255).to(torch.uint8)
+    pixels = np.asarray(model_view(image.convert("RGB"), as_preprocess(spec)), dtype=np.uint8)  # (S, S, 3)
+    return torch.from_numpy(pixels.transpose(2, 0, 1).copy())
 
 
 def load_images_uint8(
-    paths: Sequence[Path], image_size: int, progress: bool = True, desc: str = "loading images"
+    paths: Sequence[Path], spec: int | Preprocess, progress: bool = True, desc: str = "loading images"
 ) -> torch.Tensor:
     """Decode and resize every image once: uint8 (N, 3, S, S).
 
     Threads overlap the decoding (Pillow releases the GIL); order is preserved.
     """
-    out = torch.empty((len(paths), 3, image_size, image_size), dtype=torch.uint8)
+    side = as_preprocess(spec).image_size
+    out = torch.empty((len(paths), 3, side, side), dtype=torch.uint8)
     workers = min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(workers) as pool:
-        results = pool.map(lambda p: load_image_uint8(p, image_size), paths)
+        results = pool.map(lambda p: load_image_uint8(p, spec), paths)
         for i, t in enumerate(tqdm(results, total=len(paths), desc=desc, unit="img", disable=not progress)):
             out[i] = t
     return out
 
 
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 or [0, 1] float images (..., 3, S, S) -> float32 normalised with CLIP's MEAN/STD.
+def normalize(images: torch.Tensor, spec: Preprocess | None = None) -> torch.Tensor:
+    """uint8 or [0, 1] float images (..., 3, S, S) -> float32 normalised with `spec`'s mean and std.
 
     Same maths, in the same order, as `vlm_demo.transforms.to_tensor`: x / 255, - mean, / std.
+    None is CLIP's MEAN/STD, which the shipped model uses.
     """
+    mean, std = (MEAN, STD) if spec is None else (spec.mean, spec.std)
+    mean, std = (torch.tensor(v, dtype=torch.float32).view(3, 1, 1) for v in (mean, std))
     x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-    return (x - _MEAN) / _STD
+    return (x - mean) / std
 
 
 class TrainDataset(torch.utils.data.Dataset):
@@ -454,7 +459,8 @@ class TrainDataset(torch.utils.data.Dataset):
 
     Args:
         split: the split to serve.
-        image_size: side S of the square images.
+        image_size: side S of the square images (the shipped model's square resize), or the
+            backbone's `Preprocess` (a CLIP's centre crop, mean and std).
         augment: apply the augmentation; without it, item i is what inference feeds the model
             (`to_tensor` of `vlm_demo.images.load_image`).
         seed: base seed of caption choice and augmentation.
@@ -466,7 +472,7 @@ class TrainDataset(torch.utils.data.Dataset):
     def __init__(
         self,
         split: CaptionDataset,
-        image_size: int,
+        image_size: int | Preprocess,
         augment: bool = True,
         seed: int = 0,
         max_shift: float = 0.03,
@@ -476,14 +482,16 @@ class TrainDataset(torch.utils.data.Dataset):
         if len(split) == 0:
             raise ValueError(f"The {split.split or 'given'} split of {split.root} has no images.")
         self.split = split
-        self.image_size = image_size
+        self.preprocess = as_preprocess(image_size)
+        self.image_size = self.preprocess.image_size
         self.augment = augment
         self.seed = seed
         self.epoch = 0
-        self.shift = int(round(max_shift * image_size))
+        self.shift = int(round(max_shift * self.image_size))
         self.jitter = jitter
         self.captions = split.captions
-        self.images = load_images_uint8(split.images, image_size, progress, desc=f"loading {split.split or 'images'}")  # (N, 3, S, S)
+        desc = f"loading {split.split or 'images'}"
+        self.images = load_images_uint8(split.images, self.preprocess, progress, desc=desc)  # (N, 3, S, S)
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -502,7 +510,7 @@ class TrainDataset(torch.utils.data.Dataset):
         caption = caps[int(rng.integers(len(caps)))]
         image = self.images[index]
         if not self.augment:
-            return normalize(image), caption, index
+            return normalize(image, self.preprocess), caption, index
         x = image.float() / 255.0  # (3, S, S)
         if self.shift > 0:
             s = self.shift
@@ -513,7 +521,7 @@ class TrainDataset(torch.utils.data.Dataset):
         x = x * float(brightness)
         grey = x.mean()  # contrast about the mean intensity: scales all channels alike, so no hue shift
         x = ((x - grey) * float(contrast) + grey).clamp_(0.0, 1.0)
-        return normalize(x), caption, index
+        return normalize(x, self.preprocess), caption, index
 
 
 def collate(
@@ -548,13 +556,13 @@ class EvalData:
 
 
 def eval_data(
-    split: CaptionDataset, image_size: int, limit: int | None = None, progress: bool = True
+    split: CaptionDataset, image_size: int | Preprocess, limit: int | None = None, progress: bool = True
 ) -> EvalData:
     """Images and flattened captions for image<->text retrieval.
 
     Args:
         split: the split to evaluate (the Flickr8k protocol: test, 1,000 images x 5 captions).
-        image_size: side S.
+        image_size: side S (the shipped model's square resize), or the backbone's `Preprocess`.
         limit: keep only the first `limit` images (None: all).
         progress: show a progress bar while loading.
 
@@ -565,5 +573,6 @@ def eval_data(
     raw = load_images_uint8(split.images[:n], image_size, progress, desc=f"loading {split.split or 'images'}")
     captions = [c for caps in split.captions[:n] for c in caps]
     owner = torch.tensor([i for i, caps in enumerate(split.captions[:n]) for _ in caps], dtype=torch.long)
-    return EvalData(images=normalize(raw), captions=captions, caption_to_image=owner, names=list(split.names[:n]))
+    spec = as_preprocess(image_size)
+    return EvalData(images=normalize(raw, spec), captions=captions, caption_to_image=owner, names=list(split.names[:n]))
 

@@ -13,11 +13,18 @@ Checkpoints: ``learned`` runs the fine-tuned ``CKPT/pruned/`` model; every other
 method runs ``CKPT/baseline/``. Text embeddings always come from the baseline's text
 tower (the pruned model's is frozen, hence identical).
 
+``--backbone SOURCE`` evaluates a HuggingFace CLIP (folder or Hub id) instead, with its
+own preprocessing and tokenizer, or a keep-predictor add-on that ``training.train
+--backbone`` wrote, which adds ``learned`` (`vlm_demo.addon`). One model serves every
+method. A plain CLIP has no trained predictors, so ``learned`` is left out unless asked
+for, and asking for it is an error that gives the training command.
+
 Shape legend: N images, T captions, E embedding width, S image side, k kept patches.
 
 Usage::
 
     python -m training.evaluate --checkpoints checkpoints --out checkpoints [--eval-limit 200]
+    python -m training.evaluate --backbone ADDON_OR_CLIP --out results/clip [--data DIR]
 
 Writes ``OUT/metrics.json``, ``OUT/report.md`` and ``OUT/tradeoff.png``.
 """
@@ -45,13 +52,14 @@ from training import compare
 from training import metrics as M
 from training import oracle
 from training.data import EvalData, eval_data, load_objects, load_splits
-from vlm_demo import cli, flops
+from vlm_demo import addon, cli, flops
 from vlm_demo.atomic import write_text_atomic
 from vlm_demo.latency import LatencyProtocol, fixed_threads, interleaved
 from vlm_demo.model import DualEncoder, load_checkpoint
 from vlm_demo import pruning
 from vlm_demo.pruning import BASELINE, PruneSpec, Trace
-from vlm_demo.tokenizer import Tokenizer
+from vlm_demo.tokenizer import TextTokenizer
+from vlm_demo.transforms import Preprocess, crop_box
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +92,10 @@ def _read_training(folder: Path) -> dict[str, Any]:
         raise ValueError(f"{path}: invalid JSON ({e.msg}); re-save the checkpoint.") from None
 
 
-def _resolve_data(data: str | os.PathLike | None, recorded: Any, checkpoints: Path) -> Path:
-    """The dataset root: `data` if given, else the one training recorded in ``baseline/training.json``.
+def _resolve_data(
+    data: str | os.PathLike | None, recorded: Any, checkpoints: Path, record: str = "training.json"
+) -> Path:
+    """The dataset root: `data` if given, else the one training recorded (in `record`, e.g. ``baseline/training.json``).
 
     Training records the root relative to its output folder (the checkpoints folder), or
     only the folder's name when the data lies elsewhere; older checkpoints recorded it
@@ -97,9 +107,7 @@ def _resolve_data(data: str | os.PathLike | None, recorded: Any, checkpoints: Pa
             raise ValueError(f"--data {root} is not a folder.")
         return root
     if not recorded:
-        raise ValueError(
-            f"{checkpoints / 'baseline' / 'training.json'} records no dataset root; pass --data DIR."
-        )
+        raise ValueError(f"{record} records no dataset root; pass --data DIR.")
     root = Path(recorded)
     for candidate in (checkpoints / root, root, checkpoints.parent / root):
         if candidate.is_dir():
@@ -162,7 +170,7 @@ def _machine(threads: int) -> dict[str, Any]:
 
 
 @torch.inference_mode()
-def _encode_text(model: DualEncoder, tokenizer: Tokenizer, texts: Sequence[str], batch: int = 512) -> torch.Tensor:
+def _encode_text(model: DualEncoder, tokenizer: TextTokenizer, texts: Sequence[str], batch: int = 512) -> torch.Tensor:
     """(T, E) normalised caption embeddings from the baseline's text tower."""
     out = [model.encode_text(tokenizer.encode_batch(texts[i : i + batch])) for i in range(0, len(texts), batch)]
     return torch.cat(out) if out else torch.empty(0, model.cfg.embed_dim)
@@ -221,6 +229,7 @@ def evaluate(
     out: str | os.PathLike,
     data: str | os.PathLike | None = None,
     *,
+    backbone: str | None = None,
     methods: Sequence[str] | None = None,
     keep_ratios: Sequence[float] = DEFAULT_KEEP_RATIOS,
     placements: Sequence[str] = DEFAULT_PLACEMENTS,
@@ -236,10 +245,13 @@ def evaluate(
     """Evaluate the baseline and every pruning method; write metrics.json, report.md, tradeoff.png.
 
     Args:
-        checkpoints: folder with ``baseline/`` and (for ``learned``) ``pruned/``.
+        checkpoints: folder with ``baseline/`` and (for ``learned``) ``pruned/``; unused with `backbone`.
         out: output folder (created).
-        data: dataset root; None uses the ``data`` recorded in ``baseline/training.json``.
-        methods: methods to evaluate; ``none`` is always added (it is the reference).
+        data: dataset root; None uses the ``data`` recorded in ``baseline/training.json`` (or the add-on's).
+        backbone: a HuggingFace CLIP (folder or Hub id) or a keep-predictor add-on to evaluate instead of
+            `checkpoints`.
+        methods: methods to evaluate; ``none`` is always added (it is the reference). None: every method
+            the model can run.
         keep_ratios: keep ratios; ``none`` gets one row, at 1.0.
         placements: where the stages sit (`vlm_demo.pruning.PLACEMENTS`): every method is
             evaluated at each; the first is the one the report's main tables show. A method
@@ -263,6 +275,7 @@ def evaluate(
         ValueError: for a missing checkpoint or dataset, bad options, or an empty test split.
     """
     t_start = time.perf_counter()
+    explicit = methods is not None
     methods, keep_ratios = _validate(pruning.names() if methods is None else methods, keep_ratios)
     placements = _validate_placements(placements)
     if batch_size < 1:
@@ -276,13 +289,17 @@ def evaluate(
     protocol = LATENCY.replace(repeats=latency_repeats, budget_s=latency_budget_s) if latency else None
     # One thread count for the whole run (encoding and latency alike); restored afterwards.
     with fixed_threads(threads):
+        torch.manual_seed(seed)
+        if backbone is None:
+            models = _load_models(Path(checkpoints), methods)
+        else:
+            models = _load_backbone(backbone, methods, explicit)
+            methods = [m for m in methods if models.pruned is not None or not pruning.get(m).needs_predictor]
         opts = _Options(
             methods, keep_ratios, limit, protocol, batch_size, seed, torch.get_num_threads(), progress, placements
         )
-        torch.manual_seed(seed)
-        checkpoints = Path(checkpoints)
-        models = _load_models(checkpoints, methods)
-        test = _load_test(_resolve_data(data, models.base_training.get("data"), checkpoints), models, opts)
+        recorded = models.base_training.get("data") or models.pruned_training.get("data")
+        test = _load_test(_resolve_data(data, recorded, models.folder, models.record), models, opts)
         rows = _Rows(models, test, opts).run()
     result = _metrics(models, test, rows, opts)
     result["seconds"] = time.perf_counter() - t_start
@@ -312,10 +329,14 @@ class _Models:
     """The checkpoints an evaluation runs, and what their training recorded (``training.json``)."""
 
     base: DualEncoder
-    tokenizer: Tokenizer
+    tokenizer: TextTokenizer
     base_training: dict[str, Any]
     pruned: DualEncoder | None = None  # loaded only when a requested method needs the keep predictors
     pruned_training: dict[str, Any] = field(default_factory=dict)
+    folder: Path = Path(".")  # what a recorded dataset root is relative to: the checkpoints or the add-on
+    record: str = "training.json"  # the file that records the dataset root, for messages
+    preprocess: Preprocess | None = None  # a CLIP's resize, crop and normalisation; None: the shipped square resize
+    backbone: dict[str, Any] | None = None  # a HuggingFace CLIP's source, revision and commit; None: the shipped model
 
     def serving(self, info: pruning.MethodInfo) -> DualEncoder:
         """The checkpoint a method runs on."""
@@ -327,7 +348,8 @@ class _Models:
 def _load_models(checkpoints: Path, methods: Sequence[str]) -> _Models:
     base_dir, pruned_dir = checkpoints / "baseline", checkpoints / "pruned"
     base, tokenizer = load_checkpoint(base_dir)
-    models = _Models(base, tokenizer, _read_training(base_dir))
+    record = base_dir / "training.json"
+    models = _Models(base, tokenizer, _read_training(base_dir), folder=checkpoints, record=str(record))
     need_pruned = [m for m in methods if pruning.get(m).needs_predictor]
     if need_pruned:
         if not pruned_dir.is_dir():
@@ -337,6 +359,24 @@ def _load_models(checkpoints: Path, methods: Sequence[str]) -> _Models:
         if models.pruned.cfg.vision != base.cfg.vision or models.pruned.cfg.pruning.stages != base.cfg.pruning.stages:
             raise ValueError(f"{pruned_dir} and {base_dir} have different image encoders; re-train the pruned model.")
     return models
+
+
+def _load_backbone(source: str, methods: Sequence[str], explicit: bool) -> _Models:
+    """A HuggingFace CLIP, or an add-on with its backbone: one model serves every method it can run."""
+    b = addon.load_backbone(source)
+    need = [m for m in methods if pruning.get(m).needs_predictor]
+    if need and not b.has_predictors:
+        train = f"train them with `{addon.train_command(source)}` and evaluate DIR"
+        if explicit:
+            raise ValueError(f"{source} has no trained keep predictors, which {', '.join(need)} needs: {train}, "
+                             "or leave it out of --methods.")  # fmt: skip
+        logger.info("Leaving out %s: %s has no trained keep predictors (%s).", ", ".join(need), source, train)
+    model, folder = b.clip.model, b.addon or b.ref.folder
+    return _Models(
+        model, b.clip.tokenizer, {}, pruned=model if b.has_predictors else None, pruned_training=b.training,
+        folder=folder, record=str(folder / addon.ADDON_FILE) if b.addon else f"The CLIP {source}",
+        preprocess=b.clip.preprocess, backbone=b.ref.to_dict(),
+    )  # fmt: skip
 
 
 @dataclass
@@ -375,7 +415,7 @@ def _load_test(root: Path, models: _Models, opts: _Options) -> _TestSet:
     split = load_splits(root)["test"]
     if len(split) == 0:
         raise ValueError(f"The test split of {root} has no images.")
-    ed = eval_data(split, size, opts.limit, opts.progress)
+    ed = eval_data(split, models.preprocess or size, opts.limit, opts.progress)
     text_emb = _encode_text(models.base, models.tokenizer, ed.captions)  # (T, E)
     first: dict[int, int] = {}
     for c, i in enumerate(ed.caption_to_image.tolist()):
@@ -395,9 +435,16 @@ def _add_ground_truth(test: _TestSet, objects: dict[str, Any], models: _Models) 
     have_boxes = torch.tensor([bool(r and "objects" in r) for r in records])
     negs = [r["hard_negative"] if ok else "" for r, ok in zip(records, have_neg.tolist())]
     test.neg_emb = _encode_text(models.base, models.tokenizer, negs)  # (N, E); rows without a negative are ignored
-    test.boxes = [[o["box"] for o in r["objects"]] if ok else [] for r, ok in zip(records, have_boxes.tolist())]
-    # Images are resized (never cropped) to a square, so boxes keep their place relative to the grid.
-    test.box_size = float(objects.get("image_size", test.box_size))
+    # The boxes are in pixels of the square synthetic image. The shipped model sees all of it (resized), a CLIP
+    # may see a centre crop: the boxes move into the part the model sees, whose side is then the boxes' scale.
+    side = objects.get("image_size", test.box_size)
+    left, top, right, _ = crop_box((round(side), round(side)), models.preprocess or Preprocess(round(side)))
+    test.boxes = [
+        [[x0 - left, y0 - top, x1 - left, y1 - top] for x0, y0, x1, y1 in (o["box"] for o in r["objects"])]
+        if ok else []
+        for r, ok in zip(records, have_boxes.tolist())
+    ]  # fmt: skip
+    test.box_size = float(right - left)
     test.have_neg = have_neg if bool(have_neg.any()) else None
     test.have_boxes = have_boxes if bool(have_boxes.any()) else None
     ed = test.data
@@ -466,7 +513,7 @@ class _Rows:
             "placement": placement,  # the baseline's one row serves every placement
             "stage_blocks": self._blocks(method, placement),
             "same_as_placement": None,  # the placement whose row this one copies (the same blocks)
-            "checkpoint": "pruned" if model is self.models.pruned else "baseline",
+            "checkpoint": "pruned" if info.needs_predictor else "baseline",  # a backbone's are one model
             "tokens": tokens,
             "gmacs": g,
             "gmacs_ratio": g / self.base_gmacs,
@@ -569,7 +616,7 @@ def _metrics(models: _Models, test: _TestSet, rows: list[dict[str, Any]], opts: 
             "synthetic": test.synthetic,
             "pair_images": None if test.have_neg is None else int(test.have_neg.sum()),
         },
-        "model": _config_summary(models.base),
+        "model": {**_config_summary(models.base), "backbone": models.backbone},
         "oracle": test.oracle,
         "training": _training_summary(models),
         "machine": _machine(opts.threads),
@@ -603,7 +650,7 @@ def _training_summary(models: _Models) -> dict[str, Any]:
     return {
         "seconds_per_epoch": {m: t.get("seconds_per_epoch") for m, t in by_method.items()},
         "epochs": {m: t.get("epochs") for m, t in by_method.items()},
-        "preset": models.base_training.get("preset"),
+        "preset": models.base_training.get("preset") or models.pruned_training.get("preset"),
         "baseline": models.base_training,
         "pruned": models.pruned_training,
     }
@@ -625,6 +672,14 @@ def _row_line(row: dict[str, Any]) -> str:
     )
 
 
+def _backbone_note(backbone: dict[str, Any] | None) -> str:
+    """`` of the HuggingFace CLIP `owner/name` (revision r, commit c)`` for a backbone's report; "" otherwise."""
+    if not backbone:
+        return ""
+    pins = [f"{k} {backbone[k]}" for k in ("revision", "commit") if backbone.get(k)]
+    return f" of the HuggingFace CLIP `{backbone['source']}`" + (f" ({', '.join(pins)})" if pins else "")
+
+
 def render_report(m: dict[str, Any]) -> str:
     """The markdown report of a metrics dict (as `evaluate` returns it)."""
     ds, mach, tr, mod = m["dataset"], m["machine"], m["training"], m["model"]
@@ -639,7 +694,9 @@ def render_report(m: dict[str, Any]) -> str:
         f"({mod['num_patches']} patch tokens), "
         f"ViT width {mod['vision_width']} x {mod['vision_depth']} blocks, keep predictors before blocks "
         f"{', '.join(str(s) for s in mod['pruning_stages'])} (the `shared` placement); "
-        f"{mod['params'] / 1e6:.2f} M parameters.",
+        f"{mod['params'] / 1e6:.2f} M parameters"
+        + _backbone_note(mod.get("backbone"))
+        + ".",
         f"- **Machine:** {mach['platform']} ({mach['processor']}), {mach['cpu_count']} CPUs, "
         f"torch {mach['torch']} with {mach['torch_threads']} threads.",
         "- **Training, seconds per epoch:** "
@@ -787,12 +844,20 @@ def write_outputs(m: dict[str, Any], out: str | os.PathLike) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     p = cli.parser("python -m training.evaluate", __doc__)
-    p.add_argument("--checkpoints", default="checkpoints", help="folder that holds baseline/ and pruned/")
+    models = p.add_mutually_exclusive_group()
+    models.add_argument("--checkpoints", default="checkpoints", help="folder that holds baseline/ and pruned/")
+    models.add_argument("--backbone", default=None, metavar="SOURCE",
+                        help="evaluate a HuggingFace CLIP (a folder or Hub id owner/name[@revision]), or the keep-"
+                             "predictor add-on that python -m training.train --backbone wrote (default: none, use "
+                             "--checkpoints)")  # fmt: skip
     p.add_argument("--out", required=True, help="output folder for metrics.json, report.md, tradeoff.png (required)")
-    p.add_argument("--data", default=None, help="dataset root (default: the one recorded in baseline/training.json)")
+    p.add_argument("--data", default=None,
+                   help="dataset root (default: the one recorded in baseline/training.json, or the "
+                        "add-on's)")  # fmt: skip
     p.add_argument(
-        "--methods", nargs="+", default=list(pruning.names()), choices=pruning.names(), metavar="METHOD",
-        help=f"methods to evaluate, of {', '.join(pruning.names())} (default: all; {BASELINE} is always included)",
+        "--methods", nargs="+", default=None, choices=pruning.names(), metavar="METHOD",
+        help=f"methods to evaluate, of {', '.join(pruning.names())} (default: all that the model can run; "
+        f"{BASELINE} is always included)",
     )  # fmt: skip
     p.add_argument(
         "--keep-ratios", nargs="+", type=float, default=list(DEFAULT_KEEP_RATIOS), metavar="RATIO",
@@ -840,6 +905,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             args.checkpoints,
             args.out,
             args.data,
+            backbone=args.backbone,
             methods=args.methods,
             keep_ratios=args.keep_ratios,
             placements=args.placements,

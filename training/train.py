@@ -4,6 +4,7 @@
     python -m training.train --preset tiny --out /tmp/ck
     python -m training.train --dataset flickr8k --data-root ~/data/flickr8k
     torchrun --nproc_per_node=2 -m training.train --preset tiny   # DDP: gloo on CPU, nccl on GPU
+    python -m training.train --backbone wkcn/TinyCLIP-ViT-8M-16-Text-3M-YFCC15M --out addons/tinyclip
 
 Phases:
 1. **baseline**: the dual encoder from scratch, symmetric contrastive loss.
@@ -15,6 +16,14 @@ Phases:
    on it, the cosine distillation loss of the pruned embedding to the baseline's at a
    keep ratio drawn from ``keep_ratio_range``: the log shows it fall as the predictors learn.
 3. **evaluate**: `training.evaluate` writes metrics.json, report.md and tradeoff.png.
+
+``--backbone SOURCE`` (a HuggingFace CLIP folder or Hub id ``owner/name[@revision]``)
+runs the pruned phase's recipe alone on that CLIP: its towers are frozen and are their
+own teacher, images take its preprocessing (shortest-edge resize, centre crop, its
+mean and std) and captions its tokenizer. Only the keep predictors are written, into
+an add-on folder (``--out``, required; see `vlm_demo.addon`) that ``vlm_demo.api.load``
+and ``training.evaluate --backbone`` load together with the backbone it names. The
+preset gives only the schedule. An add-on as SOURCE continues from its predictors.
 
 Every random choice derives from ``--seed`` and the (epoch, step), and the resume
 state (weights + AdamW moments, safetensors) is written atomically at the end of each
@@ -47,12 +56,12 @@ from tqdm import tqdm
 from training.data import CaptionDataset, TrainDataset, load_objects, load_splits, make_collate
 from training.losses import contrastive_loss, distill_loss, keep_rank_loss
 from training.saliency import stage_saliency
-from vlm_demo import cli, pruning
+from vlm_demo import addon, cli, pruning
 from vlm_demo.atomic import write_text_atomic
 from vlm_demo.config import PRESETS, ModelConfig, Preset, TrainConfig, get_preset
 from vlm_demo.model import DualEncoder, atomic_folder, load_checkpoint, save_checkpoint
 from vlm_demo.pruning import PruneSpec
-from vlm_demo.tokenizer import Tokenizer
+from vlm_demo.tokenizer import TextTokenizer, Tokenizer
 
 log = logging.getLogger("training.train")
 
@@ -190,7 +199,7 @@ class _Phase:
 
 
 def _setup_phase(
-    phase: str, model: DualEncoder, teacher: DualEncoder | None, dataset: TrainDataset, tokenizer: Tokenizer,
+    phase: str, model: DualEncoder, teacher: DualEncoder | None, dataset: TrainDataset, tokenizer: TextTokenizer,
     tcfg: TrainConfig, args: argparse.Namespace, dd: Dist,
 ) -> _Phase:  # fmt: skip
     """Freeze what does not train, build the optimiser and the loader, and restore `--resume` state."""
@@ -220,13 +229,18 @@ def _setup_phase(
     if pruned:
         meta["distill"] = []  # per epoch: mean monitored distillation loss at the drawn keep ratios
     if args.resume:
-        restored = load_state(_state_dir(args, phase), model, opt)
+        restored = load_state(_state_dir(args, phase), _trained_part(model, pruned), opt)
         if restored is not None:
             meta = restored
             if dd.main:
                 log.info("%s: resuming after epoch %d", phase, meta["epoch_done"])
     epochs = args.pruned_epochs if pruned else args.baseline_epochs
     return _Phase(phase, model, teacher, net, params, opt, loader, sampler, epochs, peak, meta)
+
+
+def _trained_part(model: DualEncoder, pruned: bool) -> nn.Module:
+    """What a phase's resume state holds: the whole model, or only the keep predictors (the towers are frozen)."""
+    return model.visual.predictors if pruned else model
 
 
 def _state_dir(args: argparse.Namespace, phase: str) -> Path:
@@ -275,7 +289,7 @@ def _optimise(ph: _Phase, loss: torch.Tensor, dd: Dist) -> None:
 
 
 def _train_epoch(
-    ph: _Phase, epoch: int, tokenizer: Tokenizer, hard_negatives: list[str] | None, tcfg: TrainConfig,
+    ph: _Phase, epoch: int, tokenizer: TextTokenizer, hard_negatives: list[str] | None, tcfg: TrainConfig,
     args: argparse.Namespace, dd: Dist,
 ) -> tuple[float, float, float]:  # fmt: skip
     """One epoch; returns (mean loss, mean monitored distillation loss (pruned phase, else 0), last lr)."""
@@ -310,7 +324,7 @@ def run_phase(
     model: DualEncoder,
     teacher: DualEncoder | None,
     dataset: TrainDataset,
-    tokenizer: Tokenizer,
+    tokenizer: TextTokenizer,
     hard_negatives: list[str] | None,
     tcfg: TrainConfig,
     args: argparse.Namespace,
@@ -338,7 +352,7 @@ def run_phase(
             log.info(
                 "%s epoch %d/%d  loss %.4f  lr %.2e  %.1f s%s", phase, epoch + 1, ph.epochs, loss, lr, seconds, monitor
             )
-            save_state(_state_dir(args, phase), model, ph.opt, ph.meta)
+            save_state(_state_dir(args, phase), _trained_part(model, ph.pruned), ph.opt, ph.meta)
         dd.barrier()
     return ph.meta
 
@@ -402,9 +416,13 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--data-root", help="with --dataset flickr8k: the Flickr8k folder (default: none)")
     p.add_argument("--dataset", choices=["synthetic", "flickr8k"], default=None,
                    help="which data --data-root holds (default: synthetic, generated)")  # fmt: skip
-    p.add_argument("--out", default="checkpoints",
+    p.add_argument("--out", default=None,
                    help="folder to write baseline/, pruned/ and the metrics into (default: checkpoints, the shipped "
-                        "checkpoints, which it replaces)")  # fmt: skip
+                        "checkpoints, which it replaces); with --backbone, the add-on folder (required)")  # fmt: skip
+    p.add_argument("--backbone", default=None, metavar="SOURCE",
+                   help="train only the keep predictors of this HuggingFace CLIP (a folder, or a Hub id "
+                        "owner/name[@revision]), both towers frozen, into the add-on folder --out "
+                        "(default: none, train the shipped model)")  # fmt: skip
     p.add_argument("--resume", action="store_true", help=f"continue from the last epoch saved in OUT/{RESUME_DIR}")
     p.add_argument("--seed", type=int, default=0, help="seed of the model, data order, augmentation and synthetic data")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -417,7 +435,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=cli.positive_int, default=None,
                    help="training batch, over all processes (default: the preset's)")  # fmt: skip
     p.add_argument("--threads", type=cli.positive_int, default=None, help="torch threads (default: all cores)")
-    p.add_argument("--phases", default=",".join(PHASES), help=f"comma list of phases to run, of {', '.join(PHASES)}")
+    p.add_argument("--phases", default=None,
+                   help=f"comma list of phases to run, of {', '.join(PHASES)} (default: all; not with "
+                        "--backbone)")  # fmt: skip
     p.add_argument("--eval-limit", type=cli.positive_int, default=None,
                    help="test images to evaluate (default: the preset's)")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -432,6 +452,10 @@ def parse_args(argv: list[str] | None, p: argparse.ArgumentParser | None = None)
         p.error("--dataset flickr8k needs --data-root DIR")
     if args.data_root and args.dataset != "flickr8k":
         p.error("--data-root goes with --dataset flickr8k")
+    if args.backbone is not None:
+        _check_backbone_args(p, args)
+    args.out = args.out or "checkpoints"
+    args.phases = args.phases or ",".join(PHASES)
     args.phases = [s.strip() for s in args.phases.split(",") if s.strip()]
     unknown = [s for s in args.phases if s not in PHASES]
     if unknown or not args.phases:
@@ -439,6 +463,19 @@ def parse_args(argv: list[str] | None, p: argparse.ArgumentParser | None = None)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda, but torch sees no CUDA GPU; use --device cpu")
     return args
+
+
+def _check_backbone_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--backbone trains the keep predictors alone: it needs --out, and the other phases' options have no use."""
+    if not args.out:
+        p.error(f"--backbone needs --out DIR, a new folder for the keep-predictor add-on ({addon.ADDON_FILES[0]} "
+                f"and {addon.ADDON_FILES[1]}; never the shipped checkpoints)")  # fmt: skip
+    for option in ("phases", "baseline_epochs", "eval_limit"):
+        if getattr(args, option) is not None:
+            p.error(f"--{option.replace('_', '-')} does not go with --backbone, which trains only the keep "
+                    f"predictors; evaluate the add-on with python -m training.evaluate --backbone {args.out} "
+                    "--out DIR")  # fmt: skip
+    args.phases = "pruned"
 
 
 def _schedule(args: argparse.Namespace) -> tuple[Preset, TrainConfig]:
@@ -470,6 +507,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = Path(args.out)
     with cli.user_errors(parser):
         try:
+            if args.backbone is not None:
+                return _train_predictors(args, tcfg, dd)
             data = _load_data(args, preset, tcfg, dd)
             facts = {"preset": args.preset, "data": recorded_data(data.root, out), "seed": args.seed,
                      "world_size": dd.world}  # fmt: skip
@@ -544,9 +583,40 @@ def _load_data(args: argparse.Namespace, preset: Preset, tcfg: TrainConfig, dd: 
 
 def _save(model: DualEncoder, tokenizer: Tokenizer, folder: Path, meta: dict[str, Any], **facts: Any) -> None:
     """Write a phase's checkpoint (atomically), with its losses and timings in ``training.json``."""
-    save_checkpoint(model.cpu(), tokenizer, folder, phase=folder.name, epochs=meta["epoch_done"], losses=meta["losses"],
-                    seconds_per_epoch=_median(meta["seconds_per_epoch"]), epoch_seconds=meta["seconds_per_epoch"],
-                    **facts)  # fmt: skip
+    save_checkpoint(model.cpu(), tokenizer, folder, **_run_facts(folder.name, meta), **facts)
+
+
+def _run_facts(phase: str, meta: dict[str, Any]) -> dict[str, Any]:
+    """What ``training.json`` records of a phase's run: epochs, losses and timings."""
+    seconds = meta["seconds_per_epoch"]
+    return {"phase": phase, "epochs": meta["epoch_done"], "losses": meta["losses"],
+            "seconds_per_epoch": _median(seconds), "epoch_seconds": seconds}  # fmt: skip
+
+
+def _train_predictors(args: argparse.Namespace, tcfg: TrainConfig, dd: Dist) -> dict[str, Any]:
+    """--backbone: the pruned phase's recipe on a HuggingFace CLIP; writes the predictors as an add-on."""
+    out = Path(args.out)
+    addon.check_destination(out, spare=(RESUME_DIR,))
+    torch.manual_seed(args.seed)  # the predictors' initialisation (a CLIP checkpoint has none)
+    backbone = addon.load_backbone(args.backbone, args.device)
+    clip, ref = backbone.clip, backbone.ref
+    if backbone.has_predictors and dd.main:
+        log.info("continuing from the keep predictors of %s", backbone.addon)
+    root = resolve_data(args, tcfg, clip.preprocess.image_size, dd)
+    dataset = TrainDataset(load_splits(root)["train"], clip.preprocess, augment=True, seed=args.seed,
+                           progress=dd.main and not args.quiet)  # fmt: skip
+    # The frozen towers are their own teacher: the unpruned pass that gives the saliency never runs a predictor.
+    model = clip.model
+    meta = run_phase("pruned", model, model, dataset, clip.tokenizer, None, tcfg, args, dd)
+    if dd.main:
+        facts = _run_facts("predictors", meta)
+        facts.update(seconds=sum(meta["seconds_per_epoch"]), distill=meta["distill"], preset=args.preset,
+                     data=recorded_data(root, out), seed=args.seed, world_size=dd.world,
+                     keep_ratio_range=list(tcfg.keep_ratio_range))  # fmt: skip
+        addon.save_addon(out, model, ref, facts)  # replaces the folder, its resume state with it
+        log.info("wrote the keep predictors of %s to %s", ref.source, out)
+    dd.barrier()
+    return {"data": str(root), "out": str(out), "backbone": ref.to_dict(), "pruned": meta}
 
 
 def _median(xs: list[float]) -> float | None:

@@ -7,7 +7,10 @@ baseline's text tower (it is frozen in the pruned fine-tune), so every image
 embedding is scored against the same caption embedding.
 
 A HuggingFace CLIP (a folder or Hub id, see `vlm_demo.hf_clip`) loads as one model
-serving both sides; its keep predictors are untrained (``Session.has_predictors``).
+serving both sides. It has no trained keep predictors (``Session.has_predictors`` is
+False), so ``learned`` is not among `Session.methods` and asking for it raises a
+ValueError that gives the command that trains them; the add-on folder that command
+writes (`vlm_demo.addon`) loads with its backbone and has them.
 
 A `Session` is read-only after `load`: requests keep their state local, so one
 session can serve many threads.
@@ -28,8 +31,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from . import flops, hf_clip, overlay
-from .hub import looks_like_repo_id, pull, split_revision
+from . import addon, flops, hf_clip, overlay
 from .images import load_image
 from .latency import LatencyProtocol, Timing, interleaved
 from .model import DualEncoder, load_checkpoint
@@ -195,7 +197,9 @@ class Session:
         caption_bank: captions to rank for `top_captions` (e.g. the test split).
         metrics: the evaluation's metrics.json, if shipped.
         preprocess: how images become pixels; None is the shipped model's square resize.
-        has_predictors: whether `pruned` has trained keep predictors (False for a HuggingFace CLIP).
+        has_predictors: whether `pruned` has trained keep predictors (False for a plain HuggingFace CLIP);
+            without them the methods that need one are refused.
+        train_hint: the command that trains the missing predictors, for that refusal's message.
     """
 
     def __init__(
@@ -208,6 +212,7 @@ class Session:
         metrics: dict[str, Any] | None = None,
         preprocess: Preprocess | None = None,
         has_predictors: bool = True,
+        train_hint: str = "",
     ):
         self.baseline, self.pruned, self.tokenizer = baseline.eval(), pruned.eval(), tokenizer
         self.source, self.metrics = source, metrics
@@ -215,15 +220,40 @@ class Session:
         self.preprocess = preprocess or Preprocess(self.cfg.vision.image_size)
         self._latency: dict[tuple[str, float, LatencyProtocol], dict[str, Timing]] = {}
         self.has_predictors = has_predictors
+        self.train_hint = train_hint or addon.train_command(source or "SOURCE")
         self.device = next(baseline.parameters()).device
         self.caption_bank = list(caption_bank or [])
         self._bank = self._embed_ids(tokenizer.encode_batch(self.caption_bank)) if self.caption_bank else None
 
     # ------------------------------------------------------------------ embeddings
 
+    def methods(self, prunes_only: bool = False, image_only: bool = False) -> tuple[str, ...]:
+        """The registered methods this session can run, filtered as `vlm_demo.pruning.names` filters.
+
+        A method that needs trained keep predictors is in only when the session has them.
+        """
+        names = pruning.names(prunes_only=prunes_only, image_only=image_only)
+        return tuple(m for m in names if self.has_predictors or not pruning.get(m).needs_predictor)
+
+    def method_info(self, method: str) -> pruning.MethodInfo:
+        """The registry's entry for `method`.
+
+        Raises:
+            ValueError: for an unknown method, or one that needs keep predictors this session does not have
+                (the message gives the command that trains them).
+        """
+        info = pruning.get(method)
+        if info.needs_predictor and not self.has_predictors:
+            raise ValueError(
+                f"{method!r} needs trained keep predictors, and {self.source or 'this model'} has none. "
+                f"Train them (the towers stay frozen): `{self.train_hint}`, then load DIR. "
+                f"This model runs {', '.join(self.methods())}."
+            )
+        return info
+
     def model_for(self, method: str) -> DualEncoder:
-        """The checkpoint that serves `method`."""
-        return self.pruned if pruning.get(method).needs_predictor else self.baseline
+        """The checkpoint that serves `method` (refused as `method_info` refuses)."""
+        return self.pruned if self.method_info(method).needs_predictor else self.baseline
 
     @torch.inference_mode()
     def _embed_ids(self, ids: torch.Tensor, chunk: int = 512) -> torch.Tensor:
@@ -250,8 +280,9 @@ class Session:
             batch_size: images per forward pass; every image in a pass keeps the same count.
             seed: seed of ``random``.
         """
-        if pruning.get(method).needs_caption:
-            raise ValueError(f"{method} needs a caption: use analyze(), or one of {', '.join(pruning.names(image_only=True))}.")
+        if self.method_info(method).needs_caption:
+            others = ", ".join(self.methods(image_only=True))
+            raise ValueError(f"{method} needs a caption: use analyze(), or one of {others}.")
         model, spec = self.model_for(method), PruneSpec(method, keep_ratio, seed=seed)
         out = []
         for i in range(0, len(images), batch_size):
@@ -333,7 +364,7 @@ class Session:
         Raises:
             ValueError: for a bad image, caption, method or keep ratio, with a message for the user.
         """
-        info = pruning.get(method)
+        info = self.method_info(method)
         if style not in overlay.STYLES:
             raise ValueError(f"Unknown overlay style {style!r}; choose one of {', '.join(overlay.STYLES)}.")
         if not 1 <= int(latency_repeats) <= 200:
@@ -367,10 +398,16 @@ class Session:
     def compare(
         self, image: Any, caption: str, keep_ratio: float = 0.5, style: str = "dim", methods: tuple[str, ...] | None = None
     ) -> list[MethodSummary]:
-        """Every method at one keep ratio: overlay, score and GMACs (no latency, to stay quick)."""
+        """Every method at one keep ratio (or `methods`): overlay, score and GMACs (no latency, to stay quick).
+
+        None is every method the session runs (`methods`); one it cannot run raises a ValueError.
+        """
+        methods = self.methods(prunes_only=True) if methods is None else methods
+        for m in methods:
+            self.method_info(m)
         request = self._request(image, caption)
         out = []
-        for m in pruning.names(prunes_only=True) if methods is None else methods:
+        for m in methods:
             spec = PruneSpec(m, float(keep_ratio), text=request.text if pruning.get(m).needs_caption else None)
             z, trace = self.model_for(m).encode_image_with_trace(request.pixels, spec)
             out.append(
@@ -460,7 +497,7 @@ class Session:
     def warm_gmacs(self, keep_ratios: list[float], methods: tuple[str, ...] | None = None) -> None:
         """Fill the GMACs cache ahead of requests (fvcore traces take ~0.2 s each)."""
         for r in keep_ratios:
-            for m in pruning.names() if methods is None else methods:
+            for m in self.methods() if methods is None else methods:
                 flops.gmacs(self.cfg, m, r)
 
     @torch.inference_mode()
@@ -493,7 +530,7 @@ class Session:
         Returns:
             The `Sweep`, its stops in the order of `stops`.
         """
-        info = pruning.get(method)
+        info = self.method_info(method)
         request = self._request(image, caption)
         pixels, text = request.pixels, request.text
         model = self.model_for(method)
@@ -527,12 +564,14 @@ class Session:
 
 
 def load(source: str | os.PathLike = "checkpoints", device: str = "cpu") -> Session:
-    """Load the baseline and pruned checkpoints, or a HuggingFace CLIP.
+    """Load the baseline and pruned checkpoints, a HuggingFace CLIP, or a CLIP's keep-predictor add-on.
 
     Args:
         source: a folder holding ``baseline/`` and ``pruned/`` (and optionally
             ``caption_bank.json`` and ``metrics.json``); a HuggingFace CLIP folder (see
-            `vlm_demo.hf_clip`); or a Hub repo id of either, ``owner/name`` or
+            `vlm_demo.hf_clip`); an add-on folder that ``python -m training.train --backbone``
+            wrote (see `vlm_demo.addon`), which loads the CLIP it names with its trained keep
+            predictors; or a Hub repo id of any of these, ``owner/name`` or
             ``owner/name@revision``. A local folder never touches the network.
         device: ``cpu`` or ``cuda``.
 
@@ -544,10 +583,8 @@ def load(source: str | os.PathLike = "checkpoints", device: str = "cpu") -> Sess
         ConnectionError: when a Hub repo cannot be fetched.
     """
     src = str(source)
-    folder = Path(src)
-    if not folder.exists() and looks_like_repo_id(src):
-        repo_id, revision = split_revision(src)
-        folder = pull(repo_id, revision, allow_patterns=[*hf_clip.HUB_FILES, *SHIPPED_HUB_FILES])
+    ref = addon.locate(src, [*hf_clip.HUB_FILES, *SHIPPED_HUB_FILES, *addon.ADDON_FILES])
+    folder = ref.folder
     if not folder.is_dir():
         raise ValueError(
             f"No checkpoints at {src!r}. Train them with `python -m training.train` "
@@ -555,21 +592,21 @@ def load(source: str | os.PathLike = "checkpoints", device: str = "cpu") -> Sess
         )
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for, but torch sees no CUDA GPU; use --device cpu.")
-    if hf_clip.is_clip_folder(folder):
-        clip = hf_clip.load_clip(folder, device)
+    if hf_clip.is_clip_folder(folder) or addon.is_addon(folder):
+        b = addon.load_backbone(ref, device)
+        m = b.clip.model
         return Session(
-            clip.model, clip.model, clip.tokenizer, source=src, preprocess=clip.preprocess, has_predictors=False
+            m, m, b.clip.tokenizer, source=src, preprocess=b.clip.preprocess, has_predictors=b.has_predictors
         )
     if not (folder / "baseline").is_dir():
         raise ValueError(f"{folder} has no baseline/ checkpoint. Train one with `python -m training.train`.")
     baseline, tokenizer = load_checkpoint(folder / "baseline", device)
-    if (folder / "pruned").is_dir():
-        pruned, _ = load_checkpoint(folder / "pruned", device)
-    else:
-        log.warning("%s has no pruned/ checkpoint: 'learned' uses the baseline's untrained predictor.", folder)
-        pruned = baseline
+    has_pruned = (folder / "pruned").is_dir()
+    pruned = load_checkpoint(folder / "pruned", device)[0] if has_pruned else baseline
     bank_file, metrics_file = folder / CAPTION_BANK_FILE, folder / METRICS_FILE
     bank = json.loads(bank_file.read_text())["captions"] if bank_file.is_file() else None
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
-    return Session(baseline, pruned, tokenizer, source=src, caption_bank=bank, metrics=metrics)
-
+    return Session(
+        baseline, pruned, tokenizer, source=src, caption_bank=bank, metrics=metrics, has_predictors=has_pruned,
+        train_hint=f"python -m training.train --phases pruned --out {src}",
+    )  # fmt: skip

@@ -10,7 +10,8 @@ FLOP count and latency measurement runs on it unchanged:
   no patch bias, causal text attention pooled at the end-of-text token);
 - `load_clip` maps the tensors by name (q, k and v fused into one ``qkv``) with a
   strict check: every tensor of the model is filled but the keep predictors, which
-  stay randomly initialised (untrained) and are reported in `ClipCheckpoint.untrained`;
+  stay randomly initialised (untrained) and are reported in `ClipCheckpoint.untrained`
+  (`vlm_demo.addon` trains them and loads them back);
 - `ClipTokenizer` encodes as transformers' ``CLIPTokenizerFast`` does;
 - `preprocess_config` reads the image processor's resize, crop and normalisation.
 
@@ -330,13 +331,17 @@ class ClipTokenizer:
         return CaptionFit(readable=n > 2, truncated=n > self.context_length)
 
 
-def load_clip(folder: str | os.PathLike, device: str | torch.device = "cpu") -> ClipCheckpoint:
+def load_clip(
+    folder: str | os.PathLike, device: str | torch.device = "cpu", pruning: PruningConfig | None = None
+) -> ClipCheckpoint:
     """Load a HuggingFace CLIP folder into a `DualEncoder`; never touches the network, never unpickles.
 
     Args:
         folder: a local folder with config.json (``model_type`` clip), model.safetensors,
             tokenizer.json and optionally preprocessor_config.json.
         device: where to put the model.
+        pruning: the keep predictors' stages and width; None is `model_config`'s default
+            (DynamicViT's quarter points). A predictor add-on passes the ones it was trained with.
 
     Returns:
         The `ClipCheckpoint`.
@@ -349,6 +354,8 @@ def load_clip(folder: str | os.PathLike, device: str | torch.device = "cpu") -> 
     _check_files(folder)
     config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
     cfg = model_config(_read_json(config_path), str(config_path))
+    if pruning is not None:
+        cfg = cfg.replace(pruning=pruning)
     tokenizer = ClipTokenizer(folder / TOKENIZER_FILE, cfg.text.context_length)
     if len(tokenizer) > cfg.text.vocab_size:
         raise ValueError(
@@ -365,11 +372,7 @@ def load_clip(folder: str | os.PathLike, device: str | torch.device = "cpu") -> 
     untrained = sorted(model.state_dict().keys() - trained.keys())
     # Only the keep predictors have no CLIP counterpart; anything else here is a model change `_sources` misses.
     assert all(name.startswith("visual.predictors.") for name in untrained), untrained
-    log.warning(
-        "%s: %d keep-predictor tensors are not in the checkpoint and stay random; 'learned' pruning is untrained.",
-        folder,
-        len(untrained),
-    )
+    log.debug("%s: %d keep-predictor tensors are not in a CLIP checkpoint; they start random.", folder, len(untrained))
     return ClipCheckpoint(model.to(device).eval(), tokenizer, preprocess, untrained)
 
 

@@ -46,6 +46,11 @@ class Preprocess:
             )
 
 
+def as_preprocess(spec: int | Preprocess) -> Preprocess:
+    """`spec` itself, or for a side in pixels the shipped model's square resize to it."""
+    return spec if isinstance(spec, Preprocess) else Preprocess(spec)
+
+
 def _geometry(size: tuple[int, int], spec: Preprocess) -> tuple[tuple[int, int], Box]:
     """The resized (width, height) of an image of `size`, and the crop box in the resized image."""
     side = spec.image_size
@@ -99,7 +104,7 @@ def to_tensor(image: Image.Image, spec: int | Preprocess) -> torch.Tensor:
     Returns:
         A float32 tensor of shape (3, S, S), S the square's side.
     """
-    spec = spec if isinstance(spec, Preprocess) else Preprocess(spec)
+    spec = as_preprocess(spec)
     if image.mode != "RGB":
         image = image.convert("RGB")
     array = np.asarray(model_view(image, spec), dtype=np.float32) / 255.0  # (S, S, 3)
