@@ -78,7 +78,7 @@ def test_signal_during_the_warm_up(checkpoints, tmp_path, tmpdir_env, signum):
         assert WARM not in server.output(), "the warm-up ended before the signal: it no longer tests the warm-up"
         server.proc.send_signal(signum)
         out = _stopped_cleanly(server.proc, server.log, tmp_path / "tmp")
-    assert f"{signal.Signals(signum).name}: stopping the warm-up and the server." in out
+    assert f"{signal.Signals(signum).name}: shutting down." in out
     assert "GMACs warm-up stopped after" in out and out.rstrip().endswith("Stopped.")
 
 
@@ -87,7 +87,7 @@ def test_sigterm_once_ready(checkpoints, tmp_path, tmpdir_env):
         wait_for_output(server, WARM, 180)
         server.proc.send_signal(signal.SIGTERM)
         out = _stopped_cleanly(server.proc, server.log, tmp_path / "tmp")
-    assert "SIGTERM: stopping the warm-up and the server." in out
+    assert "SIGTERM: shutting down." in out
 
 
 def test_sigterm_during_a_request(checkpoints, tmp_path, tmpdir_env):

@@ -199,6 +199,9 @@ def test_dependencies_point_one_way():
     # lifecycle installs the signal handlers before the slow imports, so it must not make them itself.
     light = {name.split(".")[0] for name in _imports(ROOT / "webui" / "lifecycle.py", top_level=True)}
     assert not light & {"gradio", "torch", "vlm_demo"}
+    for path in (ROOT / "webui").glob("*.py"):  # the checks test_model.py makes of the library, for the app side
+        assert not {name.split(".")[0] for name in _imports(path)} & {"torchvision", "pickle", "joblib"}, path
+        assert "torch.load(" not in path.read_text(), path
     tree = ast.parse((ROOT / "app.py").read_text())
     from_library = {(n.module, a.name) for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
                     and (n.module or "").startswith("vlm_demo") for a in n.names}  # fmt: skip

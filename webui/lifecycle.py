@@ -76,7 +76,7 @@ class Shutdown:
         self._serving = True
         while self.signum is None:
             time.sleep(poll_s)
-        _say(f"{signal.Signals(self.signum).name}: stopping the warm-up and the server.")
+        _say(f"{signal.Signals(self.signum).name}: shutting down.")
         return self.signum
 
     def exit(self, code: int = 0) -> None:
