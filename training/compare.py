@@ -20,8 +20,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-BASELINE = "none"  # metrics.json's unpruned row
-DEFAULT_PLACEMENT = "paper"  # the placement of a row without the key (files older than the key)
+from vlm_demo.pruning import BASELINE
+from vlm_demo.results import DEFAULT_PLACEMENT, placement_of, placements, rows_at  # noqa: F401  (re-exported)
+
 MATCHED_GMACS = (0.65, 0.5)  # the GMACs ratios the matched tables compare methods at
 MATCHED_KEYS = ("mean_r1", "pair_acc", "object_recall", "latency_ratio_bs32", "latency_ratio_bs1")
 DASH = "–"  # a figure the row does not have (text_guided has no retrieval recall)
@@ -58,11 +59,6 @@ def table(header: list[str], align: str, rows: Iterable[list[str]]) -> list[str]
 # ----------------------------------------------------------------------------- rows
 
 
-def placement_of(row: dict[str, Any]) -> str:
-    """Where a row's stages sat; `DEFAULT_PLACEMENT` for a row from before the key existed."""
-    return row.get("placement") or DEFAULT_PLACEMENT
-
-
 def recorded(metrics: dict[str, Any]) -> bool:
     """Whether the file records its rows' placements (files from before the key do not)."""
     return any("placement" in r for r in metrics["rows"])
@@ -71,19 +67,6 @@ def recorded(metrics: dict[str, Any]) -> bool:
 def placement_label(metrics: dict[str, Any], placement: str) -> str:
     """"paper placement", or what a file from before the key can say."""
     return f"{placement} placement" if recorded(metrics) else "placement not recorded in this file"
-
-
-def placements(metrics: dict[str, Any]) -> list[str]:
-    """The placements a file measured, in its order; the first is the one its main tables show."""
-    asked = metrics.get("options", {}).get("placements")
-    found = list(dict.fromkeys(placement_of(r) for r in metrics["rows"] if r["method"] != BASELINE))
-    return list(asked) if asked else found or [DEFAULT_PLACEMENT]
-
-
-def rows_at(metrics: dict[str, Any], placement: str | None = None) -> list[dict[str, Any]]:
-    """The rows of one placement (None: the file's first), the baseline's row included."""
-    placement = placement or placements(metrics)[0]
-    return [r for r in metrics["rows"] if r["method"] == BASELINE or placement_of(r) == placement]
 
 
 def methods(rows: Sequence[dict[str, Any]]) -> list[str]:

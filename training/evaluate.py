@@ -53,7 +53,7 @@ from training import metrics as M
 from training import oracle
 from training.data import EvalData, eval_data, load_objects, load_splits
 from vlm_demo import addon, cli, flops
-from vlm_demo.atomic import write_text_atomic
+from vlm_demo.atomic import atomic_path, write_text_atomic
 from vlm_demo.latency import LatencyProtocol, fixed_threads, interleaved
 from vlm_demo.model import DualEncoder, load_checkpoint
 from vlm_demo import pruning
@@ -763,70 +763,12 @@ def render_report(m: dict[str, Any]) -> str:
 
 
 def plot_tradeoff(m: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Accuracy, pair accuracy and latency against GMACs, one curve per method."""
-    import matplotlib
+    """Save `vlm_demo.plots.tradeoff_figure` of `m` (every panel) as a PNG, atomically."""
+    from vlm_demo import plots  # matplotlib loads only when a figure is drawn
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
-    rows = compare.rows_at(m)  # the main placement: one curve per method
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    colours = {name: plt.get_cmap("tab10")(i) for i, name in enumerate(pruning.names())}
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), gridspec_kw={"width_ratios": [1.2, 0.9, 1.2]})
-    ax_r1, ax_pair, ax_lat = axes
-    for method in methods:
-        pts = sorted((r for r in rows if r["method"] == method), key=lambda r: r["gmacs"])
-        x = [r["gmacs"] for r in pts]
-        info = pruning.get(method)
-        big = not info.prunes
-        style = {"color": colours[method], "marker": "*" if big else "o", "markersize": 12 if big else 5}
-        label = f"{method} (baseline)" if big else method
-        r1 = [(xi, r["mean_r1"]) for xi, r in zip(x, pts) if r["mean_r1"] is not None]
-        if r1:
-            ax_r1.plot(*zip(*r1), label=label, **style)
-        elif info.needs_caption:
-            ax_r1.plot([], [], label=f"{method} (no R@1: per-caption pruning)", **style)
-        pair = [(xi, r["pair_acc"]) for xi, r in zip(x, pts) if r["pair_acc"] is not None]
-        if pair:
-            ax_pair.plot(*zip(*pair), label=label, **style)
-        bs32 = [(xi, r["latency_ms_bs32"]) for xi, r in zip(x, pts) if r["latency_ms_bs32"] is not None]
-        bs1 = [(xi, r["latency_ms_bs1"]) for xi, r in zip(x, pts) if r["latency_ms_bs1"] is not None]
-        if bs32:
-            ax_lat.plot(*zip(*bs32), label=f"{label} bs32", **style)
-        if bs1:
-            ax_lat.plot(*zip(*bs1), linestyle="--", label=f"{label} bs1", alpha=0.7, **style)
-    ax_r1.set(xlabel="GMACs per image (fvcore)", ylabel="mean R@1 (i2t, t2i), %", title="Retrieval vs compute")
-    ax_r1.legend(fontsize=7)
-    ax_pair.set(xlabel="GMACs per image", ylabel="pair accuracy, %", title="Hard-negative pairs")
-    if not ax_pair.lines:
-        note = "no hard negatives\n(no objects.json)"
-        ax_pair.text(0.5, 0.5, note, ha="center", va="center", transform=ax_pair.transAxes)
-    else:
-        ax_pair.legend(fontsize=7)
-    ax_lat.set(xlabel="GMACs per image", ylabel="ms per call (median)", title="Latency: bs32 solid, bs1 dashed")
-    ax_lat.set_yscale("log")
-    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
-    ax_lat.yaxis.set_major_formatter(plain)
-    ax_lat.yaxis.set_minor_formatter(plain)
-    ax_lat.tick_params(axis="y", which="minor", labelsize=7)
-    if not ax_lat.lines:
-        ax_lat.text(0.5, 0.5, "latency not measured", ha="center", va="center", transform=ax_lat.transAxes)
-    else:
-        ax_lat.legend(fontsize=6, ncol=2)
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    ds = m["dataset"]
-    fig.suptitle(f"{ds['split']} split, {ds['images']} images x {ds['captions']} captions", fontsize=10)
-    fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp:
+        plots.tradeoff_figure(m).savefig(tmp, dpi=110)
     return path
 
 

@@ -1,0 +1,154 @@
+"""Everything the page writes: method choices and notes (from the registry), tables, readouts and texts.
+
+Pure functions of `vlm_demo` objects; nothing here echoes user text unescaped.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vlm_demo import api, pruning
+
+# (label, value): the order of the selector; the baseline is accepted by the API but not offered here.
+METHOD_CHOICES = [(pruning.get(m).label, m) for m in pruning.names(prunes_only=True)]
+STYLE_CHOICES = [
+    ("Dim dropped patches", "dim"),
+    ("Grey out dropped patches", "grey"),
+    ("Outline kept patches", "outline"),
+]
+COST_HEADERS = ["", "Baseline", "Pruned", "Ratio"]
+CAPTION_HEADERS = ["rank", "baseline", "pruned"]
+DETAIL_LABELS = {  # the detail image's label, by the overlay it shows
+    "groups": "ToMe merge groups (one colour per token)",
+    "heatmap": "Importance (yellow = high)",
+    None: "No heat map (nothing pruned)",
+}
+
+TITLE = "# Visual token pruning explorer"
+INTRO = (
+    "A ViT image encoder cuts a picture into {patches} patches ({grid} × {grid}) and runs a transformer over "
+    "them; its cost grows with the number of patch tokens. *Token pruning* drops (or merges) the least useful "
+    "tokens between blocks. Upload an image, write a caption, then pick a method and a keep ratio: the overlay "
+    "shows which patches survive, the scores show how well image and caption still align (cosine similarity, "
+    "full model against pruned), and the cost table shows the tokens, GMACs and measured latency saved."
+)
+KEEP_RATIO_INFO = (
+    "Fraction of the {patches} patches left after the last stage (earlier stages keep a share in between)."
+)
+SCORE_LABELS = {
+    "score_base": "Alignment, baseline (cosine)",
+    "score_pruned": "Alignment, pruned (cosine)",
+    "score_delta": "Difference (pruned − baseline)",
+}
+COMPARE_NOTE = (
+    "Every pruning method on the current image, caption and keep ratio "
+    "(captions: method · alignment · GMACs; no timing, so it is quick)."
+)
+COST_NOTE = """\
+**Why latency falls less than GMACs.** GMACs count multiply-adds (1 MAC = 2 FLOPs) and fall almost in \
+proportion to the tokens removed. A call's wall-clock time also pays a fixed cost that pruning does not \
+touch: Python, PyTorch's dispatch of every operator, and small matrix multiplies that wait on memory \
+rather than arithmetic. On a model this small that overhead is a large share of a batch-1 call, so the \
+saving is diluted. At batch 32 the arithmetic dominates (the compute-bound regime) and the latency ratio \
+moves towards the GMACs ratio: tick *also time batch 32* under Advanced to see it. Latencies are medians \
+± IQR of baseline and pruned runs interleaved on this machine, one request at a time.
+"""
+CSS = """
+#title h1 { margin-bottom: 0.2rem; }
+.pixel-art img { image-rendering: pixelated; }
+#status { min-height: 1.5rem; }
+"""
+
+
+def intro(session: api.Session) -> str:
+    """The page's heading and first paragraph, with the model's patch grid."""
+    v = session.cfg.vision
+    grid = v.image_size // v.patch_size
+    return f"{TITLE}\n{INTRO.format(patches=v.num_patches, grid=grid)}"
+
+
+def method_note_text(method: Any) -> str:
+    """The registry's line for `method`, its paper, and which weights it runs; "" for an unknown value."""
+    if not isinstance(method, str) or method not in pruning.REGISTRY:
+        return ""
+    info = pruning.get(method)
+    paper = "" if info.paper == "-" else f" ({info.paper})"
+    weights = " Runs the *pruned* checkpoint: the baseline plus the trained predictors." if info.needs_predictor else ""
+    return f"{info.summary}{paper}.{weights}"
+
+
+def fmt_tokens(per_stage: list[int]) -> str:
+    return " → ".join(str(n) for n in per_stage)
+
+
+def fmt_ms(median: float, iqr: float) -> str:
+    return f"{median:.1f} ± {iqr:.1f}"
+
+
+def fmt_ratio(num: float, den: float) -> str:
+    return f"{num / den:.2f}×" if den else "—"
+
+
+def cost_rows(a: api.Analysis) -> list[list[str]]:
+    """The cost table: tokens, GMACs and latency, baseline against pruned."""
+    b, p = a.baseline, a.pruned
+    rows = [
+        ["Tokens per stage (a fused token counts)", fmt_tokens(b.tokens_per_stage), fmt_tokens(p.tokens_per_stage),
+         fmt_ratio(p.tokens, b.tokens)],
+        ["GMACs, batch 1 (fvcore; 1 MAC = 2 FLOPs)", f"{b.gmacs:.4g}", f"{p.gmacs:.4g}", fmt_ratio(p.gmacs, b.gmacs)],
+        ["Latency, batch 1 (ms, median ± IQR)", fmt_ms(b.latency_ms, b.latency_iqr_ms),
+         fmt_ms(p.latency_ms, p.latency_iqr_ms), fmt_ratio(p.latency_ms, b.latency_ms)],
+    ]  # fmt: skip
+    if a.latency_bs32:
+        tb, tp = a.latency_bs32["baseline"], a.latency_bs32["pruned"]
+        rows.append(["Latency, batch 32 (ms, median ± IQR)", fmt_ms(tb.median_ms, tb.iqr_ms),
+                     fmt_ms(tp.median_ms, tp.iqr_ms), fmt_ratio(tp.median_ms, tb.median_ms)])  # fmt: skip
+    else:
+        rows.append(["Latency, batch 32 (ms)", "—", "—", "—"])
+    return rows
+
+
+def caption_rows(a: api.Analysis) -> list[list[Any]]:
+    """Top captions of the test-set bank, baseline against pruned."""
+    b, p = a.baseline.top_captions, a.pruned.top_captions
+    if not b and not p:
+        return [[1, "No caption bank (caption_bank.json) in the checkpoints folder.", "—"]]
+
+    def cell(pairs: list[tuple[str, float]], i: int) -> str:
+        return f"{pairs[i][0]}  ({pairs[i][1]:.3f})" if i < len(pairs) else "—"
+
+    return [[i + 1, cell(b, i), cell(p, i)] for i in range(max(len(b), len(p)))]
+
+
+def status_line(a: api.Analysis, context_length: int) -> str:
+    """One line under the inputs; holds no user text (nothing to escape)."""
+    d = a.to_dict()
+    text = (
+        f"**{pruning.get(a.method).label}** at keep ratio {a.keep_ratio:g}: "
+        f"{fmt_tokens(a.pruned.tokens_per_stage)} tokens, {d['gmacs_ratio']:.2f}× the baseline's GMACs, "
+        f"{d['latency_ratio']:.2f}× its batch-1 latency."
+    )
+    if a.caption_truncated:
+        text += f" The caption is longer than the text encoder's {context_length}-token context: the rest is ignored."
+    return text
+
+
+def compare_caption(s: api.MethodSummary) -> str:
+    """A gallery caption of the side-by-side comparison: method, alignment and GMACs."""
+    return f"{pruning.get(s.method).label} · {s.score:.3f} · {s.gmacs:.3g} GMACs"
+
+
+def session_lines(session: api.Session) -> list[str]:
+    """Start-up log lines: one per checkpoint loaded, then what else the folder held."""
+    v = session.cfg.vision
+    models = [("baseline", session.baseline)]
+    if session.pruned is not session.baseline:  # else api.load has warned that pruned/ is missing
+        models.append(("pruned", session.pruned))
+    lines = [
+        f"Loaded {name}/ from {session.source}: {sum(p.numel() for p in m.parameters()) / 1e6:.2f} M parameters, "
+        f"{v.image_size} px images, {v.num_patches} patches"
+        for name, m in models
+    ]
+    rows = len((session.metrics or {}).get("rows") or [])
+    lines.append(f"Caption bank: {len(session.caption_bank)} captions; metrics.json: {rows} rows")
+    return lines
