@@ -55,7 +55,12 @@ def positive(value: str) -> int:
 def build_parser() -> Parser:
     p = Parser(description="Visual token pruning explorer (Gradio).")
     p.add_argument("--checkpoints", default="checkpoints",
-                   help="folder with baseline/ and pruned/, or a Hub repo id (default: checkpoints)")  # fmt: skip
+                   help="folder with baseline/ and pruned/, a HuggingFace CLIP folder or Hub id, or a keep-predictor "
+                        "add-on (default: checkpoints)")  # fmt: skip
+    p.add_argument("--models", action="append", default=[], metavar="SOURCE",
+                   help="another model the page offers (repeatable): a CLIP folder, a Hub id owner/name[@revision] "
+                        "or an add-on; also $VLM_DEMO_MODELS, comma-separated; each loads on first use "
+                        "(default: none)")  # fmt: skip
     p.add_argument("--host", default=None, help="address to bind (default: $GRADIO_SERVER_NAME or 127.0.0.1)")
     p.add_argument("--port", type=port, default=None,
                    help="port (default: the first free one from $GRADIO_SERVER_PORT or 7860)")  # fmt: skip
@@ -89,16 +94,14 @@ import gradio as gr  # noqa: E402
 
 from vlm_demo import api  # noqa: E402
 from webui import formatting as fmt  # noqa: E402
-from webui import warmup  # noqa: E402
+from webui import models, scrub, warmup  # noqa: E402
 from webui.files import OutputFiles  # noqa: E402
 from webui.handlers import DEFAULT_REPEATS, DEFAULT_STYLE, UI_OUTPUTS, Explorer  # noqa: E402
 from webui.inputs import MAX_UPLOAD_BYTES, load_examples  # noqa: E402
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "docs" / "examples"
 DEFAULT_METHOD = "learned"
-DEFAULT_KEEP_RATIO = 0.5
-IMAGE = {"type": "filepath", "format": "png", "interactive": False, "buttons": ["download", "fullscreen"],
-         "elem_classes": "pixel-art"}  # fmt: skip  (the output images)
+DEFAULT_KEEP_RATIO = 0.52  # a stop of the slider (api.SWEEP_STOPS)
 MODEL_EVENT = {"concurrency_id": "model", "concurrency_limit": 1, "preprocess": False}
 
 
@@ -109,13 +112,19 @@ def input_column(app: Explorer, examples: list[list[str]], first: dict[str, Any]
     """Image, caption, method, keep ratio and the advanced options; returns the components by name."""
     initial = examples[0] if first else [None, ""]
     c: dict[str, Any] = {}
+    c["model"] = gr.Dropdown(app.models.choices(), value=app.models.default, label="Model", elem_id="model")
+    c["model_note"] = gr.Markdown(first.get("model_note", ""), elem_id="model-note")
     c["image"] = gr.Image(value=initial[0], type="filepath", sources=["upload", "clipboard", "webcam"],
                           image_mode=None, label="Image", height=300, elem_id="input-image")  # fmt: skip
     c["caption"] = gr.Textbox(value=initial[1], label="Caption", lines=2, max_lines=6,
                               placeholder="e.g. a small red circle at the top left", elem_id="caption")  # fmt: skip
-    c["method"] = gr.Radio(fmt.METHOD_CHOICES, value=DEFAULT_METHOD, label="Pruning method", elem_id="method")
-    c["method_note"] = gr.Markdown(fmt.method_note_text(DEFAULT_METHOD), elem_id="method-note")
-    c["keep_ratio"] = gr.Slider(0.05, 1.0, value=DEFAULT_KEEP_RATIO, step=0.05, label="Keep ratio",
+    methods = app.session.methods(prunes_only=True)
+    method = DEFAULT_METHOD if DEFAULT_METHOD in methods else methods[0]
+    c["method"] = gr.Radio(fmt.method_choices(methods), value=method, label="Pruning method", elem_id="method")
+    c["method_note"] = gr.Markdown(fmt.method_note_text(method), elem_id="method-note")
+    stops = api.SWEEP_STOPS
+    c["keep_ratio"] = gr.Slider(stops[0], stops[-1], value=DEFAULT_KEEP_RATIO, step=stops[1] - stops[0],
+                                label="Keep ratio",
                                 info=fmt.KEEP_RATIO_INFO.format(patches=app.num_patches),
                                 elem_id="keep-ratio")  # fmt: skip
     with gr.Accordion("Advanced", open=False):
@@ -126,6 +135,9 @@ def input_column(app: Explorer, examples: list[list[str]], first: dict[str, Any]
     c["run"] = gr.Button("Analyze", variant="primary")
     c["status"] = gr.Markdown(first.get("status", ""), elem_id="status")
     c["api"] = gr.Button("analyze (API)", visible=False)  # the public /analyze: exactly the 4 contract inputs
+    c["api_sweep"] = gr.Button("sweep (API)", visible=False)  # the public /sweep: image, caption, method
+    c["overlay"] = gr.Image(type="filepath", format="png", visible=False)  # /analyze's overlay file
+    c["sweep_json"] = gr.JSON(visible=False)  # /sweep's figures
     if examples:
         gr.Examples(examples, inputs=[c["image"], c["caption"]], cache_examples=False, examples_per_page=8,
                     label="Examples: synthetic test scenes and a public-domain photo")  # fmt: skip
@@ -133,20 +145,12 @@ def input_column(app: Explorer, examples: list[list[str]], first: dict[str, Any]
 
 
 def analysis_tab(first: dict[str, Any]) -> dict[str, Any]:
-    """Overlays, scores, the cost table and the closest captions; returns the components by name."""
+    """Every slider stop's overlays and figures (swapped in the browser), the settled costs and captions."""
     c: dict[str, Any] = {}
-    with gr.Row():
-        c["overlay"] = gr.Image(first.get("overlay"), label="Kept patches", height=300, elem_id="overlay", **IMAGE)
-        c["detail"] = gr.Image(first.get("detail"), label=first.get("detail_label", fmt.DETAIL_LABELS["heatmap"]),
-                               height=300, elem_id="detail", **IMAGE)  # fmt: skip
-    c["strip"] = gr.Image(first.get("strip"), label="Tokens left after each stage", height=180, elem_id="strip",
-                          **IMAGE)  # fmt: skip
-    with gr.Row():
-        for name, label in fmt.SCORE_LABELS.items():
-            c[name] = gr.Number(first.get(name), label=label, interactive=False, precision=4)
+    c["frames"] = gr.HTML(first.get("frames", ""), elem_id="kept-overlay", label="Kept patches")
     c["costs"] = gr.Dataframe(first.get("costs"), headers=fmt.COST_HEADERS, datatype="str", interactive=False,
-                              label="Cost: baseline against pruned", column_widths=["34%", "22%", "22%", "22%"],
-                              wrap=True, elem_id="costs")  # fmt: skip
+                              label="Cost at the settled keep ratio: baseline against pruned",
+                              column_widths=["34%", "22%", "22%", "22%"], wrap=True, elem_id="costs")  # fmt: skip
     gr.Markdown(fmt.COST_NOTE, elem_id="cost-note")
     c["captions"] = gr.Dataframe(first.get("captions"), headers=fmt.CAPTION_HEADERS, datatype=["number", "str", "str"],
                                  interactive=False, wrap=True, column_widths=["10%", "45%", "45%"],
@@ -171,30 +175,50 @@ def output_column(first: dict[str, Any]) -> dict[str, Any]:
 
 
 def wire(app: Explorer, c: dict[str, Any]) -> None:
-    """The events: the public /analyze, the page's own (private) analysis, method note and comparison."""
+    """The events: the public /analyze and /sweep; the page's sweep, slider scrubbing and settled analysis."""
     outputs = [c[name] for name in UI_OUTPUTS]
-    ui_inputs = [c[name] for name in ("image", "caption", "method", "keep_ratio", "style", "repeats", "batch32")]
-    last_run = gr.State({})  # per browser session: the inputs and end time of the last live run
+    ui_inputs = [c[name] for name in ("image", "caption", "method", "keep_ratio", "style", "repeats", "batch32",
+                                      "model")]  # fmt: skip
+    last_run = gr.State({})  # per browser session: the inputs and end time of the last settled run
     c["api"].click(app.analyze, [c["image"], c["caption"], c["method"], c["keep_ratio"]], [c["overlay"], c["readout"]],
                    api_name="analyze", api_visibility="public", **MODEL_EVENT)  # fmt: skip
-    c["run"].click(lambda *a: app.ui_analyze(*a, live=False), [*ui_inputs, last_run], outputs,
-                   api_name="analyze_ui", api_visibility="private", **MODEL_EVENT)  # fmt: skip
-    changes = [c[n].change for n in ("image", "caption", "method", "keep_ratio", "style", "batch32")]
-    gr.on([*changes, c["repeats"].release], lambda *a: app.ui_analyze(*a, live=True), [*ui_inputs, last_run], outputs,
-          api_name="analyze_live", api_visibility="private", trigger_mode="always_last", show_progress="minimal",
-          **MODEL_EVENT)  # fmt: skip
+    c["api_sweep"].click(app.sweep, [c["image"], c["caption"], c["method"]], c["sweep_json"], api_name="sweep",
+                         api_visibility="public", **MODEL_EVENT)  # fmt: skip
+    c["model"].change(app.select_model, [c["model"], c["method"]],
+                      [c["model"], c["method"], c["captions"], c["plot"], c["model_note"]], api_name="select_model",
+                      api_visibility="private", **MODEL_EVENT)  # fmt: skip
+    # A new input: every stop at once (the slider's own first), then the analysis at the slider's stop.
+    sweep_inputs = [c[name] for name in ("image", "caption", "method", "keep_ratio", "style", "model")]
+    new_input = [c[n].change for n in ("image", "caption", "method", "style", "model")] + [c["run"].click]
+    gr.on(new_input, app.ui_sweep, [*sweep_inputs, last_run], c["frames"], api_name="sweep_ui", api_visibility="private",
+          trigger_mode="always_last", show_progress="minimal", **MODEL_EVENT,  # fmt: skip
+          ).then(None, c["keep_ratio"], None, js=scrub.SWAP_JS, queue=False,
+          ).then(lambda *a: app.ui_analyze(*a, live=False), [*ui_inputs, last_run], outputs, api_name="analyze_ui",
+                 api_visibility="private", **MODEL_EVENT,
+          ).then(None, c["keep_ratio"], None, js=scrub.SETTLED_JS, queue=False)  # fmt: skip
+    # The slider: frames swap in the browser at once; the server measures where it rests (300 ms).
+    c["keep_ratio"].input(None, c["keep_ratio"], None, js=scrub.SWAP_JS, queue=False)
+    c["keep_ratio"].change(None, c["keep_ratio"], None, js=scrub.SWAP_JS, queue=False)
+    gr.on([c["keep_ratio"].change, c["repeats"].release, c["batch32"].change],
+          lambda *a: app.ui_analyze(*a, {}, live=True), ui_inputs, outputs, js=scrub.DEBOUNCE_JS,
+          api_name="analyze_live", api_visibility="private", trigger_mode="always_last", show_progress="hidden",
+          **MODEL_EVENT).then(None, c["keep_ratio"], None, js=scrub.SETTLED_JS, queue=False)  # fmt: skip
     # Unprocessed: Gradio's own check of a Radio echoes a bad value, unescaped, in its error.
     c["method"].change(fmt.method_note_text, c["method"], c["method_note"], api_name="method_note",
                        api_visibility="private", show_progress="hidden", queue=False, preprocess=False)  # fmt: skip
-    c["compare"].click(app.compare, [c["image"], c["caption"], c["keep_ratio"], c["style"]], c["gallery"],
-                       api_name="compare", api_visibility="private", **MODEL_EVENT)  # fmt: skip
+    c["compare"].click(app.compare, [c["image"], c["caption"], c["keep_ratio"], c["style"], c["model"]],
+                       c["gallery"], api_name="compare", api_visibility="private", **MODEL_EVENT)  # fmt: skip
 
 
-def build_demo(app: Explorer, examples_dir: Path = EXAMPLES_DIR, prefill: bool = True) -> gr.Blocks:
-    """The page; with `prefill`, it opens with the first example analysed."""
+def build_demo(
+    app: Explorer, examples_dir: Path = EXAMPLES_DIR, prefill: bool = True, photos_first: bool = False
+) -> gr.Blocks:
+    """The page; with `prefill`, it opens with the first example analysed (a photo first with `photos_first`)."""
     gr.set_static_paths([str(app.files.folder)])  # served in place: no copy into Gradio's hash-named cache
-    examples = load_examples(examples_dir)
-    first = warmup.prefill(app, examples[0], DEFAULT_METHOD, DEFAULT_KEEP_RATIO) if prefill and examples else {}
+    examples = load_examples(examples_dir, photos_first)
+    method = DEFAULT_METHOD if DEFAULT_METHOD in app.session.methods() else app.session.methods(prunes_only=True)[0]
+    first = warmup.prefill(app, examples[0], method, DEFAULT_KEEP_RATIO) if prefill and examples else {}
+    first["model_note"] = fmt.MODEL_NOTE["shipped" if app.session.caption_bank or app.session.metrics else "clip"]
     with gr.Blocks(title="Visual token pruning explorer", analytics_enabled=False, delete_cache=(1800, 3600)) as demo:
         gr.Markdown(fmt.intro(app.session), elem_id="title")
         with gr.Row(equal_height=False):
@@ -203,7 +227,7 @@ def build_demo(app: Explorer, examples_dir: Path = EXAMPLES_DIR, prefill: bool =
             with gr.Column(scale=6, min_width=420):
                 c |= output_column(first)
         c["plot"] = gr.Plot(first.get("plot"), label="Accuracy vs compute", show_label=False, format="png",
-                            elem_id="tradeoff")  # fmt: skip
+                            elem_id="tradeoff", visible=bool(app.session.metrics))  # fmt: skip
         wire(app, c)
     return demo
 
@@ -212,7 +236,7 @@ def build_demo(app: Explorer, examples_dir: Path = EXAMPLES_DIR, prefill: bool =
 
 
 def main(args: argparse.Namespace) -> None:
-    """Load the checkpoints once, serve the page until SIGINT or SIGTERM, then exit 0 (see `webui.lifecycle`)."""
+    """Load the models once, serve the page until SIGINT or SIGTERM, then exit 0 (see `webui.lifecycle`)."""
     shutdown = lifecycle.Shutdown.install()
     if problem := lifecycle.bind_error(args.host, args.port):  # before the slow load, and clearer than Gradio's
         fail(problem)
@@ -225,11 +249,22 @@ def main(args: argparse.Namespace) -> None:
         fail(e)
     for line in fmt.session_lines(session):
         lifecycle.log.info(line)
+    extra = models.sources(args.models)
+    on_space = bool(os.environ.get("SPACE_ID")) and models.preloaded()
+    if on_space:  # the Space opens on the preloaded real CLIP, with a real photo
+        extra = list(dict.fromkeys([models.SPACE_MODEL, *extra]))
+    hub = models.Models(session, args.checkpoints, extra, args.device)
+    if on_space:
+        try:
+            hub.get(models.SPACE_MODEL)
+            hub.default = models.SPACE_MODEL
+        except ValueError as e:
+            lifecycle.log.warning("The Space's model did not load, opening on the shipped one: %s", e)
 
     files = OutputFiles()
     shutdown.on_exit(files.remove)
-    app = Explorer(session, files)
-    demo = build_demo(app, prefill=not args.no_prefill)
+    app = Explorer(hub, files)
+    demo = build_demo(app, prefill=not args.no_prefill, photos_first=hub.default != hub.shipped)
     demo.queue(default_concurrency_limit=1, max_size=args.queue_size)
     try:
         demo.launch(server_name=args.host, server_port=args.port, share=args.share, theme=gr.themes.Soft(),
@@ -242,7 +277,7 @@ def main(args: argparse.Namespace) -> None:
     share = f" and {demo.share_url}" if args.share else ""
     lifecycle.log.info("Serving on %s%s (Ctrl-C to stop)", demo.local_url, share)
     if not args.no_warmup:  # after the server is up, so the first request is not starved
-        shutdown.on_exit(warmup.GmacsWarmup(session, app.lock, DEFAULT_METHOD).start().stop)
+        shutdown.on_exit(warmup.GmacsWarmup(app.session, app.lock, DEFAULT_METHOD).start().stop)
     shutdown.serve()
     shutdown.exit(0)
 

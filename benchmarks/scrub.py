@@ -50,6 +50,7 @@ def _wait(page, predicate, timeout_s: float = 30.0, poll_s: float = 0.005) -> fl
 
 def _slider(page) -> tuple[dict, list[float]]:
     rng = page.locator("#keep-ratio input[type=range]")
+    rng.scroll_into_view_if_needed()
     box = rng.bounding_box()
     lo, hi, step = (float(rng.get_attribute(a)) for a in ("min", "max", "step"))
     stops = [round(lo + i * step, 2) for i in range(round((hi - lo) / step) + 1)]

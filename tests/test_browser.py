@@ -25,11 +25,14 @@ UPDATE_SCREENSHOT = os.environ.get("UPDATE_SCREENSHOT") == "1"  # also copy the 
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run"]  # fmt: skip
 TIMEOUT_MS = 90_000
-# The overlay shows a new file, fully loaded (Gradio keeps a heartbeat open, so "networkidle" never comes).
-CHANGED = (
-    "old => { const i = document.querySelector('#overlay img');"
-    " return !!i && !!i.src && i.src !== old && i.complete && i.naturalWidth > 0; }"
-)
+VISIBLE = """() => { const f = [...document.querySelectorAll('#kept-overlay .frame')]
+  .find(e => e.style.display !== 'none'); return f ? f.dataset.r : null; }"""
+KEY = "() => document.querySelector('#kept-overlay .scrub')?.dataset.key || null"
+# A new input's sweep is on screen, complete (no progress line), its visible frame fully loaded.
+SWEPT = """old => { const s = document.querySelector('#kept-overlay .scrub');
+  if (!s || s.dataset.key === old || s.querySelector('.scrub-status')) return false;
+  const f = [...s.querySelectorAll('.frame')].find(e => e.style.display !== 'none');
+  const i = f && f.querySelector('img.kept'); return !!i && i.complete && i.naturalWidth > 0; }"""
 
 
 def _browser_missing() -> str | None:
@@ -60,11 +63,15 @@ def _text(page, selector: str) -> str:
     return page.locator(selector).inner_text()
 
 
-def _src(page) -> str | None:
-    return page.locator("#overlay img").first.get_attribute("src")
+def _settled(page, tokens: str) -> None:
+    """Wait until the cost table shows `tokens` and is no longer marked stale (latency measured)."""
+    page.wait_for_function(
+        "t => { const c = document.querySelector('#costs');"
+        " return !!c && c.innerText.includes(t) && !c.classList.contains('stale'); }", arg=tokens
+    )
 
 
-def test_upload_caption_and_live_slider(server, tmp_path):
+def test_upload_caption_and_live_scrubbing(server, tmp_path):
     from playwright.sync_api import sync_playwright
 
     outside: list[str] = []
@@ -76,28 +83,43 @@ def test_upload_caption_and_live_slider(server, tmp_path):
             page.on("request", lambda r: outside.append(r.url) if not r.url.startswith(
                 (server.url, "data:", "blob:")) else None)  # fmt: skip
             page.goto(server.url)
-            page.wait_for_selector("#overlay img")  # the page opens with the first example analysed
+            page.wait_for_function(SWEPT, arg=None)  # the page opens with the first example swept
             page.wait_for_function("(document.querySelector('#costs')?.innerText || '').includes('→')")
-            src0 = _src(page)
+            assert page.evaluate(VISIBLE) == "0.52"
 
-            # Upload another image and type a caption: the overlay and the table follow.
+            # Upload another image and type a caption: a new sweep replaces the frames, the table follows.
+            key0 = page.evaluate(KEY)
             page.locator("input[type=file]").first.set_input_files(str(EXAMPLES / "scene_7005.png"))
             page.locator("#caption textarea").fill("a green cross and a large green diamond")
-            page.wait_for_function(CHANGED, arg=src0)
-            page.wait_for_function("document.querySelector('#costs').innerText.includes('196 → 140 → 99')")
-            src1, costs1 = _src(page), _text(page, "#costs")
-            assert "GMACs" in costs1 and "0.51×" in costs1  # 99 / 196 tokens (98 patches + the fused one)
+            page.wait_for_function(SWEPT, arg=key0)
+            frames = page.locator("#kept-overlay .frame").count()
+            assert frames == 25  # every slider stop, 0.04 apart
+            _settled(page, "196 → 142 → 103")  # keep 0.52: 141 and 102 patches, plus learned's fused token
+            costs1 = _text(page, "#costs")
+            assert "GMACs" in costs1 and "0.53×" in costs1 and "interleaved pairs" in costs1
 
-            # Move the slider from 0.5 to 0.3 with the keyboard: four steps of 0.05.
+            # Drag the slider across its range: the overlay changes while the mouse is still down.
+            page.locator("#keep-ratio input[type=range]").scroll_into_view_if_needed()
+            box = page.locator("#keep-ratio input[type=range]").bounding_box()
+            y = box["y"] + box["height"] / 2
+            page.mouse.move(box["x"] + 2, y)
+            page.mouse.down()
+            seen = []
+            for i in range(31):
+                page.mouse.move(box["x"] + 2 + (box["width"] - 4) * i / 30, y)
+                seen.append(page.evaluate(VISIBLE))
+            assert len(set(seen)) >= 10, seen  # frames swapped during the drag, not only after it
+            page.mouse.up()
+            assert page.evaluate(VISIBLE) == "1.00"
+            _settled(page, "196 → 196 → 196")
+
+            # The keyboard: five steps of 0.04 down from 1.0 reach 0.8.
             slider = page.locator("#keep-ratio input[type=range]")
             slider.focus()
-            for _ in range(4):
+            for _ in range(5):
                 slider.press("ArrowLeft")
-            page.wait_for_function("document.querySelector('#costs').innerText.includes('196 → 108 → 60')")
-            page.wait_for_function(CHANGED, arg=src1)
-            src2, costs2 = _src(page), _text(page, "#costs")
-            assert src2 != src1 and costs2 != costs1
-            assert "0.31×" in costs2  # 60 / 196 tokens
+            page.wait_for_function(f"() => ({VISIBLE})() === '0.80'")
+            _settled(page, "196 → 176 → 158")  # round(196 * 0.8 ** 0.5) = 175 and 157, plus the fused token
             assert "Something went wrong" not in page.content()
 
             shot = tmp_path / "screenshot.png"

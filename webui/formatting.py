@@ -9,8 +9,15 @@ from typing import Any
 
 from vlm_demo import api, pruning
 
-# (label, value): the order of the selector; the baseline is accepted by the API but not offered here.
-METHOD_CHOICES = [(pruning.get(m).label, m) for m in pruning.names(prunes_only=True)]
+
+
+def method_choices(methods: tuple[str, ...] | list[str]) -> list[tuple[str, str]]:
+    """(label, value) of `methods` for the selector, labels from the registry."""
+    return [(pruning.get(m).label, m) for m in methods]
+
+
+# The selector's order; the baseline is accepted by the API but not offered here.
+METHOD_CHOICES = method_choices(pruning.names(prunes_only=True))
 STYLE_CHOICES = [
     ("Dim dropped patches", "dim"),
     ("Grey out dropped patches", "grey"),
@@ -57,7 +64,19 @@ CSS = """
 #title h1 { margin-bottom: 0.2rem; }
 .pixel-art img { image-rendering: pixelated; }
 #status { min-height: 1.5rem; }
+#kept-overlay .frame { display: grid; grid-template-columns: 1fr 1fr; gap: 6px; }
+#kept-overlay .frame img { width: 100%; image-rendering: pixelated; }
+#kept-overlay .frame .stages, #kept-overlay .frame .legend, #kept-overlay .frame table { grid-column: 1 / 3; }
+#kept-overlay .scrub-status { font-style: italic; opacity: 0.8; }
+#costs.stale { opacity: 0.45; }
+#costs.stale::before { content: "measuring…"; font-style: italic; }
 """
+MODEL_NOTE = {  # under the model selector, by what kind of model is on
+    "shipped": "The shipped model: trained here on synthetic shapes (offline). Its test-set caption bank and "
+    "accuracy-vs-compute curves are shown.",
+    "clip": "A pretrained CLIP in the HuggingFace format. The overlays show the centre-cropped square it sees; "
+    "there is no caption bank or evaluation curve for it here.",
+}
 
 
 def intro(session: api.Session) -> str:
@@ -96,8 +115,10 @@ def cost_rows(a: api.Analysis) -> list[list[str]]:
         ["Tokens per stage (a fused token counts)", fmt_tokens(b.tokens_per_stage), fmt_tokens(p.tokens_per_stage),
          fmt_ratio(p.tokens, b.tokens)],
         ["GMACs, batch 1 (fvcore; 1 MAC = 2 FLOPs)", f"{b.gmacs:.4g}", f"{p.gmacs:.4g}", fmt_ratio(p.gmacs, b.gmacs)],
-        ["Latency, batch 1 (ms, median ± IQR)", fmt_ms(b.latency_ms, b.latency_iqr_ms),
-         fmt_ms(p.latency_ms, p.latency_iqr_ms), fmt_ratio(p.latency_ms, b.latency_ms)],
+        [f"Latency, batch 1 (ms, median ± IQR of {p.latency_repeats} interleaved pairs)",
+         fmt_ms(b.latency_ms, b.latency_iqr_ms), fmt_ms(p.latency_ms, p.latency_iqr_ms),
+         fmt_ratio(p.latency_ms, b.latency_ms)],
+        ["Caption's rank among the bank's captions (probability)", _standing(b), _standing(p), "—"],
     ]  # fmt: skip
     if a.latency_bs32:
         tb, tp = a.latency_bs32["baseline"], a.latency_bs32["pruned"]
@@ -106,6 +127,12 @@ def cost_rows(a: api.Analysis) -> list[list[str]]:
     else:
         rows.append(["Latency, batch 32 (ms)", "—", "—", "—"])
     return rows
+
+
+def _standing(side: api.Side) -> str:
+    if side.bank_rank is None or side.bank_probability is None:
+        return "—"
+    return f"#{side.bank_rank} ({side.bank_probability:.2f})"
 
 
 def caption_rows(a: api.Analysis) -> list[list[Any]]:

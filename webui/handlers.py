@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import functools
 import html
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +17,14 @@ matplotlib.use("Agg")  # before Gradio imports pyplot to close the figures it se
 import gradio as gr  # noqa: E402
 from gradio.utils import get_upload_folder  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from PIL import Image, ImageChops  # noqa: E402
 
 from vlm_demo import api, overlay, plots  # noqa: E402
 
 from . import formatting as fmt  # noqa: E402
+from . import scrub  # noqa: E402
 from .files import OutputFiles  # noqa: E402
 from .inputs import image_source, parse_keep_ratio, uploaded_only  # noqa: E402
+from .models import Models  # noqa: E402
 
 log = logging.getLogger("app")
 
@@ -33,8 +33,9 @@ DEFAULT_STYLE = overlay.STYLES[0]
 DEDUPE_S = 1.0  # a live event identical to the run that ended less than this long ago is a duplicate
 GENERIC_ERROR = "Something went wrong analysing this image; try another image."
 # The outputs of the page's analysis events, in order (app.py lays out one component per name).
-UI_OUTPUTS = ("overlay", "strip", "detail", "score_base", "score_pruned", "score_delta", "costs", "captions",
-              "plot", "readout", "status")  # fmt: skip
+# The overlays themselves come from the sweep (every slider stop, swapped in the browser); these follow the
+# settled slider: costs with measured latency, the closest captions, the plot's marker, the JSON, the status.
+UI_OUTPUTS = ("costs", "captions", "plot", "readout", "status")
 
 
 def guarded(fn: Callable[[], Any]) -> Any:
@@ -59,13 +60,6 @@ def tradeoff_plot(session: api.Session, a: api.Analysis) -> Figure:
     return plots.tradeoff_figure(session.metrics, marker, panels=("r1", "pair"), width=5.0, height=3.4)
 
 
-def trim_white(image: Image.Image) -> Image.Image:
-    """Crop the white letterbox around the stage strip, so it fills its wide slot."""
-    bg = Image.new("RGB", image.size, "white")
-    box = ImageChops.difference(image.convert("RGB"), bg).getbbox()
-    return image.crop(box) if box else image
-
-
 class Explorer:
     """The request handlers.
 
@@ -73,21 +67,29 @@ class Explorer:
     being timed; Gradio's queue already runs model events one at a time.
 
     Args:
-        session: the loaded checkpoints (read-only).
+        models: the models the page offers (a single `Session` serves as the only one).
         files: where output images go.
         lock: held around every model call (default: a new lock).
         upload_folder: where Gradio keeps uploads (default: Gradio's).
     """
 
     def __init__(
-        self, session: api.Session, files: OutputFiles, lock: threading.Lock | None = None,
+        self, models: Models | api.Session, files: OutputFiles, lock: threading.Lock | None = None,
         upload_folder: str | None = None,
     ):  # fmt: skip
-        self.session, self.files = session, files
+        self.models = models if isinstance(models, Models) else Models(models, models.source or "checkpoints")
+        self.files = files
         self.lock = lock or threading.Lock()
         self.upload_folder = upload_folder or get_upload_folder()
-        self.num_patches = session.cfg.vision.num_patches
-        self.context_length = session.tokenizer.context_length
+
+    @property
+    def session(self) -> api.Session:
+        """The default model's session (the public /analyze and /sweep run on it)."""
+        return self.models.get(None)
+
+    @property
+    def num_patches(self) -> int:
+        return self.session.cfg.vision.num_patches
 
     def source(self, image: Any) -> str | bytes:
         """What to decode. A `Path` is the app's own file (the prefilled example; no request can send one);
@@ -98,41 +100,97 @@ class Explorer:
 
     def analysis(
         self, image: Any, caption: Any, method: Any, keep_ratio: Any,
-        style: str = DEFAULT_STYLE, repeats: Any = DEFAULT_REPEATS, batch32: bool = False,
+        style: str = DEFAULT_STYLE, repeats: Any = DEFAULT_REPEATS, batch32: bool = False, model: Any = None,
     ) -> api.Analysis:  # fmt: skip
         """`Session.analyze` on checked inputs, under the lock (raises ValueError for bad input)."""
         source = self.source(image)
-        ratio = parse_keep_ratio(keep_ratio, self.num_patches)
+        session = self.models.get(model)
+        ratio = parse_keep_ratio(keep_ratio, session.cfg.vision.num_patches)
         repeats = int(max(1, min(50, round(float(repeats or DEFAULT_REPEATS)))))
         t0 = time.perf_counter()
         with self.lock:
-            a = self.session.analyze(
+            a = session.analyze(
                 source, caption, str(method), ratio, latency_repeats=repeats, style=style, batch32=bool(batch32)
             )
         log.info("analyze %s @ %g: %.2f s", a.method, a.keep_ratio, time.perf_counter() - t0)
         return a
 
-    def views(self, a: api.Analysis, keep: bool = False) -> dict[str, Any]:
-        """Everything the page shows for one analysis, by `UI_OUTPUTS` name (plain values; files written).
-
-        `keep` marks the files as permanent (the page's initial values, which every visitor loads).
-        """
-        save = functools.partial(self.files.save, keep=keep)
-        detail = "groups" if "groups" in a.overlays else "heatmap" if "heatmap" in a.overlays else None
+    def views(self, a: api.Analysis, session: api.Session | None = None) -> dict[str, Any]:
+        """What the page shows for one settled analysis, by `UI_OUTPUTS` name (plain values)."""
+        session = session or self.session
         return {
-            "overlay": save(a.overlays["kept"]),
-            "strip": save(trim_white(a.overlays["stages"])),
-            "detail": save(a.overlays[detail]) if detail else None,
-            "detail_label": fmt.DETAIL_LABELS[detail],
-            "score_base": round(a.baseline.score, 4),
-            "score_pruned": round(a.pruned.score, 4),
-            "score_delta": round(a.pruned.score - a.baseline.score, 4),
             "costs": fmt.cost_rows(a),
             "captions": fmt.caption_rows(a),
-            "plot": tradeoff_plot(self.session, a),
+            "plot": tradeoff_plot(session, a) if session.metrics else None,
             "readout": a.to_dict(),
-            "status": fmt.status_line(a, self.context_length),
+            "status": fmt.status_line(a, session.tokenizer.context_length),
         }
+
+    def frames(
+        self, image: Any, caption: Any, method: Any, keep_ratio: Any, style: Any = DEFAULT_STYLE, model: Any = None,
+    ) -> Iterator[str]:  # fmt: skip
+        """The sweep's frames as HTML: first the slider's own stop (at once), then every stop."""
+        source = self.source(image)
+        session = self.models.get(model)
+        current = parse_keep_ratio(keep_ratio, session.cfg.vision.num_patches)
+        stops = api.SWEEP_STOPS
+        first = min(stops, key=lambda r: abs(r - current))
+        style = style if style in overlay.STYLES else DEFAULT_STYLE
+        t0 = time.perf_counter()
+        with self.lock:
+            one = session.sweep(source, caption, str(method), stops=(first,))
+        yield scrub.frames_html(one, first, style, total=len(stops))
+        with self.lock:
+            full = session.sweep(source, caption, str(method), stops=stops, first=first)
+        log.info("sweep %s, %d stops: %.2f s", full.method, len(stops), time.perf_counter() - t0)
+        yield scrub.frames_html(full, first, style)
+
+    def ui_sweep(
+        self, image: Any, caption: Any, method: Any, keep_ratio: Any, style: Any, model: Any, last: dict[str, Any]
+    ) -> Iterator[Any]:
+        """The page's sweep event: frames as they come.
+
+        An input that is mid-edit (no image or caption yet) keeps the page as it is, and
+        so does a repeat of the sweep on screen: one upload fires several change events.
+        `last` is the browser session's ``gr.State``, mutated in place.
+        """
+        if image is None or not isinstance(caption, str) or not caption.strip():
+            yield gr.skip()
+            return
+        path = image.get("path") if isinstance(image, dict) else image
+        key = repr((path, caption, method, style, model))
+        if last.get("sweep") == key:
+            yield gr.skip()
+            return
+        try:
+            yield from self.frames(image, caption, method, keep_ratio, style, model)
+            last["sweep"] = key
+        except gr.Error:
+            raise
+        except ValueError as e:
+            raise gr.Error(html.escape(str(e), quote=False), print_exception=False) from None
+        except Exception:
+            log.exception("sweep failed")
+            raise gr.Error(GENERIC_ERROR, print_exception=False) from None
+
+    def sweep(self, image, caption, method):  # noqa: ANN001 - the names are the API's parameter names
+        """Every slider stop at once: tokens, GMACs, score and kept patches per keep ratio (no images, no latency).
+
+        Args:
+            image: the image file.
+            caption: the text to align with the image.
+            method: learned, cls_attention, text_guided, tome, random or none.
+
+        Returns:
+            ``Sweep.to_dict()``: the baseline's score and GMACs, and one entry per stop.
+        """
+
+        def run() -> dict[str, Any]:
+            source = self.source(image)
+            with self.lock:
+                return self.session.sweep(source, caption, str(method)).to_dict()
+
+        return guarded(run)
 
     def analyze(self, image, caption, method, keep_ratio):  # noqa: ANN001 - the names are the API's parameter names
         """Score an image and caption with the full and the pruned model.
@@ -155,7 +213,7 @@ class Explorer:
 
     def ui_analyze(
         self, image: Any, caption: Any, method: Any, keep_ratio: Any, style: Any, repeats: Any, batch32: Any,
-        last: dict[str, Any], *, live: bool,
+        model: Any, last: dict[str, Any], *, live: bool,
     ) -> list[Any]:  # fmt: skip
         """The page's analysis: values for `UI_OUTPUTS`, in order.
 
@@ -165,29 +223,57 @@ class Explorer:
         them one after another. `last` is the browser session's ``gr.State``,
         mutated in place so that it holds even when the run fails.
         """
+        if live and isinstance(keep_ratio, (int, float)) and keep_ratio < 0:  # the slider moved on (scrub.DEBOUNCE_JS)
+            return [gr.skip()] * len(UI_OUTPUTS)
         if live and (image is None or not isinstance(caption, str) or not caption.strip()):
             what = "Upload an image" if image is None else "Type a caption"
             return [gr.skip()] * (len(UI_OUTPUTS) - 1) + [f"{what} to run the analysis."]
         path = image.get("path") if isinstance(image, dict) else image
-        key = repr((path, caption, method, keep_ratio, style, repeats, batch32))
+        key = repr((path, caption, method, keep_ratio, style, repeats, batch32, model))
         if live and last.get("key") == key and time.monotonic() - last.get("done", 0.0) < DEDUPE_S:
             return [gr.skip()] * len(UI_OUTPUTS)
         last["key"] = key
         try:
-            v = guarded(lambda: self.views(self.analysis(image, caption, method, keep_ratio, style, repeats, batch32)))
+            session = guarded(lambda: self.models.get(model))
+            a = guarded(lambda: self.analysis(image, caption, method, keep_ratio, style, repeats, batch32, model))
+            v = self.views(a, session)
         finally:
             last["done"] = time.monotonic()
-        v["detail"] = gr.update(value=v["detail"], label=v["detail_label"])
+        v["plot"] = gr.update(value=v["plot"], visible=v["plot"] is not None)
         return [v[name] for name in UI_OUTPUTS]
 
-    def compare(self, image: Any, caption: Any, keep_ratio: Any, style: str) -> list[tuple[str, str]]:
+    def select_model(self, model: Any, method: Any, progress: gr.Progress = gr.Progress()) -> list[Any]:
+        """Switch models: load it (progress shown), offer its methods, show or hide what applies to it.
+
+        Returns updates for: the selector itself, the method radio, the caption table, the plot and the
+        model note. A model that cannot load leaves a warning and the page on the default model.
+        """
+        progress(0, desc=f"Loading {model} (first use only)…")
+        try:
+            session = self.models.get(model)
+        except (ValueError, OSError) as e:
+            gr.Warning(html.escape(str(e), quote=False))
+            model, session = self.models.default, self.session
+        methods = session.methods(prunes_only=True)
+        value = method if method in methods else methods[0]
+        shipped = session.caption_bank or session.metrics
+        return [
+            gr.update(value=model),
+            gr.update(choices=fmt.method_choices(methods), value=value),
+            gr.update(visible=bool(session.caption_bank)),
+            gr.update(visible=bool(session.metrics)),
+            fmt.MODEL_NOTE["shipped" if shipped else "clip"],
+        ]
+
+    def compare(self, image: Any, caption: Any, keep_ratio: Any, style: str, model: Any = None) -> list[tuple[str, str]]:
         """Every method's overlay at one keep ratio, captioned for the gallery."""
 
         def run() -> list[tuple[str, str]]:
             source = self.source(image)
-            ratio = parse_keep_ratio(keep_ratio, self.num_patches)
+            session = self.models.get(model)
+            ratio = parse_keep_ratio(keep_ratio, session.cfg.vision.num_patches)
             with self.lock:
-                results = self.session.compare(source, caption, ratio, style=style)
+                results = session.compare(source, caption, ratio, style=style)
             return [(self.files.save(s.overlay), fmt.compare_caption(s)) for s in results]
 
         return guarded(run)

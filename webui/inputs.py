@@ -79,14 +79,15 @@ def parse_keep_ratio(value: Any, num_patches: int) -> float:
     return round(r, 4)
 
 
-def load_examples(folder: Path) -> list[list[str]]:
-    """[[image path, caption], ...] from ``folder/examples.json``, leaving out missing images; [] if absent."""
+def load_examples(folder: Path, photos_first: bool = False) -> list[list[str]]:
+    """[[image path, caption], ...] from ``folder/examples.json``, leaving out missing images; [] if absent.
+
+    With `photos_first`, the real photos (``"photo": true``) come before the synthetic scenes.
+    """
     index = folder / "examples.json"
     if not index.is_file():
         return []
-    out = []
-    for item in json.loads(index.read_text()):
-        path = folder / item["image"]
-        if path.is_file():
-            out.append([str(path), item["caption"]])
-    return out
+    items = [i for i in json.loads(index.read_text()) if (folder / i["image"]).is_file()]
+    if photos_first:
+        items.sort(key=lambda i: not i.get("photo", False))  # stable: each group keeps its order
+    return [[str(folder / i["image"]), i["caption"]] for i in items]

@@ -15,7 +15,7 @@ import hashlib
 import html
 import io
 
-from PIL import Image
+from PIL import Image, ImageChops
 
 from vlm_demo import overlay
 from vlm_demo.api import Sweep, SweepStop
@@ -36,6 +36,13 @@ def _small(image: Image.Image, side: int = FRAME_SIDE) -> Image.Image:
     if scale >= 1:
         return image
     return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BILINEAR)
+
+
+def trim_white(image: Image.Image) -> Image.Image:
+    """Crop the white letterbox around the stage strip, so it fills its wide slot."""
+    bg = Image.new("RGB", image.size, "white")
+    box = ImageChops.difference(image.convert("RGB"), bg).getbbox()
+    return image.crop(box) if box else image
 
 
 def stop_key(keep_ratio: float) -> str:
@@ -62,7 +69,7 @@ def frame_html(sweep: Sweep, stop: SweepStop, image: Image.Image, style: str, vi
     parts = [f'<img class="kept" alt="kept patches at keep ratio {stop_key(stop.keep_ratio)}" '
              f'src="{_data_uri(overlay.kept_overlay(image, trace, style=style))}">']  # fmt: skip
     parts.append(f'<img class="stages" alt="tokens after each stage" '
-                 f'src="{_data_uri(overlay.stage_strip(image, trace, style=style))}">')  # fmt: skip
+                 f'src="{_data_uri(trim_white(overlay.stage_strip(image, trace, style=style)))}">')  # fmt: skip
     heat = overlay.heatmap_overlay(image, trace)
     if heat is not None:
         parts.append(f'<img class="heat" alt="patch importance" src="{_data_uri(heat)}">')
@@ -96,8 +103,8 @@ def frames_html(sweep: Sweep, current: float, style: str = "dim", total: int | N
     return f'<div class="scrub" data-key="{input_key}" data-method="{html.escape(sweep.method)}">{status}{"".join(frames)}</div>'
 
 
-# Runs in the browser on every slider event: show the frame of the slider's value, hide the others,
-# and mark the latency figures stale until the server measures them for the value where it settles.
+# Runs in the browser on every slider event: show the frame of the slider's value, hide the others, and mark
+# the cost table (latency) stale until the server has measured the value where the slider settles.
 SWAP_JS = """
 (r) => {
   const key = Number(r).toFixed(2);
@@ -105,8 +112,30 @@ SWAP_JS = """
   if (root) {
     for (const f of root.querySelectorAll('.frame')) f.style.display = (f.dataset.r === key) ? '' : 'none';
   }
-  const lat = document.querySelector('#latency');
-  if (lat && lat.dataset.r !== key) lat.classList.add('stale');
+  const costs = document.querySelector('#costs');
+  if (costs && window.__vlmSettled !== key) costs.classList.add('stale');
+  return r;
+}
+"""
+
+# Runs before the settle event (its inputs: image, caption, method, keep ratio, ...): waits until the slider
+# has rested 300 ms; if it moved on meanwhile, the keep ratio goes to the server as -1 and the server skips it.
+DEBOUNCE_JS = """
+(...args) => new Promise((resolve) => {
+  const r = args[3];
+  window.__vlmKeep = r;
+  setTimeout(() => { if (window.__vlmKeep !== r) args[3] = -1; resolve(args); }, 300);
+})
+"""
+
+# Runs after a settle event: the cost table now shows the slider's value.
+SETTLED_JS = """
+(r) => {
+  window.__vlmSettled = Number(r).toFixed(2);
+  const key = document.querySelector('#keep-ratio input[type=range]')?.value;
+  if (key === undefined || Number(key).toFixed(2) === window.__vlmSettled) {
+    document.querySelector('#costs')?.classList.remove('stale');
+  }
   return r;
 }
 """

@@ -13,12 +13,11 @@ from vlm_demo.pruning import BASELINE
 
 log = logging.getLogger("app")
 
-SLIDER_RATIOS = [round(0.05 * i, 2) for i in range(1, 21)]  # the slider's stops
 PAUSE_S = 0.02  # between steps, so that a waiting request gets the model lock
 DONE = "GMACs cache warm"  # the log line at the end (benchmarks wait for it)
 
 
-def gmacs_steps(first: str, ratios: list[float] = SLIDER_RATIOS) -> list[tuple[str, float]]:
+def gmacs_steps(first: str, ratios: tuple[float, ...] = api.SWEEP_STOPS) -> list[tuple[str, float]]:
     """(method, keep ratio) in warm-up order: `first`, the baseline (ratio 1 only), then the registry's order."""
     order = [first, BASELINE] + [m for m in pruning.names(prunes_only=True) if m != first]
     return [(m, r) for m in dict.fromkeys(order) for r in (ratios if pruning.get(m).prunes else [1.0])]
@@ -87,7 +86,9 @@ def prefill(app: Any, example: list[str], method: str, keep_ratio: float) -> dic
     image, caption = Path(example[0]), example[1]
     try:
         app.analysis(image, caption, method, keep_ratio, repeats=1)
-        return app.views(app.analysis(image, caption, method, keep_ratio), keep=True)
+        views = app.views(app.analysis(image, caption, method, keep_ratio))
+        *_, frames = app.frames(image, caption, method, keep_ratio)
+        return {**views, "frames": frames}
     except Exception:  # a page that opens empty is still a working page
         log.exception("could not prefill the first example")
         return {}
