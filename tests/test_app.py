@@ -23,6 +23,7 @@ from PIL import Image
 from benchmarks.app_server import EXAMPLES, ROOT, running_app
 from benchmarks.cases import BAD, CAPTION
 from conftest import make_checkpoints
+from vlm_demo.api import SWEEP_STOPS
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
@@ -94,9 +95,26 @@ def analyze(client: Client, image: Path, caption: str = CAPTION, method: str = "
 # ----------------------------------------------------------------------------- the contract
 
 
-def test_one_public_endpoint_with_the_contract_inputs(client):
+@pytest.mark.parametrize("method", ["learned", "tome"])
+def test_sweep_equals_analyze_at_its_stops(client, method):
+    sweep = client.predict(handle_file(str(SCENE)), CAPTION, method, api_name="/sweep")
+    assert [s["keep_ratio"] for s in sweep["stops"]] == list(SWEEP_STOPS)
+    by_ratio = {s["keep_ratio"]: s for s in sweep["stops"]}
+    for ratio in (0.2, 0.52, 1.0):
+        _, d = analyze(client, SCENE, method=method, keep_ratio=ratio)
+        stop = by_ratio[ratio]
+        assert (stop["tokens"], stop["gmacs"], stop["score"]) == (d["pruned"]["tokens"], d["pruned"]["gmacs"],
+                                                                  d["pruned"]["score"]), ratio  # fmt: skip
+        assert stop["tokens_per_stage"] == d["pruned"]["tokens_per_stage"]
+    assert sweep["baseline"]["score"] == d["baseline"]["score"] and "overlay" not in json.dumps(sweep)
+
+
+def test_two_public_endpoints_with_the_contract_inputs(client):
     info = client.view_api(return_format="dict", print_info=False)
-    assert list(info["named_endpoints"]) == ["/analyze"]
+    assert sorted(info["named_endpoints"]) == ["/analyze", "/sweep"]
+    assert [p["parameter_name"] for p in info["named_endpoints"]["/sweep"]["parameters"]] == [
+        "image", "caption", "method"
+    ]
     assert not info["unnamed_endpoints"]
     params = info["named_endpoints"]["/analyze"]["parameters"]
     assert [p["parameter_name"] for p in params] == ["image", "caption", "method", "keep_ratio"]

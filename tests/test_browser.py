@@ -18,6 +18,7 @@ import pytest
 
 from benchmarks.app_server import EXAMPLES, ROOT, running_app
 from conftest import make_checkpoints
+from gradio_client import Client, handle_file
 
 CHROMIUM = "/usr/bin/chromium"
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -28,6 +29,10 @@ TIMEOUT_MS = 90_000
 VISIBLE = """() => { const f = [...document.querySelectorAll('#kept-overlay .frame')]
   .find(e => e.style.display !== 'none'); return f ? f.dataset.r : null; }"""
 KEY = "() => document.querySelector('#kept-overlay .scrub')?.dataset.key || null"
+# The pruned cosine in the visible frame's figures (last row, third cell).
+COSINE = """() => { const f = [...document.querySelectorAll('#kept-overlay .frame')]
+  .find(e => e.style.display !== 'none'); const rows = f.querySelectorAll('table tr');
+  return rows[rows.length - 1].children[2].innerText; }"""
 # A new input's sweep is on screen, complete (no progress line), its visible frame fully loaded.
 SWEPT = """old => { const s = document.querySelector('#kept-overlay .scrub');
   if (!s || s.dataset.key === old || s.querySelector('.scrub-status')) return false;
@@ -90,8 +95,10 @@ def test_upload_caption_and_live_scrubbing(server, tmp_path):
             # Upload another image and type a caption: a new sweep replaces the frames, the table follows.
             key0 = page.evaluate(KEY)
             page.locator("input[type=file]").first.set_input_files(str(EXAMPLES / "scene_7005.png"))
-            page.locator("#caption textarea").fill("a green cross and a large green diamond")
             page.wait_for_function(SWEPT, arg=key0)
+            key_image = page.evaluate(KEY)
+            page.locator("#caption textarea").fill("a green cross and a large green diamond")
+            page.wait_for_function(SWEPT, arg=key_image)
             frames = page.locator("#kept-overlay .frame").count()
             assert frames == 25  # every slider stop, 0.04 apart
             _settled(page, "196 → 142 → 103")  # keep 0.52: 141 and 102 patches, plus learned's fused token
@@ -120,6 +127,24 @@ def test_upload_caption_and_live_scrubbing(server, tmp_path):
                 slider.press("ArrowLeft")
             page.wait_for_function(f"() => ({VISIBLE})() === '0.80'")
             _settled(page, "196 → 176 → 158")  # round(196 * 0.8 ** 0.5) = 175 and 157, plus the fused token
+            # A caption edit in the middle of a sweep: the page ends on the new caption's results, never a mix.
+            key1 = page.evaluate(KEY)
+            page.locator("#caption textarea").fill("a large red circle")
+            page.wait_for_timeout(150)  # the first caption's sweep is under way
+            page.locator("#caption textarea").fill("a small blue square")
+            page.wait_for_function(SWEPT, arg=key1)
+            _settled(page, "196 → 176 → 158")
+            page.wait_for_timeout(1500)  # anything still queued would land now
+            client = Client(server.url, verbose=False)
+            want = client.predict(handle_file(str(EXAMPLES / "scene_7005.png")), "a small blue square", "learned",
+                                  api_name="/sweep")  # fmt: skip
+            score = next(s["score"] for s in want["stops"] if s["keep_ratio"] == 0.8)
+            shown = page.evaluate(COSINE)
+            assert shown == f"{score:.3f}", (shown, score)
+            _, settled = client.predict(handle_file(str(EXAMPLES / "scene_7005.png")), "a small blue square",
+                                        "learned", 0.8, api_name="/analyze")  # fmt: skip
+            rank = f"#{settled['pruned']['bank_rank']} ({settled['pruned']['bank_probability']:.2f})"
+            assert rank in _text(page, "#costs")  # the settled analysis is the new caption's too
             assert "Something went wrong" not in page.content()
 
             shot = tmp_path / "screenshot.png"

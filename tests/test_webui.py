@@ -49,7 +49,11 @@ def test_method_choices_and_notes_come_from_the_registry():
 
 def test_cost_table():
     rows = fmt.cost_rows(_analysis())
-    assert [r[0].split(",")[0].split(" (")[0] for r in rows] == ["Tokens per stage", "GMACs", "Latency", "Latency"]
+    assert [r[0].split(",")[0].split(" (")[0] for r in rows] == [
+        "Tokens per stage", "GMACs", "Latency", "Latency", "Caption's rank among the bank's captions"
+    ]
+    assert rows[4][1:] == ["—", "—", "—"]  # no bank figures in this analysis
+    assert "10 interleaved pairs" in rows[2][0]
     assert rows[0][1:] == ["196 → 196 → 196", "196 → 140 → 99", "0.51×"]
     assert rows[1][3] == "0.64×" and rows[2][1:] == ["7.0 ± 0.5", "5.0 ± 0.2", "0.71×"]
     assert rows[3][1:] == ["—", "—", "—"]  # batch 32 not timed

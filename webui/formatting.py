@@ -118,7 +118,6 @@ def cost_rows(a: api.Analysis) -> list[list[str]]:
         [f"Latency, batch 1 (ms, median ± IQR of {p.latency_repeats} interleaved pairs)",
          fmt_ms(b.latency_ms, b.latency_iqr_ms), fmt_ms(p.latency_ms, p.latency_iqr_ms),
          fmt_ratio(p.latency_ms, b.latency_ms)],
-        ["Caption's rank among the bank's captions (probability)", _standing(b), _standing(p), "—"],
     ]  # fmt: skip
     if a.latency_bs32:
         tb, tp = a.latency_bs32["baseline"], a.latency_bs32["pruned"]
@@ -126,6 +125,7 @@ def cost_rows(a: api.Analysis) -> list[list[str]]:
                      fmt_ms(tp.median_ms, tp.iqr_ms), fmt_ratio(tp.median_ms, tb.median_ms)])  # fmt: skip
     else:
         rows.append(["Latency, batch 32 (ms)", "—", "—", "—"])
+    rows.append(["Caption's rank among the bank's captions (probability)", _standing(b), _standing(p), "—"])
     return rows
 
 
