@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,10 @@ from vlm_demo import hf_clip
 from vlm_demo.config import get_preset
 from vlm_demo.model import DualEncoder, save_checkpoint
 from vlm_demo.tokenizer import Tokenizer
+
+# One fvcore-count cache for the whole test run (the app servers the tests start inherit it), apart from the
+# developer's own ~/.cache/vlm_demo: the tests never read counts they did not make.
+os.environ["VLM_DEMO_CACHE"] = tempfile.mkdtemp(prefix="vlm-demo-cache-")
 
 CAPTIONS = [
     "a small red circle at the top left",

@@ -103,7 +103,7 @@ def _start_a_long_request(server: Server) -> None:
     from benchmarks.app_server import completed, upload
 
     image = upload(server.url, ROOT / "docs" / "examples" / "scene_7005.png")
-    data = [image, "a green cross", "learned", 0.5, "dim", 50, True, None]
+    data = [image, "a green cross", "learned", 0.5, "dim", 50, True, None, None]
     session = uuid.uuid4().hex
     join(server.url, fn_index(server.url, "analyze_ui"), data, session).raise_for_status()
     threading.Thread(target=lambda: _ignore(completed, server.url, session), daemon=True).start()
@@ -160,7 +160,7 @@ def test_every_option_says_its_default():
                    "--queue-size"):  # fmt: skip
         assert option in proc.stdout
     helps = proc.stdout.split("options:")[1].split("\n  -")[2:]  # one chunk per option, --help's left out
-    assert len(helps) == 8 and all("(default: " in " ".join(h.split()) for h in helps), proc.stdout
+    assert len(helps) == 9 and all("(default: " in " ".join(h.split()) for h in helps), proc.stdout
 
 
 def test_start_up_log_is_one_line_per_checkpoint(checkpoints, tmp_path):

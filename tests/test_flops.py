@@ -1,5 +1,7 @@
 """Cost accounting: fvcore with every op handled, equal to the closed form, falling with the keep ratio."""
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import SMALL_CLIP
@@ -58,12 +60,25 @@ def test_batch_scales_linearly_and_fusion_adds_a_token():
     assert fused == pytest.approx(flops.closed_form_gmacs(cfg, "cls_attention", 0.5), rel=0.02)
 
 
-def test_results_are_cached():
+def test_results_are_cached_in_process_and_on_disk(tmp_path, monkeypatch):
     cfg = get_preset("tiny").model
-    flops.gmacs(cfg, "random", 0.45)
+    monkeypatch.setenv("VLM_DEMO_CACHE", str(tmp_path))
+    disk = flops._DiskCache()
+    monkeypatch.setattr(flops, "_DISK", disk)
+    first = flops.gmacs(cfg, "random", 0.45)
+    assert disk.path.parent == tmp_path and disk.path.is_file()
     hits = flops._cached_gmacs.cache_info().hits
-    flops.gmacs(cfg, "random", 0.45)
-    assert flops._cached_gmacs.cache_info().hits == hits + 1
+    assert flops.gmacs(cfg, "random", 0.45) == first
+    assert flops._cached_gmacs.cache_info().hits == hits  # answered from the cache, no new trace
+    # Another process (a fresh cache object on the same folder) reads the count instead of tracing again.
+    monkeypatch.setattr(flops, "_DISK", flops._DiskCache())
+    calls = flops._cached_gmacs.cache_info().misses
+    flops._cached_gmacs.cache_clear()
+    assert flops.gmacs(cfg, "random", 0.45) == first
+    assert flops._cached_gmacs.cache_info().misses == 0 and calls >= 1
+    # The text tower's settings are not part of the image encoder's count.
+    other_text = cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=999))
+    assert flops.gmacs(other_text, "random", 0.45) == first and flops._cached_gmacs.cache_info().misses == 0
 
 
 def test_unknown_method():
