@@ -15,11 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Regex, decoders, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as RustTokenizer
-from tokenizers.models import BPE
-from tokenizers.trainers import BpeTrainer
 
+from benchmarks.random_clip import build_tokenizer
 from vlm_demo import hf_clip
 from vlm_demo.config import get_preset
 from vlm_demo.model import DualEncoder, save_checkpoint
@@ -72,51 +70,6 @@ def default_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # ----------------------------------------------------------------------------- HuggingFace CLIPs
 
 CONTEXT = 16  # max_position_embeddings of the tiny CLIPs: short, so that captions get truncated
-SENTENCES = [
-    "a photo of a cat sitting on a red sofa",
-    "two dogs run across the green grass",
-    "a small yellow star at the top left",
-    "a man riding a bicycle down the street",
-    "the blue car is parked near the old house",
-]
-
-
-def build_tokenizer(path: Path) -> RustTokenizer:
-    """A CLIP-style byte-level BPE (the normaliser, split and </w> suffix of transformers' CLIPTokenizer).
-
-    As in OpenAI's vocabulary, the two special tokens are the last ids, so the legacy
-    "largest id" rule finds <|endoftext|>. No post-processor is saved: transformers
-    adds its own, and so must vlm_demo.
-    """
-    tok = RustTokenizer(BPE(unk_token=hf_clip.EOS, end_of_word_suffix="</w>", continuing_subword_prefix=""))
-    tok.normalizer = normalizers.Sequence(
-        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
-    )
-    split = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(split), behavior="removed", invert=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False),
-        ]
-    )
-    tok.decoder = decoders.ByteLevel()
-    trainer = BpeTrainer(
-        vocab_size=320,
-        end_of_word_suffix="</w>",
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(SENTENCES, trainer)
-    # The BPE model itself must know <|endoftext|>: it is also the unknown token.
-    data = json.loads(tok.to_str())
-    vocab = data["model"]["vocab"]
-    vocab[hf_clip.BOS], vocab[hf_clip.EOS] = len(vocab), len(vocab) + 1
-    tok = RustTokenizer.from_str(json.dumps(data))
-    tok.add_special_tokens([hf_clip.BOS, hf_clip.EOS])
-    tok.save(str(path))
-    return tok
-
-
 @pytest.fixture(scope="session")
 def tokenizer_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("tok") / hf_clip.TOKENIZER_FILE

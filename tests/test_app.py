@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from benchmarks.app_server import EXAMPLES, ROOT, running_app
+from benchmarks.app_server import EXAMPLES, ROOT, call, running_app, upload
 from benchmarks.cases import BAD, CAPTION
-from conftest import make_checkpoints
+from conftest import make_checkpoints, make_clip
 from vlm_demo.api import SWEEP_STOPS
 
 gradio_client = pytest.importorskip("gradio_client")
@@ -34,11 +34,28 @@ SCENE = EXAMPLES / "scene_7005.png"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def clip_folders(tmp_path_factory, tokenizer_file) -> dict[str, Path]:
+    """A tiny random HuggingFace CLIP, and a folder whose weights exist only as a pickle."""
+    folder = tmp_path_factory.mktemp("clips")
+    vision = dict(image_size=32, patch_size=8, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                  num_attention_heads=3)  # fmt: skip
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    make_clip(folder / "clip", tokenizer_file, vision, text, 24, legacy=False)
+    pickled = folder / "pickle-only"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((folder / "clip" / "config.json").read_text())
+    (pickled / "pytorch_model.bin").write_bytes(b"not opened")
+    return {"clip": folder / "clip", "pickle": pickled}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, clip_folders):
     folder = tmp_path_factory.mktemp("app")
     ckpt = make_checkpoints(folder / "ckpt", "default")
-    env = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": ""}  # the Hub is unreachable; offline mode off
-    with running_app(ckpt, folder / "server.log", "--no-warmup", "--no-prefill", env=env) as srv:
+    env = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "",  # the Hub is unreachable; offline mode off
+           "VLM_DEMO_MODELS": str(clip_folders["pickle"])}  # fmt: skip
+    extra = ["--models", str(clip_folders["clip"])]
+    with running_app(ckpt, folder / "server.log", "--no-warmup", "--no-prefill", *extra, env=env) as srv:
         yield srv
 
 
@@ -90,6 +107,27 @@ def _png(image: Image.Image) -> bytes:
 
 def analyze(client: Client, image: Path, caption: str = CAPTION, method: str = "learned", keep_ratio: float = 0.5):
     return client.predict(handle_file(str(image)), caption, method, keep_ratio, api_name="/analyze")
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def test_the_model_selector_offers_a_clip_and_survives_a_bad_one(server, clip_folders):
+    shipped = str(server.proc.args[server.proc.args.index("--checkpoints") + 1])
+    choice, methods, captions, plot, note = call(server.url, "select_model", [str(clip_folders["clip"]), "learned"])[
+        "output"]["data"]  # fmt: skip
+    assert choice["value"] == str(clip_folders["clip"])
+    assert [v for _, v in methods["choices"]] == ["cls_attention", "text_guided", "tome", "random"]  # no predictors
+    assert methods["value"] == "cls_attention" and not captions["visible"] and not plot["visible"]
+    assert "centre-cropped" in note
+    image = upload(server.url, SCENE)
+    msg = call(server.url, "compare", [image, CAPTION, 0.5, "dim", str(clip_folders["clip"])])
+    assert msg["success"] and len(msg["output"]["data"][0]) == 4  # every method the CLIP can run
+    # A pickle-only folder is refused unopened: a warning, and the page stays on the shipped model.
+    msg = call(server.url, "select_model", [str(clip_folders["pickle"]), "tome"])
+    assert msg["success"] and msg["output"]["data"][0]["value"] == shipped
+    assert "learned" in [v for _, v in msg["output"]["data"][1]["choices"]]
+    assert server.proc.poll() is None
 
 
 # ----------------------------------------------------------------------------- the contract
