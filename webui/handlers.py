@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import html
 import logging
 import threading
@@ -38,20 +39,27 @@ GENERIC_ERROR = "Something went wrong analysing this image; try another image."
 UI_OUTPUTS = ("costs", "captions", "plot", "readout", "status")
 
 
-def guarded(fn: Callable[[], Any]) -> Any:
-    """Run `fn`; bad input -> its own message, anything else -> logged here and a short message there.
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Bad input -> its own message, anything else -> logged here and a short message there.
 
     Gradio renders an error's message as HTML, so any input it echoes is escaped.
     """
     try:
-        return fn()
+        yield
     except gr.Error:
         raise
     except ValueError as e:
         raise gr.Error(html.escape(str(e), quote=False), print_exception=False) from None
     except Exception:
-        log.exception("analysis failed")
+        log.exception("request failed")
         raise gr.Error(GENERIC_ERROR, print_exception=False) from None
+
+
+def guarded(fn: Callable[[], Any]) -> Any:
+    """Run `fn` under `user_errors`."""
+    with user_errors():
+        return fn()
 
 
 def tradeoff_plot(session: api.Session, a: api.Analysis) -> Figure:
@@ -162,16 +170,9 @@ class Explorer:
         if last.get("sweep") == key:
             yield gr.skip()
             return
-        try:
+        with user_errors():
             yield from self.frames(image, caption, method, keep_ratio, style, model)
             last["sweep"] = key
-        except gr.Error:
-            raise
-        except ValueError as e:
-            raise gr.Error(html.escape(str(e), quote=False), print_exception=False) from None
-        except Exception:
-            log.exception("sweep failed")
-            raise gr.Error(GENERIC_ERROR, print_exception=False) from None
 
     def sweep(self, image, caption, method):  # noqa: ANN001 - the names are the API's parameter names
         """Every slider stop at once: tokens, GMACs, score and kept patches per keep ratio (no images, no latency).
