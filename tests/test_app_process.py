@@ -165,6 +165,7 @@ def test_every_option_says_its_default():
 
 def test_start_up_log_is_one_line_per_checkpoint(checkpoints, tmp_path):
     with running_app(checkpoints, tmp_path / "app.log", "--no-warmup", "--no-prefill") as server:
+        wait_for_output(server, "Serving on", timeout=30)  # logged just after the server starts answering
         out = server.output()
     assert "Loading weights from local directory" not in out  # huggingface_hub's print, once per checkpoint
     assert out.count("Loaded baseline/") == 1 and out.count("Loaded pruned/") == 1
