@@ -168,7 +168,7 @@ def test_main_writes_metrics_report_and_plot(tiny: tuple[Path, Path], tmp_path: 
     assert {"dataset", "model", "training", "machine", "rows"} <= set(m)
     assert m["dataset"]["split"] == "test" and m["dataset"]["synthetic"] is True
     assert m["dataset"]["images"] == 3 and m["dataset"]["captions"] == 15  # 24 images: 18/3/3
-    assert m["training"]["seconds_per_epoch"] == {"none": 1.0, "learned": 2.0}
+    assert m["training"]["seconds_per_epoch"] == {"none": 1.0, "learned": 2.0, "text_guided": 2.0}
     assert m["model"]["params"] > 0
     assert m["options"]["placements"] == ["paper"] and {r["placement"] for r in m["rows"]} == {"paper"}
     assert set(m["oracle"]) == {"r1_t2i", "r1_i2t", "mean_r1"}
