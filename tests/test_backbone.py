@@ -212,7 +212,8 @@ def test_an_addon_saved_before_text_guided_runs_learned_and_says_how_to_train_te
     old = tmp_path / "old"
     old.mkdir()
     tensors = load_file(str(work / "addon" / addon.PREDICTORS_FILE))
-    save_file({n: t for n, t in tensors.items() if n.startswith("visual.predictors.")}, str(old / addon.PREDICTORS_FILE))
+    learned = {n: t for n, t in tensors.items() if n.startswith("visual.predictors.")}
+    save_file(learned, str(old / addon.PREDICTORS_FILE))
     config = json.loads((work / "addon" / addon.ADDON_FILE).read_text())
     del config["predictors"]["query"]
     config["backbone"]["source"] = str(work / "clip")  # the test's own folder; add-ons record a relative path

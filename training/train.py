@@ -344,7 +344,9 @@ def _train_epoch(
             if ph.pruned:
                 g = torch.Generator().manual_seed(step_seed(args.seed, epoch, step))
                 keep = lo + (hi - lo) * float(torch.rand((), generator=g))
-                loss, extra, distill = _saliency_loss(ph, images, ids, keep, index.tolist(), tokenizer, args.seed, epoch)
+                loss, extra, distill = _saliency_loss(
+                    ph, images, ids, keep, index.tolist(), tokenizer, args.seed, epoch
+                )
                 distill_sum += distill
             else:
                 hard = None
