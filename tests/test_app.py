@@ -117,12 +117,12 @@ def test_the_model_selector_offers_a_clip_and_survives_a_bad_one(server, clip_fo
     choice, methods, captions, plot, note = call(server.url, "select_model", [str(clip_folders["clip"]), "learned"])[
         "output"]["data"]  # fmt: skip
     assert choice["value"] == str(clip_folders["clip"])
-    assert [v for _, v in methods["choices"]] == ["cls_attention", "text_guided", "tome", "random"]  # no predictors
+    assert [v for _, v in methods["choices"]] == ["cls_attention", "tome", "random"]  # no predictors, of either kind
     assert methods["value"] == "cls_attention" and not captions["visible"] and not plot["visible"]
     assert "centre-cropped" in note
     image = upload(server.url, SCENE)
     msg = call(server.url, "compare", [image, CAPTION, 0.5, "dim", str(clip_folders["clip"])])
-    assert msg["success"] and len(msg["output"]["data"][0]) == 4  # every method the CLIP can run
+    assert msg["success"] and len(msg["output"]["data"][0]) == 3  # every method the CLIP can run
     # A pickle-only folder is refused unopened: a warning, and the page stays on the shipped model.
     msg = call(server.url, "select_model", [str(clip_folders["pickle"]), "tome"])
     assert msg["success"] and msg["output"]["data"][0]["value"] == shipped
