@@ -27,7 +27,8 @@ def test_load_a_missing_folder_says_what_to_do(tmp_path):
 
 def test_learned_uses_the_pruned_checkpoint(session):
     assert session.model_for("learned") is session.pruned
-    for m in ("none", "cls_attention", "tome", "random", "text_guided"):
+    assert session.model_for("text_guided") is session.pruned  # its caption-conditioned predictors live there
+    for m in ("none", "cls_attention", "tome", "random"):
         assert session.model_for(m) is session.baseline
 
 
@@ -57,10 +58,11 @@ def test_analyze_contract(session, image, method):
         assert -1 <= d[side]["score"] <= 1 and d[side]["latency_ms"] > 0
     assert d["pruned"]["gmacs"] < d["baseline"]["gmacs"]
     # Tiny preset, 16 patches, keep 0.3, each method at its paper placement (worked by hand):
-    # learned and the others before blocks 1, 2 (round(16 * 0.3 ** 0.5) = 9, then 5), learned adding its
-    # background token; EViT inside blocks 1, 2, 3 (11, 7, 5, each plus a fused token); ToMe in all 4 blocks,
-    # r = round((16 - 5) / 4) = 3 merges each.
-    expected = {"learned": [16, 10, 6], "cls_attention": [16, 12, 8, 6], "tome": [16, 13, 10, 7, 4]}
+    # learned and the others before blocks 1, 2 (round(16 * 0.3 ** 0.5) = 9, then 5), learned and text_guided
+    # adding their background token; EViT inside blocks 1, 2, 3 (11, 7, 5, each plus a fused token); ToMe in
+    # all 4 blocks, r = round((16 - 5) / 4) = 3 merges each.
+    expected = {"learned": [16, 10, 6], "text_guided": [16, 10, 6], "cls_attention": [16, 12, 8, 6],
+                "tome": [16, 13, 10, 7, 4]}  # fmt: skip
     assert d["pruned"]["tokens_per_stage"] == expected.get(method, [16, 9, 5])
     assert d["baseline"]["tokens_per_stage"] == [16] * len(d["pruned"]["tokens_per_stage"])
     assert d["pruned"]["tokens"] == d["pruned"]["tokens_per_stage"][-1]
@@ -109,8 +111,9 @@ def test_compare_every_method(session, image):
     rows = session.compare(image, "a red circle", keep_ratio=0.5)
     assert [r.method for r in rows] == ["learned", "cls_attention", "text_guided", "tome", "random"]
     assert all(r.overlay.size == image.size for r in rows)
-    # keep 0.5: round(16 * 0.5) = 8; learned and EViT add a fused token; ToMe's r = 2 merges in each of 4 blocks.
-    assert [r.tokens_per_stage[-1] for r in rows] == [9, 9, 8, 8, 8]
+    # keep 0.5: round(16 * 0.5) = 8; learned, EViT and text_guided add a fused token; ToMe's r = 2 merges in each
+    # of 4 blocks.
+    assert [r.tokens_per_stage[-1] for r in rows] == [9, 9, 9, 8, 8]
     assert "overlay" not in rows[0].to_dict()
 
 

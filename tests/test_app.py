@@ -117,12 +117,12 @@ def test_the_model_selector_offers_a_clip_and_survives_a_bad_one(server, clip_fo
     choice, methods, captions, plot, note = call(server.url, "select_model", [str(clip_folders["clip"]), "learned"])[
         "output"]["data"]  # fmt: skip
     assert choice["value"] == str(clip_folders["clip"])
-    assert [v for _, v in methods["choices"]] == ["cls_attention", "text_guided", "tome", "random"]  # no predictors
+    assert [v for _, v in methods["choices"]] == ["cls_attention", "tome", "random"]  # no predictors, of either kind
     assert methods["value"] == "cls_attention" and not captions["visible"] and not plot["visible"]
     assert "centre-cropped" in note
     image = upload(server.url, SCENE)
     msg = call(server.url, "compare", [image, CAPTION, 0.5, "dim", str(clip_folders["clip"])])
-    assert msg["success"] and len(msg["output"]["data"][0]) == 4  # every method the CLIP can run
+    assert msg["success"] and len(msg["output"]["data"][0]) == 3  # every method the CLIP can run
     # A pickle-only folder is refused unopened: a warning, and the page stays on the shipped model.
     msg = call(server.url, "select_model", [str(clip_folders["pickle"]), "tome"])
     assert msg["success"] and msg["output"]["data"][0]["value"] == shipped
@@ -198,7 +198,7 @@ def test_training_free_methods_at_keep_ratio_one_are_the_baseline(client, method
 def test_text_guided_follows_the_caption(client):
     _, a = analyze(client, SCENE, "a green cross at the bottom right", "text_guided", 0.3)
     _, b = analyze(client, SCENE, "a green diamond at the bottom left", "text_guided", 0.3)
-    assert a["pruned"]["tokens"] == b["pruned"]["tokens"] == round(P * 0.3)
+    assert a["pruned"]["tokens"] == b["pruned"]["tokens"] == round(P * 0.3) + 1  # and the background token
     assert a["baseline"]["score"] != b["baseline"]["score"]  # the caption reached the model
 
 
@@ -250,7 +250,7 @@ def test_overlay_of_a_16bit_image_is_not_washed_out(client, files):
 )
 def test_odd_captions_work(client, caption):
     _, d = analyze(client, SCENE, caption, "text_guided", 0.5)
-    assert d["pruned"]["tokens"] == round(P * 0.5)
+    assert d["pruned"]["tokens"] == round(P * 0.5) + 1  # and the background token
     assert "<script" not in json.dumps(d)  # the readout echoes nothing executable
 
 

@@ -1,4 +1,6 @@
-"""Learned keep predictors for any backbone: train them on a tiny random CLIP, load the add-on, evaluate it.
+"""Keep predictors for any backbone: train them on a tiny random CLIP, load the add-on, evaluate it.
+
+The add-on holds ``learned``'s predictors and ``text_guided``'s caption-conditioned ones.
 
 The CLIP is conftest's `make_clip` (random weights, a centre crop and its own mean and
 std); the data is the tiny synthetic set. The whole file runs in well under a minute.
@@ -14,12 +16,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from conftest import make_clip
 from training import evaluate, train
 from training.synthetic import generate
 from vlm_demo import addon, api, hf_clip
+from vlm_demo.pruning import PruneSpec
 
 VISION = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
               num_attention_heads=2)  # fmt: skip
@@ -54,31 +57,36 @@ def test_the_addon_holds_only_the_predictors_and_no_absolute_path(work):
     assert sorted(p.name for p in folder.iterdir()) == sorted(addon.ADDON_FILES)  # no backbone copy, no resume state
     tensors = load_file(str(folder / addon.PREDICTORS_FILE))
     model = hf_clip.load_clip(work / "clip").model
-    assert tensors.keys() == {n for n in model.state_dict() if n.startswith("visual.predictors.")}  # those only
+    prefixes = ("visual.predictors.", "visual.query_predictors.")  # learned's and text_guided's, those only
+    assert tensors.keys() == {n for n in model.state_dict() if n.startswith(prefixes)}
+    assert any(n.startswith("visual.query_predictors.") for n in tensors)
     text = (folder / addon.ADDON_FILE).read_text()
     assert str(work) not in text and str(Path.home()) not in text
     config = json.loads(text)
     assert config["backbone"]["source"] == "../clip" and config["backbone"]["hub"] is False
     assert config["predictors"]["stages"] == [1, 2, 3] and config["predictors"]["width"] == 32
+    assert config["predictors"]["query"] is True
     facts = config["training"]
     assert facts["epochs"] == 2 and facts["seconds"] > 0 and len(facts["losses"]) == 2
+    assert len(facts["query_losses"]) == 2 and facts["query_lr"] > 0
     assert facts["data"] == "../synth"  # relative to the add-on, so that the pair can move together
 
 
 def test_the_addon_loads_with_its_backbone_and_trained_predictors(work, sessions):
     trained, plain = sessions
     assert trained.has_predictors and not plain.has_predictors
-    assert "learned" in trained.methods() and "learned" not in plain.methods()
-    assert set(plain.methods()) == set(trained.methods()) - {"learned"}
+    assert {"learned", "text_guided"} <= set(trained.methods())
+    assert set(plain.methods()) == set(trained.methods()) - {"learned", "text_guided"}
     assert trained.preprocess == plain.preprocess and trained.preprocess.shortest_edge == 38  # the CLIP's crop
     # The towers stayed frozen: every tensor but the predictors is the CLIP's own.
     a, b = trained.baseline.state_dict(), plain.baseline.state_dict()
-    towers = [n for n in a if not n.startswith("visual.predictors.")]
+    towers = [n for n in a if not n.startswith(("visual.predictors.", "visual.query_predictors."))]
     assert all(torch.equal(a[n], b[n]) for n in towers)
-    # The predictors trained: they moved away from where training started (the seed's initialisation).
+    # Both kinds of predictors trained: they moved away from where training started (the seed's initialisation).
     torch.manual_seed(0)
     start = hf_clip.load_clip(work / "clip").model.state_dict()
-    assert any(not torch.equal(a[n], start[n]) for n in a if n.startswith("visual.predictors."))
+    for prefix in ("visual.predictors.", "visual.query_predictors."):
+        assert any(not torch.equal(a[n], start[n]) for n in a if n.startswith(prefix)), prefix
     # learned runs on the add-on's session, and prunes. (On a CLIP this narrow, its predictors cost more GMACs than
     # the pruning saves; on a real one, 256 to 768 wide, they are a rounding error.)
     image = _image()
@@ -89,6 +97,9 @@ def test_the_addon_loads_with_its_backbone_and_trained_predictors(work, sessions
     assert "learned" not in [s.method for s in plain.compare(image, CAPTION)]
     learned = trained.embed_images([image], method="learned", keep_ratio=0.3)
     assert not np.allclose(learned, trained.embed_images([image]))
+    # text_guided runs on the add-on's caption-conditioned predictors, with its background token.
+    guided = trained.analyze(image, CAPTION, method="text_guided", keep_ratio=0.5, latency_repeats=1)
+    assert guided.pruned.tokens_per_stage == [16, 14, 11, 9]
 
 
 def test_learned_on_a_plain_clip_says_how_to_train_the_predictors(work, sessions):
@@ -97,6 +108,7 @@ def test_learned_on_a_plain_clip_says_how_to_train_the_predictors(work, sessions
     image = _image()
     calls = [
         lambda: plain.analyze(image, CAPTION, method="learned"),
+        lambda: plain.analyze(image, CAPTION, method="text_guided"),
         lambda: plain.sweep(image, CAPTION, method="learned"),
         lambda: plain.compare(image, CAPTION, methods=("learned",)),
         lambda: plain.embed_images([image], method="learned", keep_ratio=0.5),
@@ -193,3 +205,25 @@ def test_bad_inputs_exit_2_with_one_error_line(work, tmp_path, capsys):
     assert "python -m training.train --backbone" in line
     assert "pass --data" in _exit_2(evaluate.main, ["--backbone", clip, "--out", str(tmp_path / "e")], capsys)
     assert not (tmp_path / "a").exists() and (work / "clip" / "model.safetensors").is_file()
+
+
+def test_an_addon_saved_before_text_guided_runs_learned_and_says_how_to_train_text_guided(work, tmp_path):
+    # As written before text_guided had predictors: learned's tensors only, and no predictors.query.
+    old = tmp_path / "old"
+    old.mkdir()
+    tensors = load_file(str(work / "addon" / addon.PREDICTORS_FILE))
+    learned = {n: t for n, t in tensors.items() if n.startswith("visual.predictors.")}
+    save_file(learned, str(old / addon.PREDICTORS_FILE))
+    config = json.loads((work / "addon" / addon.ADDON_FILE).read_text())
+    del config["predictors"]["query"]
+    config["backbone"]["source"] = str(work / "clip")  # the test's own folder; add-ons record a relative path
+    (old / addon.ADDON_FILE).write_text(json.dumps(config))
+    backbone = addon.load_backbone(old)
+    model = backbone.clip.model
+    assert not len(model.visual.query_predictors) and not model.cfg.pruning.query_predictors
+    pixels = torch.zeros(1, 3, 32, 32)
+    text = torch.nn.functional.normalize(torch.ones(1, model.cfg.embed_dim), dim=-1)
+    with torch.inference_mode():
+        assert model.encode_image(pixels, PruneSpec("learned", 0.5)).shape == (1, model.cfg.embed_dim)
+        with pytest.raises(ValueError, match="--backbone SOURCE --out DIR"):
+            model.encode_image(pixels, PruneSpec("text_guided", 0.5, text=text))

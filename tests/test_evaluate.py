@@ -168,7 +168,7 @@ def test_main_writes_metrics_report_and_plot(tiny: tuple[Path, Path], tmp_path: 
     assert {"dataset", "model", "training", "machine", "rows"} <= set(m)
     assert m["dataset"]["split"] == "test" and m["dataset"]["synthetic"] is True
     assert m["dataset"]["images"] == 3 and m["dataset"]["captions"] == 15  # 24 images: 18/3/3
-    assert m["training"]["seconds_per_epoch"] == {"none": 1.0, "learned": 2.0}
+    assert m["training"]["seconds_per_epoch"] == {"none": 1.0, "learned": 2.0, "text_guided": 2.0}
     assert m["model"]["params"] > 0
     assert m["options"]["placements"] == ["paper"] and {r["placement"] for r in m["rows"]} == {"paper"}
     assert set(m["oracle"]) == {"r1_t2i", "r1_i2t", "mean_r1"}
@@ -199,7 +199,8 @@ def test_main_writes_metrics_report_and_plot(tiny: tuple[Path, Path], tmp_path: 
         full, half = by[(method, 1.0)], by[(method, 0.5)]
         assert half["gmacs"] < full["gmacs"], method
         # Tiny: 4x4 patches, 4 blocks, each method at its paper placement (see test_api for the hand working).
-        expected = {"learned": [16, 12, 9], "cls_attention": [16, 14, 11, 9], "tome": [16, 14, 12, 10, 8]}
+        expected = {"learned": [16, 12, 9], "text_guided": [16, 12, 9], "cls_attention": [16, 14, 11, 9],
+                    "tome": [16, 14, 12, 10, 8]}  # fmt: skip
         assert half["tokens"] == expected.get(method, [16, 11, 8]), method
         assert full["tokens"] == [16] * len(half["tokens"]), method
     # At keep ratio 1 a baseline-checkpoint method is the baseline itself.
@@ -263,7 +264,7 @@ def test_real_data_without_ground_truth(tiny: tuple[Path, Path], tmp_path: Path)
     for r in m["rows"]:
         assert r["pair_acc"] is None and r["object_recall"] is None and r["latency_ms_bs32"] is None
     guided = m["rows"][1]
-    assert guided["mean_r1"] is None and guided["gmacs_ratio"] < 1 and guided["tokens"] == [16, 11, 8]
+    assert guided["mean_r1"] is None and guided["gmacs_ratio"] < 1 and guided["tokens"] == [16, 12, 9]
     assert (tmp_path / "eval" / "tradeoff.png").stat().st_size > 1000
 
 

@@ -139,6 +139,10 @@ def test_config_maps_the_architecture(clip):
     assert cfg.vision.pre_norm and not cfg.vision.patch_bias and cfg.text.causal and cfg.text.pool == "eos"
     assert session.cfg.text.context_length == session.tokenizer.context_length == CONTEXT
     assert session.baseline is session.pruned and not session.has_predictors
+    # Both kinds of keep predictors (learned's, text_guided's) have no CLIP tensors: untrained, and listed.
+    untrained = hf_clip.load_clip(folder).untrained
+    assert untrained and all(n.startswith(("visual.predictors.", "visual.query_predictors.")) for n in untrained)
+    assert any(n.startswith("visual.query_predictors.") for n in untrained)
     assert torch.equal(session.baseline.logit_scale, model.logit_scale)  # the checkpoint's, not the initial value
     assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
 
@@ -149,7 +153,7 @@ def test_training_free_methods_at_full_keep_equal_none(clip):
     text = torch.from_numpy(session.embed_texts(CAPTIONS[:1]))
     with torch.inference_mode():
         base = session.baseline.encode_image(pixels)
-        for method in ("cls_attention", "tome", "random", "text_guided"):
+        for method in ("cls_attention", "tome", "random", "text_guided"):  # text_guided: on untrained predictors
             spec = PruneSpec(method, 1.0, text=text if method == "text_guided" else None)
             assert torch.equal(session.baseline.encode_image(pixels, spec), base), method
 
@@ -160,16 +164,20 @@ def test_pruning_and_flops_run_on_a_clip(clip):
     pixels = to_tensor(image, session.preprocess)[None]
     text = torch.from_numpy(session.embed_texts(CAPTIONS[:1]))
     with torch.inference_mode():
-        for method in ("cls_attention", "tome", "text_guided", "random"):
+        for method in ("cls_attention", "tome", "text_guided", "random"):  # the model runs untrained predictors too
             spec = PruneSpec(method, 0.5, text=text if method == "text_guided" else None)
             _, trace = session.baseline.encode_image_with_trace(pixels, spec)
             assert trace.tokens_per_stage() == flops.tokens_per_stage(cfg, method, 0.5), method
             assert trace.tokens_per_stage()[-1] < cfg.vision.num_patches, method
+    # The session offers neither trained-predictor method on a plain CLIP, and says how to train them.
+    assert "text_guided" not in session.methods() and "learned" not in session.methods()
+    with pytest.raises(ValueError, match="needs trained keep predictors.*--backbone"):
+        session.analyze(image, CAPTIONS[0], method="text_guided", keep_ratio=0.5, latency_repeats=1)
     # One method through the app's entry point: fvcore (pre-norm, CLIP's MLP width and a projection unequal
     # to the width all counted) against the closed form.
-    a = session.analyze(image, CAPTIONS[0], method="text_guided", keep_ratio=0.5, latency_repeats=1)
+    a = session.analyze(image, CAPTIONS[0], method="cls_attention", keep_ratio=0.5, latency_repeats=1)
     assert a.pruned.gmacs < a.baseline.gmacs
-    assert a.pruned.gmacs == pytest.approx(flops.closed_form_gmacs(cfg, "text_guided", 0.5), rel=0.02)
+    assert a.pruned.gmacs == pytest.approx(flops.closed_form_gmacs(cfg, "cls_attention", 0.5), rel=0.02)
     assert a.baseline.gmacs == pytest.approx(flops.closed_form_gmacs(cfg), rel=0.02)
     # The overlay covers the centre square the model saw (side / (side + 6) of the shorter side), at the
     # upload's resolution.

@@ -136,17 +136,18 @@ def test_pruned_forward_keeps_cls_and_the_schedule(method):
     # Paper placements on 6 blocks: EViT inside blocks 1, 3, 4; ToMe in all 6; the others before 1 and 3.
     blocks = {"cls_attention": (1, 3, 4), "tome": tuple(range(6))}.get(method, (1, 3))
     assert trace.stage_blocks == blocks and [s.block for s in trace.stages] == list(blocks)
-    fused = method in ("learned", "cls_attention")  # a fused token rides along, its position -1
+    info = pruning.get(method)
+    fused = bool(info.fusion)  # learned, text_guided, cls_attention: a fused token rides along, its position -1
     final = trace.tokens_per_stage()[-1]
     assert tokens_out.shape == (2, 1 + final, 128)
     for i, stage in enumerate(trace.stages):
         assert stage.kept.shape[0] == 2  # one k for the whole batch
         assert stage.groups.shape == (2, 196)
         assert ((stage.kept >= -1) & (stage.kept < 196)).all()
-        # learned keeps one background token; EViT may keep an earlier stage's fused token as a token.
-        most = {"learned": 1, "cls_attention": i + 1}.get(method, 0)
+        # learned and text_guided keep one background token; EViT may keep an earlier stage's fused token.
+        most = {"background": 1, "stage": i + 1}.get(info.fusion, 0)
         assert ((stage.kept == -1).sum(1) <= most).all() and (not fused or (stage.kept[:, -1] == -1).all())
-    if method in ("tome", "learned", "cls_attention"):
+    if info.reduction == "merge" or fused:
         assert (trace.stages[-1].groups >= 0).all()  # merged or fused: every patch is in some token
     else:
         assert (trace.stages[-1].groups >= 0).sum(1).tolist() == [final] * 2

@@ -62,7 +62,7 @@ def test_registry_describes_every_method():
         assert info.name == name and info.label and info.summary and info.paper
     assert pruning.names(prunes_only=True) == tuple(m for m in pruning.names() if m != pruning.BASELINE)
     assert [m for m in pruning.names() if pruning.get(m).needs_caption] == ["text_guided"]
-    assert [m for m in pruning.names() if pruning.get(m).needs_predictor] == ["learned"]
+    assert [m for m in pruning.names() if pruning.get(m).needs_predictor] == ["learned", "text_guided"]
     assert pruning.get("tome").reduction == "merge"
 
 
@@ -95,3 +95,7 @@ def test_stage_shape_costs():
     assert pruning.get("tome").scoring_macs(shape) == (4 * 4 + 2 * 2) * 2
     assert pruning.get("cls_attention").scoring_macs(shape) == 9 * 4
     assert pruning.get("none").scoring_macs(shape) == 0
+    # text_guided: the learned predictor's per-token cost, plus the match's norm and linear, plus the caption's linear.
+    learned = 8 * (5 * 4 + 4 * 2 + 2 * 2 * 2 + 2)
+    assert pruning.get("learned").scoring_macs(shape) == learned
+    assert pruning.get("text_guided").scoring_macs(shape) == learned + 8 * (5 * 4 + 4 * 2) + 5 * 2

@@ -44,6 +44,10 @@ def test_tiny_training_lowers_the_loss(data, tmp_path):
         assert {"config.json", "model.safetensors", "vocab.json", "training.json"} <= {p.name for p in folder.iterdir()}
     facts = json.loads((tmp_path / "ck" / "pruned" / "training.json").read_text())
     assert facts["phase"] == "pruned" and facts["seconds_per_epoch"] > 0
+    # text_guided's caption-conditioned predictors train in the same steps, with their own learning rate.
+    assert len(facts["query_losses"]) == 2 and facts["query_lr"] > 0
+    pruned = _weights(tmp_path / "ck" / "pruned")
+    assert any(name.startswith("visual.query_predictors.") for name in pruned)
     assert facts["data"] == data.name  # the data lies outside the output's parent: its name, no absolute path
     assert (tmp_path / "ck" / "caption_bank.json").is_file()
     assert not (tmp_path / "ck" / ".resume").exists()  # the resume state goes once the run has succeeded

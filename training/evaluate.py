@@ -644,7 +644,7 @@ def _metrics(models: _Models, test: _TestSet, rows: list[dict[str, Any]], opts: 
 
 
 def _training_summary(models: _Models) -> dict[str, Any]:
-    """Training time and epochs per checkpoint, keyed by the methods each serves (none; learned)."""
+    """Training time and epochs per checkpoint, keyed by the methods each serves (none; learned, text_guided)."""
     by_method = {BASELINE: models.base_training}
     by_method.update((m, models.pruned_training) for m in pruning.names() if pruning.get(m).needs_predictor)
     return {

@@ -314,6 +314,11 @@ def _caption(rng: np.random.Generator, objects: list[dict[str, Any]], template: 
 _NUM_TEMPLATES = 7
 
 
+def describe(rng: np.random.Generator, objects: list[dict[str, Any]]) -> str:
+    """One caption, in a random template, naming exactly `objects` (e.g. a subset of a scene's objects)."""
+    return _caption(rng, objects, int(rng.integers(_NUM_TEMPLATES)))
+
+
 def _captions(rng: np.random.Generator, objects: list[dict[str, Any]]) -> list[str]:
     """`CAPTIONS_PER_IMAGE` distinct captions, each within `MAX_CAPTION_WORDS` words."""
     templates = [int(t) for t in rng.permutation(_NUM_TEMPLATES)]

@@ -11,7 +11,10 @@ Phases:
 2. **pruned**: initialised from the baseline; the DynamicViT-style keep predictors
    learn to rank patches like the frozen baseline's saliency (`training.saliency`: the
    gradient norm of the image-caption cosine at each stage's input), with a listwise
-   loss that serves every keep ratio at once. The towers stay frozen, so both
+   loss that serves every keep ratio at once; in the same steps ``text_guided``'s
+   caption-conditioned predictors learn each caption's direct effects (`training.query`),
+   with their own learning rate (``TrainConfig.query_lr``) and gradient clipping. The
+   towers stay frozen, so both
    checkpoints share one caption embedding. Each step also reports, without training
    on it, the cosine distillation loss of the pruned embedding to the baseline's at a
    keep ratio drawn from ``keep_ratio_range``: the log shows it fall as the predictors learn.
@@ -20,7 +23,8 @@ Phases:
 ``--backbone SOURCE`` (a HuggingFace CLIP folder or Hub id ``owner/name[@revision]``)
 runs the pruned phase's recipe alone on that CLIP: its towers are frozen and are their
 own teacher, images take its preprocessing (shortest-edge resize, centre crop, its
-mean and std) and captions its tokenizer. Only the keep predictors are written, into
+mean and std) and captions its tokenizer. Only the keep predictors (``learned``'s and
+``text_guided``'s) are written, into
 an add-on folder (``--out``, required; see `vlm_demo.addon`) that ``vlm_demo.api.load``
 and ``training.evaluate --backbone`` load together with the backbone it names. The
 preset gives only the schedule. An add-on as SOURCE continues from its predictors.
@@ -55,11 +59,12 @@ from tqdm import tqdm
 
 from training.data import CaptionDataset, TrainDataset, load_objects, load_splits, make_collate
 from training.losses import contrastive_loss, distill_loss, keep_rank_loss
-from training.saliency import stage_saliency
+from training.query import Scene, query_loss, query_text, subset_captions
+from training.saliency import direct_effects, stage_saliency
 from vlm_demo import addon, cli, pruning
 from vlm_demo.atomic import write_text_atomic
 from vlm_demo.config import PRESETS, ModelConfig, Preset, TrainConfig, get_preset
-from vlm_demo.model import DualEncoder, atomic_folder, load_checkpoint, save_checkpoint
+from vlm_demo.model import PREDICTOR_PREFIXES, DualEncoder, atomic_folder, load_checkpoint, save_checkpoint
 from vlm_demo.pruning import PruneSpec
 from vlm_demo.tokenizer import TextTokenizer, Tokenizer
 
@@ -67,6 +72,7 @@ log = logging.getLogger("training.train")
 
 CAPTION_BANK_FILE = "caption_bank.json"  # the test captions the app ranks (vlm_demo.api reads it)
 RESUME_DIR = ".resume"  # under --out: one folder per phase, removed when the run succeeds
+PREDICTORS, QUERY = PREDICTOR_PREFIXES  # learned's keep predictors; text_guided's caption-conditioned ones
 MAX_LOGIT_SCALE = math.log(100.0)
 
 
@@ -169,8 +175,8 @@ def _progress(total: int, desc: str, enabled: bool) -> Iterator[tqdm]:
 
 
 def _predictor_method() -> str:
-    """The registered method that runs the keep predictors the pruned phase trains (``learned``)."""
-    return next(m for m in pruning.names() if pruning.get(m).needs_predictor)
+    """The registered method that runs the (caption-free) keep predictors the pruned phase trains (``learned``)."""
+    return next(m for m in pruning.names() if "predictor" in pruning.get(m).signals)
 
 
 @dataclasses.dataclass
@@ -182,12 +188,19 @@ class _Phase:
     teacher: DualEncoder | None  # the frozen baseline whose saliency the pruned phase learns; None for the baseline
     net: nn.Module  # `model`, in DDP for the baseline phase on several processes
     params: list[tuple[str, nn.Parameter]]  # the parameters that train
+    clip_sets: list[list[nn.Parameter]]  # gradient-clipped apart: text_guided's predictors apart from the rest
     opt: torch.optim.Optimizer
     loader: DataLoader
     sampler: DistributedSampler
     epochs: int
     peak: float  # peak learning rate
-    meta: dict[str, Any]  # progress: epoch_done, losses, seconds_per_epoch (+ distill); the resume state
+    meta: dict[str, Any]  # progress: epoch_done, losses, seconds_per_epoch (+ distill, query_losses); the resume state
+    scenes: list[Scene | None] | None = None  # per training image, its objects (objects.json): text_guided's captions
+
+    @property
+    def query(self) -> bool:
+        """The pruned phase trains text_guided's caption-conditioned predictors too."""
+        return any(n.startswith(QUERY) for n, _ in self.params)
 
     @property
     def pruned(self) -> bool:
@@ -200,17 +213,25 @@ class _Phase:
 
 def _setup_phase(
     phase: str, model: DualEncoder, teacher: DualEncoder | None, dataset: TrainDataset, tokenizer: TextTokenizer,
-    tcfg: TrainConfig, args: argparse.Namespace, dd: Dist,
+    tcfg: TrainConfig, args: argparse.Namespace, dd: Dist, scenes: list[Scene | None] | None = None,
 ) -> _Phase:  # fmt: skip
     """Freeze what does not train, build the optimiser and the loader, and restore `--resume` state."""
     pruned = teacher is not None
     # Baseline: everything but the idle predictors trains. Pruned: only the predictors train; the
     # frozen towers keep both checkpoints on one caption embedding.
     for name, p in model.named_parameters():
-        p.requires_grad_(name.startswith("visual.predictors.") == pruned)
+        p.requires_grad_(name.startswith(PREDICTOR_PREFIXES) == pruned)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     peak = tcfg.pruned_lr if pruned else tcfg.lr
-    opt = torch.optim.AdamW(param_groups(params, tcfg.weight_decay), lr=peak, betas=(0.9, 0.98), eps=1e-6)
+    # text_guided's predictors: their own learning rate (TrainConfig.query_lr) and their own gradient clipping, so
+    # the other predictors train exactly as without them.
+    query = [(n, p) for n, p in params if n.startswith(QUERY)]
+    rest = [(n, p) for n, p in params if not n.startswith(QUERY)]
+    groups = param_groups(rest, tcfg.weight_decay)
+    if query:
+        groups += [{**g, "lr_scale": tcfg.query_lr / peak} for g in param_groups(query, tcfg.weight_decay)]
+    clip_sets = [[p for _, p in ps] for ps in (rest, query) if ps]
+    opt = torch.optim.AdamW(groups, lr=peak, betas=(0.9, 0.98), eps=1e-6)
     net: nn.Module = model
     if dd.world > 1 and not pruned:  # the predictors are called directly; their gradients are averaged by hand
         cuda = torch.device(args.device).type == "cuda"
@@ -228,6 +249,8 @@ def _setup_phase(
     meta: dict[str, Any] = {"epoch_done": 0, "losses": [], "seconds_per_epoch": []}
     if pruned:
         meta["distill"] = []  # per epoch: mean monitored distillation loss at the drawn keep ratios
+        if query:
+            meta["query_losses"] = []  # per epoch: text_guided's predictors' mean loss
     if args.resume:
         restored = load_state(_state_dir(args, phase), _trained_part(model, pruned), opt)
         if restored is not None:
@@ -235,12 +258,16 @@ def _setup_phase(
             if dd.main:
                 log.info("%s: resuming after epoch %d", phase, meta["epoch_done"])
     epochs = args.pruned_epochs if pruned else args.baseline_epochs
-    return _Phase(phase, model, teacher, net, params, opt, loader, sampler, epochs, peak, meta)
+    return _Phase(phase, model, teacher, net, params, clip_sets, opt, loader, sampler, epochs, peak, meta, scenes)
 
 
 def _trained_part(model: DualEncoder, pruned: bool) -> nn.Module:
     """What a phase's resume state holds: the whole model, or only the keep predictors (the towers are frozen)."""
-    return model.visual.predictors if pruned else model
+    if not pruned:
+        return model
+    if not len(model.visual.query_predictors):
+        return model.visual.predictors
+    return nn.ModuleDict({"predictors": model.visual.predictors, "query_predictors": model.visual.query_predictors})
 
 
 def _state_dir(args: argparse.Namespace, phase: str) -> Path:
@@ -256,11 +283,16 @@ def _contrastive_loss(
     return contrastive_loss(img, txt, ph.model.logit_scale, hard_text)
 
 
-def _saliency_loss(ph: _Phase, images: torch.Tensor, ids: torch.Tensor, keep: float) -> tuple[torch.Tensor, float]:
-    """The pruned phase's loss: the predictors rank patches like the teacher's saliency.
+def _saliency_loss(
+    ph: _Phase, images: torch.Tensor, ids: torch.Tensor, keep: float, index: list[int], tokenizer: TextTokenizer,
+    seed: int, epoch: int,
+) -> tuple[torch.Tensor, torch.Tensor | None, float]:  # fmt: skip
+    """The pruned phase's losses: the predictors rank patches like the teacher's saliency, and text_guided's
+    like each caption's direct effects (`training.query`), on captions naming part of a scene where `ph.scenes` can.
 
     Returns:
-        (listwise loss, the monitored distillation loss at keep ratio `keep`, not trained on).
+        (listwise loss, text_guided's loss or None, the monitored distillation loss at keep ratio `keep`, not
+        trained on).
     """
     teacher = ph.teacher
     assert teacher is not None
@@ -269,9 +301,13 @@ def _saliency_loss(ph: _Phase, images: torch.Tensor, ids: torch.Tensor, keep: fl
     tokens, saliency, target = stage_saliency(teacher, images, text)
     predictors = ph.model.visual.predictors
     loss = sum(keep_rank_loss(f(t), s) for f, t, s in zip(predictors, tokens, saliency)) / len(tokens)
+    extra = None
+    if ph.query:  # text_guided's predictors, on the same batch and stage tokens
+        q_text = query_text(teacher, tokenizer, text, subset_captions(index, ph.scenes, seed, epoch))
+        extra = query_loss(ph.model.visual.query_predictors, tokens, direct_effects(teacher, images), q_text)
     with torch.no_grad():  # monitored, not trained on: top-k has no gradient
         distill = distill_loss(ph.model.encode_image(images, PruneSpec(_predictor_method(), keep)), target).item()
-    return loss, distill
+    return loss, extra, distill
 
 
 def _optimise(ph: _Phase, loss: torch.Tensor, dd: Dist) -> None:
@@ -282,7 +318,8 @@ def _optimise(ph: _Phase, loss: torch.Tensor, dd: Dist) -> None:
         for _, p in ph.params:
             dist.all_reduce(p.grad)
             p.grad /= dd.world
-    nn.utils.clip_grad_norm_([p for _, p in ph.params], 1.0)
+    for clip in ph.clip_sets:
+        nn.utils.clip_grad_norm_(clip, 1.0)
     ph.opt.step()
     with torch.no_grad():
         ph.model.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
@@ -291,32 +328,37 @@ def _optimise(ph: _Phase, loss: torch.Tensor, dd: Dist) -> None:
 def _train_epoch(
     ph: _Phase, epoch: int, tokenizer: TextTokenizer, hard_negatives: list[str] | None, tcfg: TrainConfig,
     args: argparse.Namespace, dd: Dist,
-) -> tuple[float, float, float]:  # fmt: skip
-    """One epoch; returns (mean loss, mean monitored distillation loss (pruned phase, else 0), last lr)."""
+) -> tuple[float, float, float, float]:  # fmt: skip
+    """One epoch; returns (mean loss, mean monitored distillation loss (pruned phase, else 0), mean loss of
+    text_guided's predictors (else 0), last lr)."""
     device = torch.device(args.device)
     steps = len(ph.loader)
     lo, hi = tcfg.keep_ratio_range
-    loss_sum, distill_sum, lr = 0.0, 0.0, ph.peak
+    loss_sum, distill_sum, query_sum, lr = 0.0, 0.0, 0.0, ph.peak
     with _progress(steps, f"{ph.name} {epoch + 1}/{ph.epochs}", dd.main and not args.quiet) as bar:
         for step, (images, ids, index) in enumerate(ph.loader):
             lr = lr_at(epoch * steps + step, ph.total_steps, ph.peak, min(tcfg.warmup_steps, ph.total_steps // 4 + 1))
             for g in ph.opt.param_groups:
-                g["lr"] = lr
+                g["lr"] = lr * g.get("lr_scale", 1.0)
             images, ids = images.to(device), ids.to(device)
             if ph.pruned:
                 g = torch.Generator().manual_seed(step_seed(args.seed, epoch, step))
-                loss, distill = _saliency_loss(ph, images, ids, lo + (hi - lo) * float(torch.rand((), generator=g)))
+                keep = lo + (hi - lo) * float(torch.rand((), generator=g))
+                loss, extra, distill = _saliency_loss(
+                    ph, images, ids, keep, index.tolist(), tokenizer, args.seed, epoch
+                )
                 distill_sum += distill
             else:
                 hard = None
                 if hard_negatives is not None:
                     hard = tokenizer.encode_batch([hard_negatives[i] for i in index.tolist()]).to(device)
-                loss = _contrastive_loss(ph, images, ids, hard)
-            _optimise(ph, loss, dd)
+                loss, extra = _contrastive_loss(ph, images, ids, hard), None
+            _optimise(ph, loss if extra is None else loss + extra, dd)
+            query_sum += 0.0 if extra is None else extra.item()
             loss_sum += loss.item()
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
             bar.update()
-    return loss_sum / steps, distill_sum / steps, lr
+    return loss_sum / steps, distill_sum / steps, query_sum / steps, lr
 
 
 def run_phase(
@@ -329,9 +371,14 @@ def run_phase(
     tcfg: TrainConfig,
     args: argparse.Namespace,
     dd: Dist,
+    scenes: list[Scene | None] | None = None,
 ) -> dict[str, Any]:
-    """Train one phase with resume support; returns its summary (losses, timings)."""
-    ph = _setup_phase(phase, model, teacher, dataset, tokenizer, tcfg, args, dd)
+    """Train one phase with resume support; returns its summary (losses, timings).
+
+    `scenes` (per training image, its objects from objects.json) lets the pruned phase train
+    ``text_guided``'s predictors on captions that name part of a scene (`training.query`).
+    """
+    ph = _setup_phase(phase, model, teacher, dataset, tokenizer, tcfg, args, dd, scenes)
     for epoch in range(ph.meta["epoch_done"], ph.epochs):
         ph.sampler.set_epoch(epoch)
         dataset.set_epoch(epoch)
@@ -339,7 +386,7 @@ def run_phase(
         if teacher is not None:
             teacher.eval()
         t0 = time.perf_counter()
-        loss, distill, lr = _train_epoch(ph, epoch, tokenizer, hard_negatives, tcfg, args, dd)
+        loss, distill, query, lr = _train_epoch(ph, epoch, tokenizer, hard_negatives, tcfg, args, dd)
         seconds = time.perf_counter() - t0
         ph.meta["epoch_done"] = epoch + 1
         ph.meta["losses"].append(loss)
@@ -348,6 +395,9 @@ def run_phase(
         if ph.pruned:
             ph.meta["distill"].append(distill)
             monitor = f"  distill@keep~U{tuple(tcfg.keep_ratio_range)} {distill:.4f}"
+        if ph.query:
+            ph.meta["query_losses"].append(query)
+            monitor += f"  text_guided loss {query:.4f}"
         if dd.main:
             log.info(
                 "%s epoch %d/%d  loss %.4f  lr %.2e  %.1f s%s", phase, epoch + 1, ph.epochs, loss, lr, seconds, monitor
@@ -528,14 +578,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
             if "pruned" in phases:
                 base, _ = load_checkpoint(out / "baseline", args.device)
+                base.enable_query_predictors()  # a baseline saved before text_guided's predictors existed has none
                 teacher, _ = load_checkpoint(out / "baseline", args.device)
                 for p in teacher.parameters():
                     p.requires_grad_(False)
                 meta = run_phase("pruned", base, teacher, data.dataset, data.tokenizer, data.hard_negatives, tcfg,
-                                 args, dd)  # fmt: skip
+                                 args, dd, data.scenes)  # fmt: skip
                 if dd.main:
                     _save(base, data.tokenizer, out / "pruned", meta, keep_ratio_range=list(tcfg.keep_ratio_range),
-                          **facts)  # fmt: skip
+                          **_query_facts(meta, tcfg), **facts)  # fmt: skip
                 summary["pruned"] = meta
                 dd.barrier()
 
@@ -562,6 +613,7 @@ class _Data:
     cfg: ModelConfig  # the preset's, with the tokenizer's vocabulary size
     dataset: TrainDataset | None  # the augmented training split; None when no training phase runs
     hard_negatives: list[str] | None  # one caption per training image (objects.json), else None
+    scenes: list[Scene | None] | None  # per training image, its objects (objects.json), else None: text_guided's
 
 
 def _load_data(args: argparse.Namespace, preset: Preset, tcfg: TrainConfig, dd: Dist) -> _Data:
@@ -570,15 +622,29 @@ def _load_data(args: argparse.Namespace, preset: Preset, tcfg: TrainConfig, dd: 
     captions = (c for caps in splits["train"].captions for c in caps)
     tokenizer = Tokenizer.build(captions, preset.model.text.context_length)
     cfg = preset.model.replace(text=dataclasses.replace(preset.model.text, vocab_size=len(tokenizer)))
-    objects = load_objects(root) if tcfg.hard_negatives else None
-    hard_negatives = None
-    if objects is not None:
+    hard_negatives, scenes = None, _scenes(root, splits["train"])
+    if tcfg.hard_negatives and scenes is not None:
+        objects = load_objects(root)
+        assert objects is not None
         hard_negatives = [objects["images"][name]["hard_negative"] for name in splits["train"].names]
     dataset = None
     if {"baseline", "pruned"} & set(args.phases):
         dataset = TrainDataset(splits["train"], cfg.vision.image_size, augment=True, seed=args.seed,
                                progress=dd.main and not args.quiet)  # fmt: skip
-    return _Data(root, splits, tokenizer, cfg, dataset, hard_negatives)
+    return _Data(root, splits, tokenizer, cfg, dataset, hard_negatives, scenes)
+
+
+def _scenes(root: Path, split: CaptionDataset) -> list[Scene | None] | None:
+    """Per image of `split`, its objects from objects.json (text_guided's partial captions); None without one."""
+    objects = load_objects(root)
+    if objects is None:
+        return None
+    return [objects["images"].get(name, {}).get("objects") for name in split.names]
+
+
+def _query_facts(meta: dict[str, Any], tcfg: TrainConfig) -> dict[str, Any]:
+    """What ``training.json`` records of text_guided's predictors: their loss per epoch and learning rate."""
+    return {"query_losses": meta["query_losses"], "query_lr": tcfg.query_lr} if "query_losses" in meta else {}
 
 
 def _save(model: DualEncoder, tokenizer: Tokenizer, folder: Path, meta: dict[str, Any], **facts: Any) -> None:
@@ -603,16 +669,17 @@ def _train_predictors(args: argparse.Namespace, tcfg: TrainConfig, dd: Dist) -> 
     if backbone.has_predictors and dd.main:
         log.info("continuing from the keep predictors of %s", backbone.addon)
     root = resolve_data(args, tcfg, clip.preprocess.image_size, dd)
-    dataset = TrainDataset(load_splits(root)["train"], clip.preprocess, augment=True, seed=args.seed,
+    train = load_splits(root)["train"]
+    dataset = TrainDataset(train, clip.preprocess, augment=True, seed=args.seed,
                            progress=dd.main and not args.quiet)  # fmt: skip
     # The frozen towers are their own teacher: the unpruned pass that gives the saliency never runs a predictor.
     model = clip.model
-    meta = run_phase("pruned", model, model, dataset, clip.tokenizer, None, tcfg, args, dd)
+    meta = run_phase("pruned", model, model, dataset, clip.tokenizer, None, tcfg, args, dd, _scenes(root, train))
     if dd.main:
         facts = _run_facts("predictors", meta)
         facts.update(seconds=sum(meta["seconds_per_epoch"]), distill=meta["distill"], preset=args.preset,
                      data=recorded_data(root, out), seed=args.seed, world_size=dd.world,
-                     keep_ratio_range=list(tcfg.keep_ratio_range))  # fmt: skip
+                     keep_ratio_range=list(tcfg.keep_ratio_range), **_query_facts(meta, tcfg))  # fmt: skip
         addon.save_addon(out, model, ref, facts)  # replaces the folder, its resume state with it
         log.info("wrote the keep predictors of %s to %s", ref.source, out)
     dd.barrier()

@@ -1,13 +1,17 @@
 """Trained keep predictors for a HuggingFace CLIP, kept in a small add-on folder beside it.
 
-A CLIP checkpoint has no keep predictors, so ``learned`` pruning cannot run on it.
+A CLIP checkpoint has no keep predictors, so ``learned`` and ``text_guided`` pruning cannot
+run on it.
 ``python -m training.train --backbone SOURCE --out DIR`` trains them with both towers
 frozen and writes DIR with `save_addon`. DIR holds two small files and no backbone weight:
 
-- ``predictors.safetensors``: the ``visual.predictors.*`` tensors, nothing else;
+- ``predictors.safetensors``: the ``visual.predictors.*`` tensors (``learned``) and the
+  ``visual.query_predictors.*`` tensors (``text_guided``'s caption-conditioned ones), nothing else;
 - ``predictors.json``: the backbone (``source``: a Hub id with the revision asked for
   and the commit the Hub resolved, or a local folder relative to DIR), the predictors'
-  stages and hidden width, the backbone's image encoder they fit, and the training facts.
+  stages and hidden width, whether ``text_guided``'s are in (``query``; absent in an
+  add-on saved before they existed, which then runs ``learned`` only), the backbone's
+  image encoder they fit, and the training facts.
 
 `load_backbone` reads a plain CLIP or an add-on alike: for an add-on it finds the
 backbone again (a Hub id at its recorded commit), loads it with the add-on's stages and
@@ -32,14 +36,13 @@ from safetensors.torch import load_file, save_file
 from . import hf_clip
 from .config import PruningConfig, VisionConfig
 from .hub import looks_like_repo_id, pull, split_revision
-from .model import DualEncoder, _check_weights, atomic_folder
+from .model import PREDICTOR_PREFIXES, DualEncoder, _check_weights, atomic_folder
 
 ADDON_FILE = "predictors.json"
 PREDICTORS_FILE = "predictors.safetensors"
 ADDON_FILES = (ADDON_FILE, PREDICTORS_FILE)  # all an add-on holds, and what a Hub download of one fetches
 FORMAT = "vlm_demo/keep-predictors"  # ``format`` in predictors.json
 VERSION = 1  # ``version`` in predictors.json
-PREFIX = "visual.predictors."  # the state-dict names the add-on holds
 VISION_KEYS = ("image_size", "patch_size", "width", "depth")  # the image encoder the predictors were trained on
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 
@@ -148,7 +151,9 @@ def _load_addon(folder: Path, device: str | torch.device) -> Backbone:
             f"{folder / ADDON_FILE} names the backbone {entry['source']}, and no HuggingFace CLIP is at "
             f"{ref.folder}. Move the add-on and its backbone together, or train the predictors again."
         )
-    pruning = PruningConfig(stages=tuple(pred["stages"]), predictor_hidden=pred["hidden"])
+    pruning = PruningConfig(
+        stages=tuple(pred["stages"]), predictor_hidden=pred["hidden"], query_predictors=pred.get("query", False)
+    )
     clip = hf_clip.load_clip(ref.folder, device, pruning)
     vision = {k: getattr(clip.model.cfg.vision, k) for k in VISION_KEYS}
     if vision != entry["vision"]:
@@ -188,18 +193,20 @@ def _config_problem(config: Any) -> str:
     stages, hidden = pred.get("stages"), pred.get("hidden")
     if not isinstance(stages, list) or not all(isinstance(s, int) for s in stages) or not isinstance(hidden, int):
         return "predictors.stages (block indices) and predictors.hidden (a width) are required"
+    if not isinstance(pred.get("query", False), bool):
+        return "predictors.query must be true or false"
     return ""
 
 
 def load_predictors(model: DualEncoder, path: Path, config_path: Path) -> None:
     """Put the keep predictors saved in `path` into `model`, checking names, shapes and values first."""
-    expected = {n: tuple(t.shape) for n, t in model.state_dict().items() if n.startswith(PREFIX)}
+    expected = {n: tuple(t.shape) for n, t in model.state_dict().items() if n.startswith(PREDICTOR_PREFIXES)}
     _check_weights(path, expected, config_path)
     tensors = load_file(str(path))
     for name, tensor in tensors.items():
         if not np.isfinite(tensor.float().numpy()).all():
             raise ValueError(f"{path}: tensor {name} holds NaN or infinite values; train the predictors again.")
-    model.visual.predictors.load_state_dict({n[len(PREFIX) :]: t for n, t in tensors.items()})
+    model.load_state_dict(tensors, strict=False)  # exactly the predictors' tensors: checked above
 
 
 def check_destination(folder: str | os.PathLike, spare: Sequence[str] = ()) -> None:
@@ -249,12 +256,15 @@ def save_addon(folder: str | os.PathLike, model: DualEncoder, ref: BackboneRef, 
         "predictors": {
             "stages": list(model.cfg.pruning.stages),
             "hidden": model.cfg.pruning.predictor_hidden,
+            "query": bool(len(model.visual.query_predictors)),  # text_guided's caption-conditioned predictors
             "width": vision.width,
             "file": PREDICTORS_FILE,
         },
         "training": training,
     }
-    tensors = {n: t.detach().cpu().contiguous() for n, t in model.state_dict().items() if n.startswith(PREFIX)}
+    tensors = {
+        n: t.detach().cpu().contiguous() for n, t in model.state_dict().items() if n.startswith(PREDICTOR_PREFIXES)
+    }
     with atomic_folder(folder) as tmp:
         save_file(tensors, str(tmp / PREDICTORS_FILE))
         (tmp / ADDON_FILE).write_text(json.dumps(config, indent=2) + "\n")

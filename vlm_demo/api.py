@@ -1,14 +1,14 @@
 """The one entry point for inference: `load` a `Session`, then `Session.analyze`.
 
 Which checkpoint serves which method is the registry's answer: a method that
-needs the keep predictor (``learned``) runs the ``pruned/`` checkpoint, the
-training-free ones run ``baseline/``. Both checkpoints share the
+needs trained keep predictors (``learned``, and ``text_guided``'s caption-conditioned
+ones) runs the ``pruned/`` checkpoint, the training-free ones run ``baseline/``. Both checkpoints share the
 baseline's text tower (it is frozen in the pruned fine-tune), so every image
 embedding is scored against the same caption embedding.
 
 A HuggingFace CLIP (a folder or Hub id, see `vlm_demo.hf_clip`) loads as one model
 serving both sides. It has no trained keep predictors (``Session.has_predictors`` is
-False), so ``learned`` is not among `Session.methods` and asking for it raises a
+False), so neither ``learned`` nor ``text_guided`` is among `Session.methods`, and asking for one raises a
 ValueError that gives the command that trains them; the add-on folder that command
 writes (`vlm_demo.addon`) loads with its backbone and has them.
 

@@ -94,6 +94,8 @@ class PruningConfig:
     predictor_hidden: int = 64  # hidden size of the learned (DynamicViT-style) keep-score MLP, one per stage
     placement: str = "paper"  # where the other methods' stages sit: "paper", each method's paper default for
     # the depth (EViT inside blocks at 1/4, 1/2, 3/4; ToMe in every block), or "shared", every method at `stages`
+    query_predictors: bool = True  # caption-conditioned keep predictors for text_guided, one per stage (trained in
+    # the pruned phase); False in a config.json saved before they existed (see `ModelConfig.from_dict`)
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,7 @@ class ModelConfig:
         """Rebuild a config from `to_dict` output; unknown keys raise, missing ones take their defaults."""
         d = dict(d)
         pruning = dict(d.pop("pruning", {}))
+        pruning.setdefault("query_predictors", False)  # a checkpoint saved before they existed has none
         if "stages" in pruning:
             pruning["stages"] = tuple(pruning["stages"])
         return cls(
@@ -134,6 +137,8 @@ class TrainConfig:
     lr: float = 1e-3  # peak AdamW learning rate for the baseline
     pruned_lr: float = 1e-3  # peak learning rate of the keep predictors; the towers stay frozen in that phase, so
     # the pruned checkpoint is the baseline plus trained predictors (see training/train.py)
+    query_lr: float = 1e-2  # peak learning rate of text_guided's caption-conditioned predictors (pruned phase too):
+    # their caption match is a product of two projections, which learns too slowly in one epoch at pruned_lr
     weight_decay: float = 0.05  # AdamW weight decay (not on norms, biases, embeddings)
     warmup_steps: int = 100  # linear warm-up before cosine decay
     hard_negatives: bool = True  # add each image's hard-negative caption (objects.json) as an extra wrong answer

@@ -163,6 +163,8 @@ def _cached_gmacs(
     cfg = ModelConfig.from_dict(json.loads(config_json))
     torch.manual_seed(0)
     model = DualEncoder(cfg)
+    if get(method).needs_predictor:
+        model.enable_query_predictors()  # such methods run on pruned/, which has every predictor
     return analysis(model, _spec_for(cfg, method, keep_ratio, fuse, placement), batch).total() / 1e9
 
 

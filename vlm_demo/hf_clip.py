@@ -9,9 +9,10 @@ FLOP count and latency measurement runs on it unchanged:
 - `model_config` maps transformers' config to a `ModelConfig` (pre-norm, quick GELU,
   no patch bias, causal text attention pooled at the end-of-text token);
 - `load_clip` maps the tensors by name (q, k and v fused into one ``qkv``) with a
-  strict check: every tensor of the model is filled but the keep predictors, which
-  stay randomly initialised (untrained) and are reported in `ClipCheckpoint.untrained`
-  (`vlm_demo.addon` trains them and loads them back);
+  strict check: every tensor of the model is filled but the keep predictors (``learned``'s
+  and ``text_guided``'s caption-conditioned ones), which stay randomly initialised
+  (untrained) and are reported in `ClipCheckpoint.untrained` (`vlm_demo.addon` trains
+  them and loads them back);
 - `ClipTokenizer` encodes as transformers' ``CLIPTokenizerFast`` does;
 - `preprocess_config` reads the image processor's resize, crop and normalisation.
 
@@ -37,7 +38,7 @@ from tokenizers import Tokenizer as RustTokenizer
 from tokenizers import processors
 
 from .config import ACTIVATIONS, ModelConfig, PruningConfig, TextConfig, VisionConfig
-from .model import CONFIG_FILE, PICKLE_SUFFIXES, WEIGHTS_FILE, DualEncoder, _some
+from .model import CONFIG_FILE, PICKLE_SUFFIXES, PREDICTOR_PREFIXES, WEIGHTS_FILE, DualEncoder, _some
 from .pruning import quarter_points
 from .tokenizer import CaptionFit
 from .transforms import MEAN, STD, Preprocess
@@ -142,7 +143,7 @@ class ClipCheckpoint:
     model: DualEncoder  # in eval mode
     tokenizer: "ClipTokenizer"
     preprocess: Preprocess  # the image processor's resize, crop and normalisation
-    untrained: list[str]  # parameters the checkpoint does not hold (the keep predictors): random, untrained
+    untrained: list[str]  # parameters the checkpoint does not hold (both kinds of keep predictors): random, untrained
 
 
 def is_clip_folder(folder: str | os.PathLike) -> bool:
@@ -370,8 +371,9 @@ def load_clip(
     trained = _read_weights(weights_path, {k: v.shape for k, v in model.state_dict().items()}, cfg)
     model.load_state_dict(trained, strict=False)
     untrained = sorted(model.state_dict().keys() - trained.keys())
-    # Only the keep predictors have no CLIP counterpart; anything else here is a model change `_sources` misses.
-    assert all(name.startswith("visual.predictors.") for name in untrained), untrained
+    # Only the keep predictors (learned's and text_guided's) have no CLIP counterpart; anything else here is a model
+    # change `_sources` misses.
+    assert all(name.startswith(PREDICTOR_PREFIXES) for name in untrained), untrained
     log.debug("%s: %d keep-predictor tensors are not in a CLIP checkpoint; they start random.", folder, len(untrained))
     return ClipCheckpoint(model.to(device).eval(), tokenizer, preprocess, untrained)
 

@@ -7,6 +7,7 @@ full grid, C width, h heads, d head width, L caption length, E embedding size.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import glob
 import json
 import os
@@ -27,13 +28,16 @@ from torch import nn
 
 from .config import ModelConfig, PruningConfig, TextConfig, VisionConfig
 from .pruning import (
-    KeepPredictor, MethodInfo, PruneSpec, Signals, Stage, StagePlan, Trace, get, plan, resolve_stages,
+    KeepPredictor, MethodInfo, PruneSpec, QueryKeepPredictor, Signals, Stage, StagePlan, Trace, get, plan,
+    resolve_stages,
 )
 from .tokenizer import VOCAB_FILE, Tokenizer
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")  # refused: loading them unpickles
+# The state-dict names of the trained keep predictors: learned's, then text_guided's caption-conditioned ones.
+PREDICTOR_PREFIXES = ("visual.predictors.", "visual.query_predictors.")
 
 
 @dataclass
@@ -180,6 +184,23 @@ class VisionTransformer(nn.Module):
         self.norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
         self.proj = nn.Linear(cfg.width, embed_dim, bias=False)
         self.predictors = nn.ModuleList(KeepPredictor(cfg.width, pruning.predictor_hidden) for _ in pruning.stages)
+        self.embed_dim = embed_dim
+        self.query_predictors = nn.ModuleList()  # text_guided's, one per stage: see `add_query_predictors`
+
+    def add_query_predictors(self, seed: int = 0) -> None:
+        """Build the caption-conditioned keep predictors of ``text_guided`` (untrained), if there are none.
+
+        Their initial weights come from `seed` alone (PyTorch's default initialisation, on a
+        forked generator), so adding them changes no other weight and no later random draw.
+        """
+        if len(self.query_predictors):
+            return
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            made = [QueryKeepPredictor(self.cfg.width, self.embed_dim, self.pruning.predictor_hidden)
+                    for _ in self.pruning.stages]  # fmt: skip
+        device = self.pos_embed.device
+        self.query_predictors.extend(p.to(device) for p in made)
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) pixels -> (B, 1 + P, C) tokens that enter block 0 (pre-normed if configured)."""
@@ -187,18 +208,27 @@ class VisionTransformer(nn.Module):
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         return self.pre_norm(x + self.pos_embed)
 
-    def patch_scores_against(self, patches: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """Cosine of each patch token, taken through the image head, with a caption embedding.
+    def caption_keep_logits(self, index: int, patches: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Keep logits of stage `index`'s caption-conditioned predictor (``text_guided``).
 
         Args:
+            index: the stage, 0-based, among the config's ``pruning.stages``.
             patches: (B, n, C).
             text: (B or 1, E) normalised caption embeddings.
 
         Returns:
-            (B, n) cosines.
+            (B, n) logits.
+
+        Raises:
+            ValueError: the model has no caption-conditioned predictors (a checkpoint saved before they existed).
         """
-        z = F.normalize(self.proj(self.norm(patches)), dim=-1)  # (B, n, E)
-        return (z * text[:, None, :]).sum(-1)
+        if not len(self.query_predictors):
+            raise ValueError(
+                "text_guided needs caption-conditioned keep predictors, and this model has none (a plain CLIP, or a "
+                "checkpoint or add-on saved before they existed). Train them into pruned/ with: python -m "
+                "training.train --phases pruned (a CLIP: python -m training.train --backbone SOURCE --out DIR)"
+            )
+        return self.query_predictors[index](patches, text)
 
     def stage_plan(self, prune: PruneSpec) -> tuple[tuple[int, ...], list[StagePlan]]:
         """The blocks where `prune` runs its stages, and the stages it runs (see `vlm_demo.pruning.plan`)."""
@@ -251,10 +281,10 @@ class VisionTransformer(nn.Module):
         sig = Signals(size=walk.size, generator=walk.generator, fuse=prune.fuse)
         if aux is not None:
             sig.cls_attn, sig.keys = aux.cls_attn, aux.keys
-        if walk.info.needs_predictor:
+        if "predictor" in walk.info.signals:
             sig.predictor = self.predictors[index](x[:, 1:])
         if walk.info.needs_caption:
-            sig.text = self.patch_scores_against(x[:, 1:], prune.text.to(x.dtype))
+            sig.text = self.caption_keep_logits(index, x[:, 1:], prune.text.to(x.dtype))
         red = walk.info.fn(x, st.keep, sig)
         stage_scores = None
         if red.scores is not None:
@@ -356,6 +386,19 @@ class DualEncoder(nn.Module, PyTorchModelHubMixin):
         self.text = TextTransformer(cfg.text, cfg.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(cfg.init_logit_scale))
         self.apply(_init_weights)
+        if cfg.pruning.query_predictors:
+            self.visual.add_query_predictors()  # after the initialisation above, which they leave unchanged
+
+    def enable_query_predictors(self) -> None:
+        """Give a model loaded from a checkpoint saved before they existed untrained query predictors.
+
+        Sets ``pruning.query_predictors`` in its config, so that a save writes them too.
+        """
+        if not self.cfg.pruning.query_predictors:
+            self.cfg = self.cfg.replace(pruning=dataclasses.replace(self.cfg.pruning, query_predictors=True))
+            self.visual.pruning = self.cfg.pruning
+            self._hub_mixin_config = self.cfg.to_dict()  # what save_pretrained writes to config.json
+        self.visual.add_query_predictors()
 
     @property
     def config(self) -> dict[str, Any]:

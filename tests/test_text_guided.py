@@ -1,0 +1,206 @@
+"""text_guided: the caption-conditioned keep predictor, its teacher, and the caption moving the kept patches."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from training import metrics
+from training.query import query_loss, subset_captions
+from training.saliency import direct_effects
+from training.synthetic import POSITION_PHRASES, make_scene
+from vlm_demo import pruning
+from vlm_demo.config import ModelConfig, PruningConfig, get_preset
+from vlm_demo.model import DualEncoder, load_checkpoint, save_checkpoint
+from vlm_demo.pruning import PruneSpec, QueryKeepPredictor, Signals
+from vlm_demo.tokenizer import Tokenizer
+from vlm_demo.transforms import to_batch
+
+SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "pruned"
+
+
+def _named(obj: dict) -> str:
+    """A caption that names one object of a synthetic scene."""
+    return f"a {obj['size']} {obj['color']} {obj['shape']} {POSITION_PHRASES[obj['position']][0]}"
+
+
+def _coverage(kept: torch.Tensor, mask: torch.Tensor) -> float:
+    """Share of the object patches in `mask` (P,) among the kept positions (k,) of one image."""
+    hit = torch.zeros_like(mask)
+    hit[kept[kept >= 0]] = True
+    return float((hit & mask).sum() / mask.sum())
+
+
+# ----------------------------------------------------------------------------- the teacher
+
+
+def test_direct_effects_split_the_cosine_exactly():
+    # One block, and nothing but the patches reaching the CLS token: no CLS value, biases or MLP output. Then the
+    # patches' direct effects are the whole embedding, and they sum to the image-caption cosine.
+    torch.manual_seed(0)
+    cfg = get_preset("tiny").model
+    cfg = cfg.replace(vision=dataclasses.replace(cfg.vision, depth=1), pruning=PruningConfig(stages=()))
+    model = DualEncoder(cfg).eval()
+    v = model.visual
+    with torch.no_grad():
+        v.cls_token.zero_()
+        v.pos_embed[:, 0].zero_()
+        block = v.blocks[0]
+        for t in (block.attn.qkv.bias, block.attn.proj.bias, block.mlp[2].weight, block.mlp[2].bias):
+            t.zero_()
+        v.norm.weight.normal_(1.0, 0.2)  # a scale that is not 1 must be carried into every term
+    pixels = torch.randn(3, 3, 32, 32)
+    text = F.normalize(torch.randn(3, cfg.embed_dim), dim=-1)
+    effects = direct_effects(model, pixels)  # (B, P, E)
+    assert effects.shape == (3, cfg.vision.num_patches, cfg.embed_dim)
+    cosine = (model.encode_image(pixels) * text).sum(-1)
+    assert torch.allclose(torch.einsum("bpe,be->b", effects, text), cosine, atol=1e-5)
+
+
+def test_subset_captions_name_part_of_each_scene_and_are_reproducible():
+    scenes = [
+        [{"shape": "circle", "color": "red", "size": "small", "position": "top left"},
+         {"shape": "star", "color": "blue", "size": "large", "position": "center"},
+         {"shape": "heart", "color": "green", "size": "small", "position": "bottom right"}],
+        [{"shape": "cross", "color": "white", "size": "large", "position": "top"}],
+        None,
+    ]  # fmt: skip
+    captions = subset_captions([0, 1, 2, 0], scenes, seed=0, epoch=0)
+    assert set(captions) == {0, 3}  # one object or no ground truth: the image's own caption is used
+    for row in (0, 3):
+        named = [o for o in scenes[0] if o["color"] in captions[row]]
+        assert 1 <= len(named) < 3, captions[row]  # a non-empty proper subset
+    assert captions == subset_captions([0, 1, 2, 0], scenes, seed=0, epoch=0)
+    assert subset_captions([0], None, seed=0, epoch=0) == {}
+
+
+# ----------------------------------------------------------------------------- the predictor
+
+
+def test_the_caption_conditions_the_predictor_and_the_loss_teaches_it_to():
+    torch.manual_seed(0)
+    n, width, dim = 8, 16, 12
+    predictor = QueryKeepPredictor(width, dim, 16)
+    tokens = torch.randn(2, n, width).repeat(2, 1, 1)  # two images, each with caption a, then caption b
+    a, b = F.normalize(torch.randn(2, dim), dim=-1)
+    text = torch.stack([a, a, b, b])
+    # Caption a names patches 0-3, caption b patches 4-7: each patch's effect vector is +-(a - b) / 2.
+    sign = torch.tensor([1.0] * 4 + [-1.0] * 4)
+    effects = torch.stack([sign[:, None] * (a - b)] * 4) / 2  # (4, n, dim)
+    opt = torch.optim.Adam(predictor.parameters(), lr=1e-2)
+    for _ in range(150):
+        loss = query_loss([predictor], [tokens], effects, text)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        top = predictor(tokens, text).topk(4, dim=1).indices.sort(dim=1).values
+    assert top.tolist() == [[0, 1, 2, 3], [0, 1, 2, 3], [4, 5, 6, 7], [4, 5, 6, 7]]
+    # One caption for the whole batch broadcasts.
+    assert predictor(tokens, text[:1]).shape == (4, n)
+
+
+def test_text_guided_keeps_the_top_logits_and_fuses_the_rest_like_learned():
+    x = torch.arange(7, dtype=torch.float32)[None, :, None].repeat(1, 1, 3)  # CLS + 6 patches
+    logits = torch.tensor([[0.1, 0.9, 0.0, 0.5, -1.0, 0.2]])
+    got = pruning.text_guided(x, 2, Signals(text=logits))
+    want = pruning.learned(x, 2, Signals(predictor=logits))
+    assert torch.equal(got.x, want.x) and torch.equal(got.size, want.size) and torch.equal(got.rep, want.rep)
+    with pytest.raises(ValueError, match="caption-conditioned"):
+        pruning.text_guided(x, 2, Signals())
+
+
+def test_a_checkpoint_saved_before_the_query_predictors_loads_and_says_how_to_get_them(tmp_path):
+    tok = Tokenizer.build(["a red circle"], 16)
+    cfg = get_preset("tiny").model
+    cfg = cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=len(tok)))
+    old = tmp_path / "old"
+    legacy = cfg.replace(pruning=dataclasses.replace(cfg.pruning, query_predictors=False))
+    save_checkpoint(DualEncoder(legacy), tok, old)
+    data = json.loads((old / "config.json").read_text())
+    del data["pruning"]["query_predictors"]  # as written before the setting existed
+    (old / "config.json").write_text(json.dumps(data))
+    assert ModelConfig.from_dict(data).pruning.query_predictors is False
+    model, _ = load_checkpoint(old)
+    text = F.normalize(torch.randn(1, cfg.embed_dim), dim=-1)
+    pixels = torch.randn(1, 3, 32, 32)
+    assert model.encode_image(pixels, PruneSpec("learned", 0.5)).shape == (1, cfg.embed_dim)
+    with pytest.raises(ValueError, match="python -m training.train --phases pruned"):
+        model.encode_image(pixels, PruneSpec("text_guided", 0.5, text=text))
+    # The pruned phase adds them; saved, they load with the checkpoint.
+    model.enable_query_predictors()
+    save_checkpoint(model, tok, tmp_path / "new")
+    again, _ = load_checkpoint(tmp_path / "new")
+    assert again.cfg.pruning.query_predictors and len(again.visual.query_predictors) == len(cfg.pruning.stages)
+    assert again.encode_image(pixels, PruneSpec("text_guided", 0.5, text=text)).shape == (1, cfg.embed_dim)
+
+
+def test_adding_query_predictors_changes_no_other_initial_weight():
+    cfg = get_preset("tiny").model
+    torch.manual_seed(0)
+    without = DualEncoder(cfg.replace(pruning=dataclasses.replace(cfg.pruning, query_predictors=False)))
+    torch.manual_seed(0)
+    with_them = DualEncoder(cfg)
+    after = torch.rand(1)
+    torch.manual_seed(0)
+    DualEncoder(cfg.replace(pruning=dataclasses.replace(cfg.pruning, query_predictors=False)))
+    assert torch.equal(after, torch.rand(1))  # nor any later random draw
+    theirs = with_them.state_dict()
+    for name, tensor in without.state_dict().items():
+        assert torch.equal(tensor, theirs[name]), name
+    assert any(name.startswith("visual.query_predictors.") for name in theirs)
+
+
+# ----------------------------------------------------------------------------- the shipped model (the issue's test)
+
+
+@pytest.fixture(scope="module")
+def shipped() -> tuple[DualEncoder, Tokenizer]:
+    return load_checkpoint(SHIPPED)
+
+
+def _scenes(start: int, count: int) -> list[tuple]:
+    """Synthetic scenes with exactly two objects, from indices past the shipped dataset's 8,000 (never trained on)."""
+    out, i = [], start
+    while len(out) < count:
+        image, record, _ = make_scene(0, i, 112)
+        if len(record["objects"]) == 2:
+            out.append((image, record["objects"]))
+        i += 1
+    return out
+
+
+def _keep_for_each_caption(model, tok, scenes, keep_ratio):
+    """Per scene and object: the kept positions when the caption names that object alone, and its patch mask."""
+    pixels = to_batch([image for image, _ in scenes for _ in range(2)], model.cfg.vision.image_size)
+    objects = [obj for _, objs in scenes for obj in objs]
+    with torch.inference_mode():
+        text = model.encode_text(tok.encode_batch([_named(o) for o in objects]))
+        _, trace = model.encode_image_with_trace(pixels, PruneSpec("text_guided", keep_ratio, text=text))
+    grid, size = model.cfg.vision.grid, model.cfg.vision.image_size
+    masks = [metrics.object_patch_mask([o["box"]], grid, size) for o in objects]
+    return trace.stages[-1].kept, masks
+
+
+def test_two_captions_that_name_different_objects_keep_different_patches_each_covering_its_own(shipped):
+    model, tok = shipped
+    image, record, _ = make_scene(0, 100_083, 112)  # a black cross and a white diamond
+    (kept_a, kept_b), (mask_a, mask_b) = _keep_for_each_caption(model, tok, [(image, record["objects"])], 0.3)
+    assert set(kept_a.tolist()) != set(kept_b.tolist())
+    assert _coverage(kept_a, mask_a) >= 0.8 and _coverage(kept_b, mask_b) >= 0.8
+    assert _coverage(kept_a, mask_a) > _coverage(kept_b, mask_a) + 0.5  # the caption moved the kept patches
+    assert _coverage(kept_b, mask_b) > _coverage(kept_a, mask_b) + 0.5
+
+
+def test_on_unseen_scenes_a_caption_keeps_more_of_the_object_it_names(shipped):
+    model, tok = shipped
+    kept, masks = _keep_for_each_caption(model, tok, _scenes(100_000, 40), 0.3)
+    own = [_coverage(kept[i], masks[i]) for i in range(len(masks))]
+    other = [_coverage(kept[i ^ 1], masks[i]) for i in range(len(masks))]  # the same object, the other caption
+    assert all(set(kept[i].tolist()) != set(kept[i + 1].tolist()) for i in range(0, len(masks), 2))
+    # Measured at the commit that trained it: 0.76 against 0.52; the learned predictor keeps 0.82 of all objects.
+    assert sum(own) / len(own) >= 0.7
+    assert sum(own) / len(own) - sum(other) / len(other) >= 0.15
