@@ -192,6 +192,14 @@ def findings(src: Sources) -> str:
     where = f"at {g:.2f}× the baseline's GMACs"
     for meth in trained:
         x = at[meth]
+        if x["mean_r1"] is None:  # query-aware: it prunes per caption, so it has pair accuracy, not retrieval
+            vs = "" if control is None else f", against {control['object_recall']:.0%} for `{CONTROL}`"
+            lines.append(
+                f"- **`{meth}` (trained, caption-conditioned predictors), {where}** ({_between(x)}): it keeps "
+                f"{x['object_recall']:.0%} of the object patches{vs}; pair accuracy {x['pair_acc']:.1f} "
+                f"(baseline {base['pair_acc']:.1f})."
+            )
+            continue
         vs = ""
         if control is not None:
             vs = (f", {x['mean_r1'] - control['mean_r1']:.1f} points above `{CONTROL}`; it keeps "
