@@ -140,7 +140,7 @@ def input_column(app: Explorer, examples: list[list[str]], first: dict[str, Any]
     c["sweep_json"] = gr.JSON(visible=False)  # /sweep's figures
     if examples:
         gr.Examples(examples, inputs=[c["image"], c["caption"]], cache_examples=False, examples_per_page=8,
-                    label="Examples: synthetic test scenes and a public-domain photo")  # fmt: skip
+                    label="Examples: synthetic test scenes, and public-domain and CC0 photos")  # fmt: skip
     return c
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from pathlib import Path
 from collections.abc import Callable, Iterable
 
 from vlm_demo import api
@@ -59,7 +60,10 @@ class Models:
 
     def choices(self) -> list[tuple[str, str]]:
         """(label, source) for the selector: the shipped model first."""
-        return [(f"{s} (shipped, offline)" if s == self.shipped else s, s) for s in self._order]
+        def label(source: str) -> str:
+            return f"shipped model ({Path(source).name}/, offline)" if source == self.shipped else source
+
+        return [(label(s), s) for s in self._order]
 
     def loaded(self, source: str) -> bool:
         return source in self._sessions
