@@ -38,7 +38,7 @@ STATE = """() => { const s = document.querySelector('#kept-overlay .scrub');
               busy: !!s.querySelector('.scrub-status')} : null; }"""
 
 
-def _wait(page, predicate, timeout_s: float = 30.0, poll_s: float = 0.005) -> float:
+def _wait(page, predicate, timeout_s: float = 120.0, poll_s: float = 0.005) -> float:
     """Seconds until `predicate(page)` is true (polled); raises TimeoutError after `timeout_s`."""
     t0 = time.perf_counter()
     while not predicate(page):
