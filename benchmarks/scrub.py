@@ -131,9 +131,12 @@ def main(argv: list[str] | None = None) -> int:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(server.url)
             page.wait_for_selector("#keep-ratio input[type=range]", timeout=60_000)
-            if args.model:
+            if args.model:  # switch models and wait for its first sweep of the page's example
+                key = page.evaluate(STATE)["key"]
                 page.locator("#model input").first.fill(args.model)
                 page.keyboard.press("Enter")
+                _wait(page, lambda p: (p.evaluate(STATE) or {}).get("key") not in (None, key)
+                      and not p.evaluate(STATE)["busy"])  # fmt: skip
             uploads, edits = [], []
             for i in range(args.inputs):
                 image = images[i % len(images)]
