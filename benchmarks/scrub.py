@@ -142,8 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                 image = images[i % len(images)]
                 uploads.append(new_input(page, lambda pg: pg.locator("input[type=file]").first.set_input_files(str(image))))
                 caption = captions[i % len(captions)]
-                edits.append(new_input(page, lambda pg: (pg.locator("#caption textarea").fill(caption),
-                                                         pg.keyboard.press("Enter"))))  # fmt: skip
+                edits.append(new_input(page, lambda pg: pg.locator("#caption textarea").fill(caption)))
             seen = [drag(page) for _ in range(args.drags)]
             rng = np.random.default_rng(0)
             releases = [release_latency(page, rng) for _ in range(args.releases)]
