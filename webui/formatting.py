@@ -25,28 +25,18 @@ STYLE_CHOICES = [
 ]
 COST_HEADERS = ["", "Baseline", "Pruned", "Ratio"]
 CAPTION_HEADERS = ["rank", "baseline", "pruned"]
-DETAIL_LABELS = {  # the detail image's label, by the overlay it shows
-    "groups": "ToMe merge groups (one colour per token)",
-    "heatmap": "Importance (yellow = high)",
-    None: "No heat map (nothing pruned)",
-}
 
 TITLE = "# Visual token pruning explorer"
 INTRO = (
     "A ViT image encoder cuts a picture into {patches} patches ({grid} × {grid}) and runs a transformer over "
     "them; its cost grows with the number of patch tokens. *Token pruning* drops (or merges) the least useful "
-    "tokens between blocks. Upload an image, write a caption, then pick a method and a keep ratio: the overlay "
-    "shows which patches survive, the scores show how well image and caption still align (cosine similarity, "
-    "full model against pruned), and the cost table shows the tokens, GMACs and measured latency saved."
+    "tokens as they pass through the blocks. Upload an image, write a caption, pick a method and drag the keep "
+    "ratio: the overlay shows which patches survive, the figures how well image and caption still align (cosine "
+    "similarity, full model against pruned), and the cost table the tokens, GMACs and measured latency saved."
 )
 KEEP_RATIO_INFO = (
     "Fraction of the {patches} patches left after the last stage (earlier stages keep a share in between)."
 )
-SCORE_LABELS = {
-    "score_base": "Alignment, baseline (cosine)",
-    "score_pruned": "Alignment, pruned (cosine)",
-    "score_delta": "Difference (pruned − baseline)",
-}
 COMPARE_NOTE = (
     "Every pruning method on the current image, caption and keep ratio "
     "(captions: method · alignment · GMACs; no timing, so it is quick)."
