@@ -6,11 +6,11 @@ Everything that computes lives in `vlm_demo.api`, and the plumbing (files,
 uploads, formatting, warm-up, errors, signals) in `webui`; this file parses the
 arguments, loads the checkpoints once, lays out the page and wires its events.
 
-Public API (stable): one endpoint, ``/analyze``, with inputs ``image``
-(filepath), ``caption`` (str), ``method`` (learned, cls_attention, text_guided,
-tome, random or none) and ``keep_ratio`` (float in (0, 1]); it returns the
-kept-patch overlay (a PNG) and ``Analysis.to_dict()``. Every other event is
-private.
+Public API (stable): ``/analyze``, with inputs ``image`` (filepath), ``caption``
+(str), ``method`` (learned, cls_attention, text_guided, tome, random or none) and
+``keep_ratio`` (float in (0, 1]), returns the kept-patch overlay (a PNG) and
+``Analysis.to_dict()``; ``/sweep`` (image, caption, method) returns every slider
+stop's figures as JSON. Every other event is private.
 """
 
 from __future__ import annotations

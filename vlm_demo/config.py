@@ -91,7 +91,7 @@ def _mlp_width(width: int, mlp_ratio: float, mlp_hidden: int | None) -> int:
 class PruningConfig:
     stages: tuple[int, ...] = (1, 3)  # the blocks the learned keep predictors run before (one predictor each), and
     # the "shared" placement; after block 0 the tokens have context, and pruning early is where the cost goes down
-    predictor_hidden: int = 64  # hidden size of the learned (DynamicViT-style) keep-score MLP, one per stage
+    predictor_hidden: int = 64  # hidden size of the keep predictors' MLP (after DynamicViT's predictor), one per stage
     placement: str = "paper"  # where the other methods' stages sit: "paper", each method's paper default for
     # the depth (EViT inside blocks at 1/4, 1/2, 3/4; ToMe in every block), or "shared", every method at `stages`
     query_predictors: bool = True  # caption-conditioned keep predictors for text_guided, one per stage (trained in
