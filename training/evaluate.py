@@ -502,11 +502,10 @@ class _Rows:
     def _row(self, method: str, r: float, placement: str) -> dict[str, Any]:
         info = pruning.get(method)
         model = self.models.serving(info)
-        fuse = True  # EViT's fused token, as EViT evaluates it (PruneSpec's default)
         # An inactive spec on the baseline is the baseline itself: reuse its embeddings and timings.
         reuse = model is self.models.base and not (info.prunes and r < 1.0) and self.reference is not None
-        recalls, pair, kept, tokens = self._accuracy(method, r, model, fuse, reuse, placement)
-        g = flops.gmacs(self.cfg, method, r, 1, fuse, placement=placement)
+        recalls, pair, kept, tokens = self._accuracy(method, r, model, reuse, placement)
+        g = flops.gmacs(self.cfg, method, r, 1, placement=placement)
         row: dict[str, Any] = {
             "method": method,
             "keep_ratio": r,
@@ -529,11 +528,11 @@ class _Rows:
         row["object_recall_random"] = M.random_expectation(kept_ratio, self.cfg.vision.num_patches)
         row["lossyness"] = M.lossyness(row["mean_r1"], self.rows[0]["mean_r1"] if self.rows else row["mean_r1"])
         row["same_as_baseline"] = reuse  # the row runs exactly the baseline's computation
-        row.update(self._latency(model, method, r, fuse, reuse, placement))
+        row.update(self._latency(model, method, r, reuse, placement))
         return row
 
     def _accuracy(
-        self, method: str, r: float, model: DualEncoder, fuse: bool, reuse: bool, placement: str
+        self, method: str, r: float, model: DualEncoder, reuse: bool, placement: str
     ) -> tuple[dict[str, float] | None, float | None, torch.Tensor | None, list[int]]:
         """(retrieval recalls, pair accuracy, (N, k') kept positions, tokens per stage) of one row."""
         info = pruning.get(method)
@@ -541,13 +540,13 @@ class _Rows:
             ref = self.reference
             assert ref is not None
             # The method's stages, none of them pruning.
-            tokens = flops.tokens_per_stage(self.cfg, method, r, fuse, placement=placement)
+            tokens = flops.tokens_per_stage(self.cfg, method, r, placement=placement)
             return None if info.needs_caption else self._recalls(ref.emb), self.reference_pair, ref.kept, tokens
         if info.needs_caption:
-            return None, *self._query_aware(method, r, model, fuse, placement)
+            return None, *self._query_aware(method, r, model, placement)
         seed, where = self.opts.seed, placement
         run = self._encode(
-            model, lambda s, e: PruneSpec(method, r, seed=seed + s, fuse=fuse, stages=where), f"{method} {r:g} {where}"
+            model, lambda s, e: PruneSpec(method, r, seed=seed + s, stages=where), f"{method} {r:g} {where}"
         )
         pair = self.test.pair_acc(run.emb)
         if not info.prunes:
@@ -555,12 +554,12 @@ class _Rows:
         return self._recalls(run.emb), pair, run.kept, run.tokens
 
     def _query_aware(
-        self, method: str, r: float, model: DualEncoder, fuse: bool, placement: str
+        self, method: str, r: float, model: DualEncoder, placement: str
     ) -> tuple[float | None, torch.Tensor | None, list[int]]:
         """One pass per (image, caption) pair, so no retrieval recalls: (pair accuracy, kept, tokens)."""
         test, seed, where = self.test, self.opts.seed, placement
         if test.have_neg is None and test.have_boxes is None:
-            return None, None, flops.tokens_per_stage(self.cfg, method, r, fuse, placement=placement)
+            return None, None, flops.tokens_per_stage(self.cfg, method, r, placement=placement)
         with_pos = self._encode(
             model, lambda s, e: PruneSpec(method, r, text=test.pos_emb[s:e], seed=seed, stages=where),
             f"{method} {r:g} {where} (caption)",
@@ -582,7 +581,7 @@ class _Rows:
         return M.recall_at_k(emb @ self.test.text_emb.T, self.test.data.caption_to_image, RECALL_KS)
 
     def _latency(
-        self, model: DualEncoder, method: str, r: float, fuse: bool, reuse: bool, placement: str
+        self, model: DualEncoder, method: str, r: float, reuse: bool, placement: str
     ) -> dict[str, Any]:
         """The row's latency fields: measured, copied from the baseline row (`reuse`), or null."""
         keys = [f"{key}_bs{bs}" for bs in self.lat_images for key in LATENCY_KEYS]
@@ -593,7 +592,7 @@ class _Rows:
         base, result = self.models.base, {}
         for bs, x in self.lat_images.items():
             text = self.lat_text[bs] if pruning.get(method).needs_caption else None
-            spec = PruneSpec(method, r, text=text, seed=self.opts.seed, fuse=fuse, stages=placement)
+            spec = PruneSpec(method, r, text=text, seed=self.opts.seed, stages=placement)
             variants = {"baseline": lambda: base.encode_image(x), "method": lambda: model.encode_image(x, spec)}
             t = interleaved(variants, self.opts.latency)
             b, m = t["baseline"], t["method"]
