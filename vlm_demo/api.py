@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -507,9 +506,7 @@ class Session:
         caption: str,
         method: str = "learned",
         stops: tuple[float, ...] = SWEEP_STOPS,
-        first: float | None = None,
         seed: int = 0,
-        on_stop: Callable[[SweepStop], None] | None = None,
     ) -> Sweep:
         """Every slider stop of one (image, caption, method) at once: what the page scrubs through.
 
@@ -521,11 +518,9 @@ class Session:
             image: a path, bytes or PIL image.
             caption: the text to align with the image.
             method: a registered pruning method.
-            stops: the keep ratios, each in (0, 1].
-            first: a stop to compute before the others (the slider's current one), so a
-                caller can show it at once.
+            stops: the keep ratios, each in (0, 1]; a caller that wants one stop at once
+                (the slider's) sweeps it alone first.
             seed: seed of ``random``.
-            on_stop: called with each `SweepStop` as soon as it is computed.
 
         Returns:
             The `Sweep`, its stops in the order of `stops`.
@@ -534,14 +529,13 @@ class Session:
         request = self._request(image, caption)
         pixels, text = request.pixels, request.text
         model = self.model_for(method)
-        order = sorted(range(len(stops)), key=lambda i: (first is None or stops[i] != first, i))
-        done: dict[int, SweepStop] = {}
-        for i in order:
-            spec = PruneSpec(method, float(stops[i]), text=text if info.needs_caption else None, seed=seed)
+        out: list[SweepStop] = []
+        for ratio in stops:
+            spec = PruneSpec(method, float(ratio), text=text if info.needs_caption else None, seed=seed)
             z, trace = model.encode_image_with_trace(pixels, spec)
             per_stage = trace.tokens_per_stage()
             kept = trace.stages[-1].kept[0].tolist() if trace.stages else list(range(trace.num_patches))
-            done[i] = SweepStop(
+            out.append(SweepStop(
                 keep_ratio=spec.keep_ratio,
                 score=float(z[0] @ text[0]),
                 tokens=per_stage[-1],
@@ -549,9 +543,7 @@ class Session:
                 gmacs=flops.gmacs(self.cfg, method, spec.keep_ratio),
                 kept=kept,
                 trace=trace,
-            )
-            if on_stop is not None:
-                on_stop(done[i])
+            ))  # fmt: skip
         base = self.baseline.encode_image(pixels)
         return Sweep(
             method=method,
@@ -559,7 +551,7 @@ class Session:
             image=request.image,
             baseline_score=float(base[0] @ text[0]),
             baseline_gmacs=flops.gmacs(self.cfg, BASELINE, 1.0),
-            stops=[done[i] for i in range(len(stops))],
+            stops=out,
         )
 
 

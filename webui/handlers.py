@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import html
 import logging
 import threading
@@ -148,8 +149,9 @@ class Explorer:
         with self.lock:
             one = session.sweep(source, caption, str(method), stops=(first,))
         yield scrub.frames_html(one, first, style, total=len(stops))
-        with self.lock:
-            full = session.sweep(source, caption, str(method), stops=stops, first=first)
+        with self.lock:  # the other stops; the first one is not computed twice
+            rest = session.sweep(source, caption, str(method), stops=tuple(r for r in stops if r != first))
+        full = dataclasses.replace(rest, stops=sorted(one.stops + rest.stops, key=lambda st: st.keep_ratio))
         log.info("sweep %s, %d stops: %.2f s", full.method, len(stops), time.perf_counter() - t0)
         yield scrub.frames_html(full, first, style)
 
