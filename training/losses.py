@@ -15,9 +15,9 @@ def contrastive_loss(
         image: (B, E) L2-normalised image embeddings.
         text: (B, E) L2-normalised caption embeddings; row i matches image i.
         logit_scale: log of the inverse temperature.
-        hard_text: (B, E) optional hard-negative captions (an attribute swapped), added as
-            extra wrong answers on the image->text side, as in NegCLIP; they teach the
-            model to bind colours, shapes and positions to the right object.
+        hard_text: (K * B, E) optional hard-negative captions (an attribute changed or swapped), added
+            as extra wrong answers of every image on the image->text side, as in NegCLIP; they teach
+            the model to bind colours, shapes and positions to the right object.
 
     Returns:
         The mean of the image->text and text->image cross-entropies.
@@ -25,7 +25,7 @@ def contrastive_loss(
     scale = logit_scale.exp()
     logits = scale * image @ text.t()  # (B, B)
     labels = torch.arange(len(image), device=image.device)
-    i2t = logits if hard_text is None else torch.cat([logits, scale * image @ hard_text.t()], dim=1)  # (B, 2B)
+    i2t = logits if hard_text is None else torch.cat([logits, scale * image @ hard_text.t()], dim=1)  # (B, B + KB)
     return 0.5 * (F.cross_entropy(i2t, labels) + F.cross_entropy(logits.t(), labels))
 
 

@@ -42,6 +42,7 @@ import os
 import re
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -340,7 +341,7 @@ def _scene_key(objects: list[dict[str, Any]]) -> list[tuple[str, str, str, str]]
     return sorted((o["size"], o["color"], o["shape"], o["position"]) for o in objects)
 
 
-def _hard_negative(rng: np.random.Generator, objects: list[dict[str, Any]]) -> tuple[str, str]:
+def hard_negative(rng: np.random.Generator, objects: list[dict[str, Any]]) -> tuple[str, str]:
     """A caption of the same scene with one attribute changed or swapped between two objects.
 
     Returns:
@@ -370,6 +371,32 @@ def _hard_negative(rng: np.random.Generator, objects: list[dict[str, Any]]) -> t
     raise RuntimeError(f"could not write a hard negative for {objects}")
 
 
+def fresh_hard_negatives(
+    scenes: Sequence[Sequence[dict[str, Any]] | None], index: Sequence[int], seed: int, epoch: int, k: int
+) -> list[str] | None:
+    """`k` hard negatives per row of a batch, drawn afresh each epoch from each image's objects.
+
+    Args:
+        scenes: per dataset index, its objects as objects.json lists them.
+        index: the dataset index of each row.
+        seed: the run's seed; with `epoch` and the index it fixes every draw, whatever the batch.
+        epoch: the epoch.
+        k: negatives per row.
+
+    Returns:
+        ``k * len(index)`` captions, negative ``j`` of row ``r`` at ``j * len(index) + r``; None when a row's
+        objects are unknown (then the batch trains without hard negatives).
+    """
+    rows: list[list[str]] = []
+    for i in index:
+        objects = scenes[i]
+        if not objects:
+            return None
+        rng = np.random.default_rng(np.random.SeedSequence([seed, epoch, int(i), 2]))  # apart from other draws
+        rows.append([hard_negative(rng, [dict(o) for o in objects])[0] for _ in range(k)])
+    return [row[j] for j in range(k) for row in rows]
+
+
 # ----------------------------------------------------------------------------- generation
 
 
@@ -393,7 +420,7 @@ def make_scene(seed: int, index: int, size: int = 112) -> tuple[Image.Image, dic
     objects = _sample_objects(rng, size)
     image = _render(rng, objects, size)
     captions = _captions(rng, objects)
-    negative, kind = _hard_negative(rng, objects)
+    negative, kind = hard_negative(rng, objects)
     public = [{k: o[k] for k in ("shape", "color", "size", "position", "box")} for o in objects]
     return image, {"objects": public, "hard_negative": negative, "hard_negative_kind": kind}, captions
 

@@ -60,6 +60,7 @@ from tqdm import tqdm
 from training.data import CaptionDataset, TrainDataset, load_objects, load_splits, make_collate
 from training.losses import contrastive_loss, distill_loss, keep_rank_loss
 from training.query import Scene, query_loss, query_text, subset_captions
+from training.synthetic import fresh_hard_negatives
 from training.saliency import direct_effects, stage_saliency
 from vlm_demo import addon, cli, pruning
 from vlm_demo.atomic import write_text_atomic
@@ -71,6 +72,7 @@ from vlm_demo.tokenizer import TextTokenizer, Tokenizer
 log = logging.getLogger("training.train")
 
 CAPTION_BANK_FILE = "caption_bank.json"  # the test captions the app ranks (vlm_demo.api reads it)
+BUILD_FILE = "training.json"  # under --out: the wall time of the last run, end to end (phases' own: in their folders)
 RESUME_DIR = ".resume"  # under --out: one folder per phase, removed when the run succeeds
 PREDICTORS, QUERY = PREDICTOR_PREFIXES  # learned's keep predictors; text_guided's caption-conditioned ones
 MAX_LOGIT_SCALE = math.log(100.0)
@@ -326,8 +328,7 @@ def _optimise(ph: _Phase, loss: torch.Tensor, dd: Dist) -> None:
 
 
 def _train_epoch(
-    ph: _Phase, epoch: int, tokenizer: TextTokenizer, hard_negatives: list[str] | None, tcfg: TrainConfig,
-    args: argparse.Namespace, dd: Dist,
+    ph: _Phase, epoch: int, tokenizer: TextTokenizer, tcfg: TrainConfig, args: argparse.Namespace, dd: Dist,
 ) -> tuple[float, float, float, float]:  # fmt: skip
     """One epoch; returns (mean loss, mean monitored distillation loss (pruned phase, else 0), mean loss of
     text_guided's predictors (else 0), last lr)."""
@@ -350,8 +351,9 @@ def _train_epoch(
                 distill_sum += distill
             else:
                 hard = None
-                if hard_negatives is not None:
-                    hard = tokenizer.encode_batch([hard_negatives[i] for i in index.tolist()]).to(device)
+                if tcfg.hard_negatives > 0 and ph.scenes is not None:
+                    negatives = fresh_hard_negatives(ph.scenes, index.tolist(), args.seed, epoch, tcfg.hard_negatives)
+                    hard = None if negatives is None else tokenizer.encode_batch(negatives).to(device)
                 loss, extra = _contrastive_loss(ph, images, ids, hard), None
             _optimise(ph, loss if extra is None else loss + extra, dd)
             query_sum += 0.0 if extra is None else extra.item()
@@ -367,7 +369,6 @@ def run_phase(
     teacher: DualEncoder | None,
     dataset: TrainDataset,
     tokenizer: TextTokenizer,
-    hard_negatives: list[str] | None,
     tcfg: TrainConfig,
     args: argparse.Namespace,
     dd: Dist,
@@ -375,7 +376,8 @@ def run_phase(
 ) -> dict[str, Any]:
     """Train one phase with resume support; returns its summary (losses, timings).
 
-    `scenes` (per training image, its objects from objects.json) lets the pruned phase train
+    `scenes` (per training image, its objects from objects.json) gives the baseline its hard-negative
+    captions, drawn afresh each epoch (`TrainConfig.hard_negatives`), and lets the pruned phase train
     ``text_guided``'s predictors on captions that name part of a scene (`training.query`).
     """
     ph = _setup_phase(phase, model, teacher, dataset, tokenizer, tcfg, args, dd, scenes)
@@ -386,7 +388,7 @@ def run_phase(
         if teacher is not None:
             teacher.eval()
         t0 = time.perf_counter()
-        loss, distill, query, lr = _train_epoch(ph, epoch, tokenizer, hard_negatives, tcfg, args, dd)
+        loss, distill, query, lr = _train_epoch(ph, epoch, tokenizer, tcfg, args, dd)
         seconds = time.perf_counter() - t0
         ph.meta["epoch_done"] = epoch + 1
         ph.meta["losses"].append(loss)
@@ -559,7 +561,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         try:
             if args.backbone is not None:
                 return _train_predictors(args, tcfg, dd)
+            clock = _Clock()
             data = _load_data(args, preset, tcfg, dd)
+            clock.lap("data")
             facts = {"preset": args.preset, "data": recorded_data(data.root, out), "seed": args.seed,
                      "world_size": dd.world}  # fmt: skip
             summary: dict[str, Any] = {"data": str(data.root), "out": str(out)}
@@ -567,14 +571,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if "baseline" in phases:
                 torch.manual_seed(args.seed)
                 model = DualEncoder(data.cfg).to(args.device)
-                meta = run_phase("baseline", model, None, data.dataset, data.tokenizer, data.hard_negatives, tcfg,
-                                 args, dd)  # fmt: skip
+                meta = run_phase("baseline", model, None, data.dataset, data.tokenizer, tcfg, args, dd, data.scenes)
                 if dd.main:
                     _save(model, data.tokenizer, out / "baseline", meta, **facts)
                     bank = [c for caps in data.splits["test"].captions for c in caps]
                     write_text_atomic(out / CAPTION_BANK_FILE, json.dumps({"split": "test", "captions": bank}))
                 summary["baseline"] = meta
                 dd.barrier()
+                clock.lap("baseline")
 
             if "pruned" in phases:
                 base, _ = load_checkpoint(out / "baseline", args.device)
@@ -582,25 +586,61 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 teacher, _ = load_checkpoint(out / "baseline", args.device)
                 for p in teacher.parameters():
                     p.requires_grad_(False)
-                meta = run_phase("pruned", base, teacher, data.dataset, data.tokenizer, data.hard_negatives, tcfg,
-                                 args, dd, data.scenes)  # fmt: skip
+                meta = run_phase("pruned", base, teacher, data.dataset, data.tokenizer, tcfg, args, dd, data.scenes)
                 if dd.main:
                     _save(base, data.tokenizer, out / "pruned", meta, keep_ratio_range=list(tcfg.keep_ratio_range),
                           **_query_facts(meta, tcfg), **facts)  # fmt: skip
                 summary["pruned"] = meta
                 dd.barrier()
+                clock.lap("pruned")
 
             if "evaluate" in phases and dd.main:
                 from training.evaluate import evaluate
 
                 limit = args.eval_limit or tcfg.eval_images
                 summary["metrics"] = evaluate(out, out, data=data.root, limit=limit, progress=not args.quiet)
+                clock.lap("evaluate")
             if dd.main:
                 remove_resume_state(out, [p for p in phases if p != "evaluate"])
+                summary["build"] = _record_build(out, clock, args, dd, facts)
         finally:
             if dd.world > 1 and dist.is_initialized():
                 dist.destroy_process_group()
     return summary
+
+
+class _Clock:
+    """Wall time of each part of a run (data generation and loading, then each phase)."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.perf_counter()
+        self.parts: dict[str, float] = {}
+
+    def lap(self, part: str) -> None:
+        now = time.perf_counter()
+        self.parts[part] = round(now - self.last, 1)
+        self.last = now
+
+
+def _record_build(out: Path, clock: _Clock, args: argparse.Namespace, dd: Dist, facts: dict[str, Any]) -> dict[str, Any]:
+    """Write ``OUT/training.json``: the wall time of this run, end to end and per part, and how it ran.
+
+    `training.report` quotes it as the build time when one run made every phase (``phases``).
+    """
+    record = {
+        "phases": [p for p in PHASES if p in args.phases],
+        "seconds": round(time.perf_counter() - clock.start, 1),
+        "parts": clock.parts,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "device": args.device,
+        "resumed": bool(args.resume),
+        "torch": torch.__version__,
+        **facts,
+    }
+    write_text_atomic(out / BUILD_FILE, json.dumps(record, indent=2) + "\n")
+    log.info("run took %.1f min (%s)", record["seconds"] / 60, ", ".join(f"{k} {v:.0f} s" for k, v in clock.parts.items()))
+    return record
 
 
 @dataclasses.dataclass
@@ -612,8 +652,8 @@ class _Data:
     tokenizer: Tokenizer  # built from the training captions
     cfg: ModelConfig  # the preset's, with the tokenizer's vocabulary size
     dataset: TrainDataset | None  # the augmented training split; None when no training phase runs
-    hard_negatives: list[str] | None  # one caption per training image (objects.json), else None
-    scenes: list[Scene | None] | None  # per training image, its objects (objects.json), else None: text_guided's
+    scenes: list[Scene | None] | None  # per training image, its objects (objects.json), else None: the baseline's
+    # hard negatives and text_guided's partial captions
 
 
 def _load_data(args: argparse.Namespace, preset: Preset, tcfg: TrainConfig, dd: Dist) -> _Data:
@@ -622,16 +662,12 @@ def _load_data(args: argparse.Namespace, preset: Preset, tcfg: TrainConfig, dd: 
     captions = (c for caps in splits["train"].captions for c in caps)
     tokenizer = Tokenizer.build(captions, preset.model.text.context_length)
     cfg = preset.model.replace(text=dataclasses.replace(preset.model.text, vocab_size=len(tokenizer)))
-    hard_negatives, scenes = None, _scenes(root, splits["train"])
-    if tcfg.hard_negatives and scenes is not None:
-        objects = load_objects(root)
-        assert objects is not None
-        hard_negatives = [objects["images"][name]["hard_negative"] for name in splits["train"].names]
+    scenes = _scenes(root, splits["train"])
     dataset = None
     if {"baseline", "pruned"} & set(args.phases):
         dataset = TrainDataset(splits["train"], cfg.vision.image_size, augment=True, seed=args.seed,
                                progress=dd.main and not args.quiet)  # fmt: skip
-    return _Data(root, splits, tokenizer, cfg, dataset, hard_negatives, scenes)
+    return _Data(root, splits, tokenizer, cfg, dataset, scenes)
 
 
 def _scenes(root: Path, split: CaptionDataset) -> list[Scene | None] | None:
@@ -674,7 +710,7 @@ def _train_predictors(args: argparse.Namespace, tcfg: TrainConfig, dd: Dist) -> 
                            progress=dd.main and not args.quiet)  # fmt: skip
     # The frozen towers are their own teacher: the unpruned pass that gives the saliency never runs a predictor.
     model = clip.model
-    meta = run_phase("pruned", model, model, dataset, clip.tokenizer, None, tcfg, args, dd, _scenes(root, train))
+    meta = run_phase("pruned", model, model, dataset, clip.tokenizer, tcfg, args, dd, _scenes(root, train))
     if dd.main:
         facts = _run_facts("predictors", meta)
         facts.update(seconds=sum(meta["seconds_per_epoch"]), distill=meta["distill"], preset=args.preset,
