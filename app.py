@@ -102,6 +102,7 @@ from webui.inputs import MAX_UPLOAD_BYTES, load_examples  # noqa: E402
 EXAMPLES_DIR = Path(__file__).resolve().parent / "docs" / "examples"
 DEFAULT_METHOD = "learned"
 DEFAULT_KEEP_RATIO = 0.52  # a stop of the slider (api.SWEEP_STOPS)
+DEFAULT_GMACS_RATIO = 0.5  # the comparison tab's matched compute: half the full model's GMACs
 MODEL_EVENT = {"concurrency_id": "model", "concurrency_limit": 1, "preprocess": False}
 
 
@@ -132,6 +133,8 @@ def input_column(app: Explorer, examples: list[list[str]], first: dict[str, Any]
         c["repeats"] = gr.Slider(1, 50, value=DEFAULT_REPEATS, step=1, label="Latency repeats",
                                  info="Timed batch-1 passes per model, interleaved, after 2 warm-up passes.")
         c["batch32"] = gr.Checkbox(False, label="also time batch 32", info="About 30× the work: slower.")
+        c["placement"] = gr.Radio(fmt.placement_choices(), value=fmt.placement_choices()[0][1], label="Stage placement",
+                                  info=fmt.placement_info(app.session), elem_id="placement")  # fmt: skip
     c["run"] = gr.Button("Analyze", variant="primary")
     c["status"] = gr.Markdown(first.get("status", ""), elem_id="status")
     c["api"] = gr.Button("analyze (API)", visible=False)  # the public /analyze: exactly the 4 contract inputs
@@ -166,6 +169,9 @@ def output_column(first: dict[str, Any]) -> dict[str, Any]:
             c = analysis_tab(first)
         with gr.Tab("Compare all methods"):
             gr.Markdown(fmt.COMPARE_NOTE)
+            c["gmacs_ratio"] = gr.Slider(0.2, 1.0, value=DEFAULT_GMACS_RATIO, step=0.05, label="GMACs ratio",
+                                         info="Share of the full model's GMACs every method is matched to.",
+                                         elem_id="gmacs-ratio")  # fmt: skip
             c["compare"] = gr.Button("Compare all methods", variant="primary")
             c["gallery"] = gr.Gallery(label="Kept patches per method", columns=3, height=520, object_fit="contain",
                                       format="png", elem_id="gallery")  # fmt: skip
@@ -178,20 +184,22 @@ def wire(app: Explorer, c: dict[str, Any]) -> None:
     """The events: the public /analyze and /sweep; the page's sweep, slider scrubbing and settled analysis."""
     outputs = [c[name] for name in UI_OUTPUTS]
     ui_inputs = [c[name] for name in ("image", "caption", "method", "keep_ratio", "style", "repeats", "batch32",
-                                      "model")]  # fmt: skip
+                                      "model", "placement")]  # fmt: skip
     last_run = gr.State({})  # per browser session: the inputs and end time of the last settled run
     c["api"].click(app.analyze, [c["image"], c["caption"], c["method"], c["keep_ratio"]], [c["overlay"], c["readout"]],
                    api_name="analyze", api_visibility="public", **MODEL_EVENT)  # fmt: skip
     c["api_sweep"].click(app.sweep, [c["image"], c["caption"], c["method"]], c["sweep_json"], api_name="sweep",
                          api_visibility="public", **MODEL_EVENT)  # fmt: skip
     c["model"].change(app.select_model, [c["model"], c["method"]],
-                      [c["model"], c["method"], c["captions"], c["plot"], c["model_note"]], api_name="select_model",
+                      [c["model"], c["method"], c["captions"], c["plot"], c["model_note"], c["placement"]],
+                      api_name="select_model",
                       api_visibility="private", **MODEL_EVENT)  # fmt: skip
     # A new input: every stop at once (the slider's own first), then the analysis at the slider's stop.
-    sweep_inputs = [c[name] for name in ("image", "caption", "method", "keep_ratio", "style", "model")]
-    new_input = [c[n].change for n in ("image", "caption", "method", "style", "model")] + [c["run"].click]
-    gr.on(new_input, app.ui_sweep, [*sweep_inputs, last_run], c["frames"], api_name="sweep_ui", api_visibility="private",
-          trigger_mode="always_last", show_progress="minimal", **MODEL_EVENT,  # fmt: skip
+    sweep_inputs = [c[name] for name in ("image", "caption", "method", "keep_ratio", "style", "model", "placement")]
+    changes = ("image", "caption", "method", "style", "model", "placement")
+    new_input = [c[n].change for n in changes] + [c["run"].click]
+    gr.on(new_input, app.ui_sweep, [*sweep_inputs, last_run], c["frames"], api_name="sweep_ui",
+          api_visibility="private", trigger_mode="always_last", show_progress="minimal", **MODEL_EVENT,  # fmt: skip
           ).then(None, c["keep_ratio"], None, js=scrub.SWAP_JS, queue=False,
           ).then(lambda *a: app.ui_analyze(*a, live=False), [*ui_inputs, last_run], outputs, api_name="analyze_ui",
                  api_visibility="private", **MODEL_EVENT,
@@ -206,8 +214,9 @@ def wire(app: Explorer, c: dict[str, Any]) -> None:
     # Unprocessed: Gradio's own check of a Radio echoes a bad value, unescaped, in its error.
     c["method"].change(fmt.method_note_text, c["method"], c["method_note"], api_name="method_note",
                        api_visibility="private", show_progress="hidden", queue=False, preprocess=False)  # fmt: skip
-    c["compare"].click(app.compare, [c["image"], c["caption"], c["keep_ratio"], c["style"], c["model"]],
-                       c["gallery"], api_name="compare", api_visibility="private", **MODEL_EVENT)  # fmt: skip
+    compare_inputs = [c[name] for name in ("image", "caption", "gmacs_ratio", "style", "model", "placement")]
+    c["compare"].click(app.compare, compare_inputs, c["gallery"], api_name="compare", api_visibility="private",
+                       **MODEL_EVENT)  # fmt: skip
 
 
 def build_demo(

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vlm_demo import api
+from vlm_demo import api, flops, pruning
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +115,39 @@ def test_compare_every_method(session, image):
     # of 4 blocks.
     assert [r.tokens_per_stage[-1] for r in rows] == [9, 9, 9, 8, 8]
     assert "overlay" not in rows[0].to_dict()
+
+
+def test_compare_at_matched_gmacs(session, image):
+    rows = session.compare(image, "a red circle", gmacs_ratio=0.6)
+    base = flops.gmacs(session.cfg, "none")
+    for r in rows:
+        assert r.keep_ratio == flops.keep_ratio_for(session.cfg, r.method, 0.6)
+        assert r.gmacs == flops.gmacs(session.cfg, r.method, r.keep_ratio) and r.gmacs_ratio == r.gmacs / base
+        # No keep ratio on the 0.01 grid comes closer to the target than the one chosen.
+        best = min(abs(flops.closed_form_gmacs(session.cfg, r.method, k / 100) / base - 0.6) for k in range(1, 101))
+        assert abs(r.gmacs_ratio - 0.6) == pytest.approx(best, abs=1e-9)
+    assert len({r.keep_ratio for r in rows}) > 1  # one cost, different nominal keep ratios
+    with pytest.raises(ValueError, match="gmacs_ratio"):
+        session.compare(image, "a red circle", gmacs_ratio=1.5)
+
+
+def test_placement_reaches_analyze_sweep_compare_and_latency(session, image):
+    depth, shared = session.cfg.vision.depth, session.cfg.pruning.stages
+    paper = pruning.resolve_stages("cls_attention", depth, shared, "paper")
+    assert paper != shared  # EViT's own blocks differ from the predictors' on this model
+    for placement, blocks in (("paper", paper), ("shared", shared)):
+        a = session.analyze(image, "a red circle", "cls_attention", 0.5, latency_repeats=1, placement=placement)
+        assert [st.block for st in a.trace.stages] == list(blocks) and a.to_dict()["placement"] == placement
+        assert a.pruned.gmacs == flops.gmacs(session.cfg, "cls_attention", 0.5, placement=placement)
+        assert len(a.pruned.tokens_per_stage) == len(blocks) + 1
+        stop = session.sweep(image, "a red circle", "cls_attention", stops=(0.5,), placement=placement).stops[0]
+        assert stop.tokens_per_stage == a.pruned.tokens_per_stage and stop.gmacs == a.pruned.gmacs
+        (row,) = session.compare(image, "a red circle", 0.5, methods=("cls_attention",), placement=placement)
+        assert row.tokens_per_stage == a.pruned.tokens_per_stage
+    assert session.latency("cls_attention", 0.5, placement="shared") is not session.latency("cls_attention", 0.5)
+    assert session.analyze(image, "a red circle", "tome", 0.5, latency_repeats=1).placement == "paper"  # the config's
+    with pytest.raises(ValueError, match="placement"):
+        session.analyze(image, "a red circle", "tome", 0.5, placement="everywhere")
 
 
 def test_batch32_latency_is_optional(session, image):

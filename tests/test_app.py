@@ -114,15 +114,17 @@ def analyze(client: Client, image: Path, caption: str = CAPTION, method: str = "
 
 def test_the_model_selector_offers_a_clip_and_survives_a_bad_one(server, clip_folders):
     shipped = str(server.proc.args[server.proc.args.index("--checkpoints") + 1])
-    choice, methods, captions, plot, note = call(server.url, "select_model", [str(clip_folders["clip"]), "learned"])[
-        "output"]["data"]  # fmt: skip
+    choice, methods, captions, plot, note, placement = call(
+        server.url, "select_model", [str(clip_folders["clip"]), "learned"])["output"]["data"]  # fmt: skip
     assert choice["value"] == str(clip_folders["clip"])
     assert [v for _, v in methods["choices"]] == ["cls_attention", "tome", "random"]  # no predictors, of either kind
     assert methods["value"] == "cls_attention" and not captions["visible"] and not plot["visible"]
     assert "centre-cropped" in note
+    assert "blocks 0–1" in placement["info"]  # the CLIP's depth (2), where the tiny shipped model has 4
     image = upload(server.url, SCENE)
-    msg = call(server.url, "compare", [image, CAPTION, 0.5, "dim", str(clip_folders["clip"])])
-    assert msg["success"] and len(msg["output"]["data"][0]) == 3  # every method the CLIP can run
+    msg = call(server.url, "compare", [image, CAPTION, 0.5, "dim", str(clip_folders["clip"]), "paper"])
+    assert msg["success"] and len(msg["output"]["data"][0]) == 3  # every method the CLIP can run, matched GMACs
+    assert all("×)" in item["caption"] for item in msg["output"]["data"][0])
     # A pickle-only folder is refused unopened: a warning, and the page stays on the shipped model.
     msg = call(server.url, "select_model", [str(clip_folders["pickle"]), "tome"])
     assert msg["success"] and msg["output"]["data"][0]["value"] == shipped

@@ -73,6 +73,20 @@ def test_two_hundred_generated_captions_fit_their_image_and_the_hard_negatives_d
     assert captions == 200
 
 
+def test_fresh_hard_negatives_are_wrong_for_their_image_and_change_each_epoch() -> None:
+    scenes = [synthetic.make_scene(seed=3, index=i, size=32)[1]["objects"] for i in range(12)]
+    index = [5, 0, 11, 7]
+    negatives = synthetic.fresh_hard_negatives(scenes, index, seed=0, epoch=0, k=2)
+    assert negatives is not None and len(negatives) == 2 * len(index)
+    for j in range(2):  # negative j of row r sits at j * B + r
+        for r, i in enumerate(index):
+            caption = negatives[j * len(index) + r]
+            assert not consistent(caption, scenes[i]), caption
+    assert negatives == synthetic.fresh_hard_negatives(scenes, index, seed=0, epoch=0, k=2)  # deterministic
+    assert negatives != synthetic.fresh_hard_negatives(scenes, index, seed=0, epoch=1, k=2)  # drawn afresh
+    assert synthetic.fresh_hard_negatives([*scenes[:3], None], [0, 3], seed=0, epoch=0, k=1) is None
+
+
 # ----------------------------------------------------------------------------- ceiling, worked by hand
 
 

@@ -51,6 +51,9 @@ def test_tiny_training_lowers_the_loss(data, tmp_path):
     assert facts["data"] == data.name  # the data lies outside the output's parent: its name, no absolute path
     assert (tmp_path / "ck" / "caption_bank.json").is_file()
     assert not (tmp_path / "ck" / ".resume").exists()  # the resume state goes once the run has succeeded
+    build = json.loads((tmp_path / "ck" / "training.json").read_text())  # the run's wall time, end to end
+    assert build["phases"] == ["baseline", "pruned"] and set(build["parts"]) == {"data", "baseline", "pruned"}
+    assert build["seconds"] >= sum(build["parts"].values()) - 0.2 and build["parts"]["baseline"] > 0
 
 
 def _weights(folder: Path) -> dict:

@@ -20,7 +20,7 @@ from vlm_demo.latency import Timing
 from webui import formatting as fmt
 from webui import lifecycle, warmup
 from webui.files import OutputFiles
-from webui.inputs import image_source, load_examples, parse_keep_ratio, uploaded_only
+from webui.inputs import image_source, load_examples, parse_gmacs_ratio, parse_keep_ratio, parse_placement, uploaded_only
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,7 +29,7 @@ def _analysis(method: str = "learned", bs32: bool = False, truncated: bool = Fal
     base = api.Side(0.31, 196, [196, 196, 196], 0.298, 7.0, 0.5, 10, [("a red circle", 0.3), ("a blue square", 0.2)])
     pruned = api.Side(0.29, 99, [196, 140, 99], 0.19, 5.0, 0.25, 10, [("a red circle", 0.28)])
     timing = {"baseline": Timing(170.0, 4.0, 3), "pruned": Timing(100.0, 2.0, 3)} if bs32 else None
-    return api.Analysis(method, 0.5, "a red circle", base, pruned, trace=None, overlays={},  # type: ignore[arg-type]
+    return api.Analysis(method, 0.5, "paper", "a red circle", base, pruned, trace=None, overlays={},  # type: ignore[arg-type]
                         latency_bs32=timing, caption_truncated=truncated)  # fmt: skip
 
 
@@ -113,6 +113,17 @@ def test_keep_ratio_parsing_rejects(bad):
 def test_keep_ratio_parsing_hits_the_slider_stops():
     assert parse_keep_ratio(0.15000000000000002, 196) == 0.15
     assert parse_keep_ratio("0.5", 196) == 0.5 and parse_keep_ratio(1, 196) == 1.0
+
+
+def test_placement_and_gmacs_ratio_parsing():
+    assert parse_placement(None) == "paper" and parse_placement("shared") == "shared"
+    for bad in ("everywhere", 3, ["paper"], "<b>x</b>"):
+        with pytest.raises(ValueError, match="placement must be one of paper, shared"):
+            parse_placement(bad)
+    assert parse_gmacs_ratio("0.5") == 0.5 and parse_gmacs_ratio(1) == 1.0
+    for bad in (0, 1.5, float("nan"), True, None, "half"):
+        with pytest.raises(ValueError, match="GMACs ratio"):
+            parse_gmacs_ratio(bad)
 
 
 def test_image_payloads():
@@ -214,3 +225,15 @@ def test_dependencies_point_one_way():
 
 def test_app_py_stays_thin():
     assert len((ROOT / "app.py").read_text().splitlines()) <= 300
+
+
+def test_placement_info_names_each_methods_blocks_from_the_registry(tiny_checkpoints):
+    session = api.load(tiny_checkpoints)
+    info = fmt.placement_info(session)  # tiny: depth 4, predictors at blocks 1, 2
+    assert "blocks 0–3" in info
+    paper, shared = info.split("Shared")
+    assert f"{pruning.get('cls_attention').label} in 1, 2, 3" in paper  # EViT at a quarter, half, three quarters
+    assert f"{pruning.get('tome').label} in 0, 1, 2, 3" in paper  # ToMe in every block
+    assert f"{pruning.get('learned').label} before 1, 2" in paper
+    assert f"{pruning.get('cls_attention').label} in 1, 2" in shared and f"{pruning.get('tome').label} in 1, 2" in shared
+    assert [v for _, v in fmt.placement_choices()] == list(pruning.PLACEMENTS)

@@ -602,7 +602,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 clock.lap("evaluate")
             if dd.main:
                 remove_resume_state(out, [p for p in phases if p != "evaluate"])
-                summary["build"] = _record_build(out, clock, args, dd, facts)
+                summary["build"] = _record_build(out, clock, args, facts)
         finally:
             if dd.world > 1 and dist.is_initialized():
                 dist.destroy_process_group()
@@ -622,7 +622,7 @@ class _Clock:
         self.last = now
 
 
-def _record_build(out: Path, clock: _Clock, args: argparse.Namespace, dd: Dist, facts: dict[str, Any]) -> dict[str, Any]:
+def _record_build(out: Path, clock: _Clock, args: argparse.Namespace, facts: dict[str, Any]) -> dict[str, Any]:
     """Write ``OUT/training.json``: the wall time of this run, end to end and per part, and how it ran.
 
     `training.report` quotes it as the build time when one run made every phase (``phases``).
@@ -639,7 +639,8 @@ def _record_build(out: Path, clock: _Clock, args: argparse.Namespace, dd: Dist, 
         **facts,
     }
     write_text_atomic(out / BUILD_FILE, json.dumps(record, indent=2) + "\n")
-    log.info("run took %.1f min (%s)", record["seconds"] / 60, ", ".join(f"{k} {v:.0f} s" for k, v in clock.parts.items()))
+    parts = ", ".join(f"{k} {v:.0f} s" for k, v in clock.parts.items())
+    log.info("run took %.1f min (%s)", record["seconds"] / 60, parts)
     return record
 
 

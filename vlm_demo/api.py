@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import addon, flops, hf_clip, overlay
+from .flops import Placement
 from .images import load_image
 from .latency import LatencyProtocol, Timing, interleaved
 from .model import DualEncoder, load_checkpoint
@@ -69,6 +70,7 @@ class Analysis:
 
     method: str
     keep_ratio: float
+    placement: str | list[int]  # where the stages sat: "paper", "shared" or block indices
     caption: str
     baseline: Side
     pruned: Side
@@ -97,6 +99,7 @@ class Analysis:
         out = {
             "method": self.method,
             "keep_ratio": self.keep_ratio,
+            "placement": self.placement,
             "baseline": side(self.baseline, True),
             "pruned": side(self.pruned, True),
             "score_delta": round(self.pruned.score - self.baseline.score, 6),
@@ -118,6 +121,8 @@ class MethodSummary:
     tokens_per_stage: list[int]
     gmacs: float
     overlay: Image.Image
+    keep_ratio: float  # the nominal keep ratio it ran at (matched to `gmacs_ratio` when `compare` was given one)
+    gmacs_ratio: float  # its GMACs over the baseline's
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k != "overlay"}
@@ -154,6 +159,7 @@ class Sweep:
     """Every slider stop for one image, caption and method (see `Session.sweep`)."""
 
     method: str
+    placement: str | list[int]  # where the stages sat (see `Analysis.placement`)
     caption: str
     image: Image.Image = field(repr=False)  # what the model saw of the upload (CLIP: the centre crop)
     baseline_score: float
@@ -163,6 +169,7 @@ class Sweep:
     def to_dict(self) -> dict[str, Any]:
         return {
             "method": self.method,
+            "placement": self.placement,
             "baseline": {"score": round(self.baseline_score, 6), "gmacs": round(self.baseline_gmacs, 6)},
             "stops": [s.to_dict() for s in self.stops],
         }
@@ -217,7 +224,7 @@ class Session:
         self.source, self.metrics = source, metrics
         self.cfg = baseline.cfg
         self.preprocess = preprocess or Preprocess(self.cfg.vision.image_size)
-        self._latency: dict[tuple[str, float, LatencyProtocol], dict[str, Timing]] = {}
+        self._latency: dict[tuple[str, float, LatencyProtocol, str], dict[str, Timing]] = {}
         self.has_predictors = has_predictors
         self.train_hint = train_hint or addon.train_command(source or "SOURCE")
         self.device = next(baseline.parameters()).device
@@ -343,6 +350,7 @@ class Session:
         style: str = "dim",
         batch32: bool = False,
         seed: int = 0,
+        placement: Placement = None,
     ) -> Analysis:
         """Score one image and caption with the full and the pruned model, and measure both.
 
@@ -356,6 +364,8 @@ class Session:
             style: the kept-patch overlay style, one of `vlm_demo.overlay.STYLES`.
             batch32: also time both models at batch 32 (about 30x the work), under `LATENCY_BS32`.
             seed: seed of ``random``.
+            placement: where the stages sit: ``"paper"``, ``"shared"`` or block indices
+                (`vlm_demo.pruning.resolve_stages`); None is the model config's ``pruning.placement``.
 
         Returns:
             The `Analysis`.
@@ -369,20 +379,22 @@ class Session:
         if not 1 <= int(latency_repeats) <= 200:
             raise ValueError("latency_repeats must be between 1 and 200.")
         request = self._request(image, caption)
-        spec = PruneSpec(method, float(keep_ratio), text=request.text if info.needs_caption else None, seed=seed)
+        spec = self._spec(method, keep_ratio, request.text, seed, placement)
         model = self.model_for(method)
         z_base = self.baseline.encode_image(request.pixels)
         z_pruned, trace = model.encode_image_with_trace(request.pixels, spec)
         per_stage = trace.tokens_per_stage()
-        timing = self.latency(method, spec.keep_ratio, LATENCY_BS1.replace(repeats=int(latency_repeats)))
+        protocol = LATENCY_BS1.replace(repeats=int(latency_repeats))
+        timing = self.latency(method, spec.keep_ratio, protocol, placement=placement)
         gmacs_base = flops.gmacs(self.cfg, BASELINE)
-        gmacs = flops.gmacs(self.cfg, method, spec.keep_ratio if info.prunes else 1.0)
+        gmacs = self._gmacs(spec)
         bs32 = None
         if batch32:
             bs32 = self._time(model, request.pixels.expand(32, -1, -1, -1).contiguous(), spec, LATENCY_BS32)
         return Analysis(
             method=method,
             keep_ratio=spec.keep_ratio,
+            placement=self.placement_name(placement),
             caption=request.caption,
             # The baseline's tokens, stage for stage with the pruned side's.
             baseline=self._side(z_base, [per_stage[0]] * len(per_stage), request.text, gmacs_base, timing["baseline"]),
@@ -395,30 +407,67 @@ class Session:
 
     @torch.inference_mode()
     def compare(
-        self, image: Any, caption: str, keep_ratio: float = 0.5, style: str = "dim", methods: tuple[str, ...] | None = None
-    ) -> list[MethodSummary]:
-        """Every method at one keep ratio (or `methods`): overlay, score and GMACs (no latency, to stay quick).
+        self, image: Any, caption: str, keep_ratio: float = 0.5, style: str = "dim",
+        methods: tuple[str, ...] | None = None, gmacs_ratio: float | None = None, placement: Placement = None,
+    ) -> list[MethodSummary]:  # fmt: skip
+        """Every method side by side: overlay, score and GMACs (no latency, to stay quick).
 
-        None is every method the session runs (`methods`); one it cannot run raises a ValueError.
+        Args:
+            image: a path, bytes or PIL image.
+            caption: the text to align with the image.
+            keep_ratio: the nominal keep ratio of every method, when `gmacs_ratio` is None.
+            style: the overlay style.
+            methods: None is every method the session runs; one it cannot run raises a ValueError.
+            gmacs_ratio: compare at matched compute instead: each method runs at the keep ratio (to 0.01)
+                whose GMACs, scoring included, come closest to this share of the baseline's
+                (`flops.keep_ratio_for`). The papers count keep rates differently, so one nominal keep
+                ratio costs each method something else.
+            placement: where the stages sit (see `analyze`).
         """
         methods = self.methods(prunes_only=True) if methods is None else methods
         for m in methods:
             self.method_info(m)
+        if gmacs_ratio is not None and not 0.0 < float(gmacs_ratio) <= 1.0:
+            raise ValueError(f"gmacs_ratio must be in (0, 1], got {gmacs_ratio!r}.")
         request = self._request(image, caption)
+        base = flops.gmacs(self.cfg, BASELINE)
         out = []
         for m in methods:
-            spec = PruneSpec(m, float(keep_ratio), text=request.text if pruning.get(m).needs_caption else None)
+            r = keep_ratio if gmacs_ratio is None else flops.keep_ratio_for(self.cfg, m, float(gmacs_ratio), placement)
+            spec = self._spec(m, r, request.text, 0, placement)
             z, trace = self.model_for(m).encode_image_with_trace(request.pixels, spec)
+            gmacs = self._gmacs(spec)
             out.append(
                 MethodSummary(
                     method=m,
                     score=float(z[0] @ request.text[0]),
                     tokens_per_stage=trace.tokens_per_stage(),
-                    gmacs=flops.gmacs(self.cfg, m, spec.keep_ratio),
+                    gmacs=gmacs,
                     overlay=overlay.kept_overlay(request.image, trace, style=style),
+                    keep_ratio=spec.keep_ratio,
+                    gmacs_ratio=gmacs / base,
                 )
             )
         return out
+
+    def placement_name(self, placement: Placement = None) -> str | list[int]:
+        """How a result names its placement: the one asked for, else the config's."""
+        where = self.cfg.pruning.placement if placement is None else placement
+        return where if isinstance(where, str) else [int(b) for b in where]
+
+    def _spec(
+        self, method: str, keep_ratio: float, text: torch.Tensor, seed: int = 0, placement: Placement = None
+    ) -> PruneSpec:
+        """The `PruneSpec` of one pass: the caption only for a method that reads it; None placement: the config's."""
+        info = pruning.get(method)
+        where = None if placement is None else placement if isinstance(placement, str) else tuple(placement)
+        return PruneSpec(method, float(keep_ratio), text=text if info.needs_caption else None, seed=seed, stages=where)
+
+    def _gmacs(self, spec: PruneSpec) -> float:
+        """fvcore GMACs of one batch-1 pass under `spec` (the baseline's where nothing is pruned)."""
+        if not pruning.get(spec.method).prunes:
+            return flops.gmacs(self.cfg, spec.method, 1.0)
+        return flops.gmacs(self.cfg, spec.method, spec.keep_ratio, placement=spec.stages)
 
     def _request(self, image: Any, caption: str) -> _Request:
         """Validate and encode the inputs of `analyze` and `compare`."""
@@ -430,25 +479,26 @@ class Session:
         return _Request(image=img, caption=caption, truncated=truncated, pixels=pixels, text=text)
 
     def latency(
-        self, method: str, keep_ratio: float, protocol: LatencyProtocol = LATENCY_BS1
+        self, method: str, keep_ratio: float, protocol: LatencyProtocol = LATENCY_BS1, placement: Placement = None
     ) -> dict[str, Timing]:
         """Batch-1 latency of the baseline and of `method` at `keep_ratio`, measured once per session.
 
         The cost of a pass depends on the method and keep ratio, not on the picture or the
         caption, so it is measured on a fixed input and cached per (method, keep ratio,
-        protocol): a repeated setting costs nothing, and the slider's stops are measured
-        once each.
+        protocol, placement): a repeated setting costs nothing, and the slider's stops are
+        measured once each.
 
         Returns:
             "baseline" and "pruned" `Timing`s (interleaved A B A B).
         """
         info = pruning.get(method)
-        key = (method, float(keep_ratio) if info.prunes else 1.0, protocol)
+        where = self.placement_name(placement) if info.prunes else None
+        key = (method, float(keep_ratio) if info.prunes else 1.0, protocol, json.dumps(where))
         if key not in self._latency:
             size = self.cfg.vision.image_size
             pixels = torch.zeros(1, 3, size, size, device=self.device)
             text = F.normalize(torch.ones(1, self.cfg.embed_dim, device=self.device), dim=-1)
-            spec = PruneSpec(method, key[1], text=text if info.needs_caption else None)
+            spec = self._spec(method, key[1], text, 0, placement)
             self._latency[key] = self._time(self.model_for(method), pixels, spec, protocol)
         return self._latency[key]
 
@@ -507,6 +557,7 @@ class Session:
         method: str = "learned",
         stops: tuple[float, ...] = SWEEP_STOPS,
         seed: int = 0,
+        placement: Placement = None,
     ) -> Sweep:
         """Every slider stop of one (image, caption, method) at once: what the page scrubs through.
 
@@ -521,6 +572,7 @@ class Session:
             stops: the keep ratios, each in (0, 1]; a caller that wants one stop at once
                 (the slider's) sweeps it alone first.
             seed: seed of ``random``.
+            placement: where the stages sit (see `analyze`).
 
         Returns:
             The `Sweep`, its stops in the order of `stops`.
@@ -531,7 +583,7 @@ class Session:
         model = self.model_for(method)
         out: list[SweepStop] = []
         for ratio in stops:
-            spec = PruneSpec(method, float(ratio), text=text if info.needs_caption else None, seed=seed)
+            spec = self._spec(method, ratio, text, seed, placement)
             z, trace = model.encode_image_with_trace(pixels, spec)
             per_stage = trace.tokens_per_stage()
             kept = trace.stages[-1].kept[0].tolist() if trace.stages else list(range(trace.num_patches))
@@ -540,13 +592,14 @@ class Session:
                 score=float(z[0] @ text[0]),
                 tokens=per_stage[-1],
                 tokens_per_stage=per_stage,
-                gmacs=flops.gmacs(self.cfg, method, spec.keep_ratio),
+                gmacs=self._gmacs(spec),
                 kept=kept,
                 trace=trace,
             ))  # fmt: skip
         base = self.baseline.encode_image(pixels)
         return Sweep(
             method=method,
+            placement=self.placement_name(placement),
             caption=request.caption,
             image=request.image,
             baseline_score=float(base[0] @ text[0]),

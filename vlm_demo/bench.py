@@ -141,15 +141,6 @@ def format_towers(towers: Towers, shape: ClipShape | None) -> str:
     return "\n".join(lines)
 
 
-def keep_ratio_for(cfg: ModelConfig, method: str, fraction: float = 0.5, placement: Placement = None) -> float:
-    """The keep ratio (to 0.01) whose GMACs are closest to `fraction` of the baseline's."""
-    base = flops.closed_form_gmacs(cfg, BASELINE)
-    grid = [r / 100 for r in range(1, 101)]
-    return min(
-        grid, key=lambda r: abs(flops.closed_form_gmacs(cfg, method, r, placement=placement) / base - fraction)
-    )
-
-
 def unrunnable(cfg: ModelConfig, methods: tuple[str, ...], placement: Placement) -> dict[str, str]:
     """The methods of `methods` that cannot prune this model at `placement`, each with the reason."""
     v, p = cfg.vision, cfg.pruning
@@ -200,7 +191,7 @@ def run(
     base = flops.gmacs(cfg, BASELINE)
     rows = []
     for method in methods:
-        r = keep_ratio_for(cfg, method, fraction, placement)
+        r = flops.keep_ratio_for(cfg, method, fraction, placement)
         spec = PruneSpec(method, r, stages=placement)
         say(f"{method}: keep ratio {r:.2f}; counting GMACs (fvcore)")
         pruned = flops.gmacs(cfg, method, r, placement=placement)

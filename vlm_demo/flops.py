@@ -41,7 +41,7 @@ from torch import nn
 
 from .atomic import write_text_atomic
 from .config import ModelConfig
-from .pruning import PruneSpec, StageShape, get, plan, resolve_stages, token_schedule
+from .pruning import BASELINE, PruneSpec, StageShape, get, plan, resolve_stages, token_schedule
 
 # Ops that do no multiply-accumulate: counted as 0 MACs, explicitly.
 ZERO_MAC_OPS = (
@@ -323,6 +323,24 @@ def closed_form_gmacs(
     macs += 5 * C + C * E  # final norm and projection of the CLS token
     return batch * macs / 1e9
 
+
+KEEP_GRID = tuple(r / 100 for r in range(1, 101))  # the keep ratios `keep_ratio_for` chooses from
+
+
+def keep_ratio_for(
+    cfg: ModelConfig, method: str, fraction: float = 0.5, placement: Placement = None,
+    grid: tuple[float, ...] = KEEP_GRID,
+) -> float:  # fmt: skip
+    """The keep ratio of `grid` whose GMACs are closest to `fraction` of the baseline's: matched compute.
+
+    The closed form is searched (it equals fvcore's count, tests/test_flops.py), so a search costs no trace;
+    on a tie the first of `grid` wins.
+    """
+    base = closed_form_gmacs(cfg, BASELINE)
+    return min(
+        grid,
+        key=lambda r: abs(closed_form_gmacs(cfg, method, r, placement=placement) / base - fraction),
+    )
 
 
 def closed_form_text_gmacs(cfg: ModelConfig, batch: int = 1) -> float:

@@ -38,9 +38,40 @@ KEEP_RATIO_INFO = (
     "Fraction of the {patches} patches left after the last stage (earlier stages keep a share in between)."
 )
 COMPARE_NOTE = (
-    "Every pruning method on the current image, caption and keep ratio "
-    "(captions: method · alignment · GMACs; no timing, so it is quick)."
+    "Every pruning method on the current image and caption **at matched compute**: each runs at the keep ratio "
+    "whose GMACs (its scoring and any fused token included) come closest to the chosen share of the full model's. "
+    "The papers count keep rates differently (a final share of tokens, a per-stage rate, or r merges per block), "
+    "so one nominal keep ratio would cost each method something else. Captions: method · keep ratio · cosine · "
+    "GMACs (share of the full model's); no timing, so it is quick."
 )
+PLACEMENT_LABELS = {
+    "paper": "Each paper's blocks",
+    "shared": "Shared blocks",
+}
+
+
+def placement_choices() -> list[tuple[str, str]]:
+    """(label, value) of the named placements for the Advanced panel."""
+    return [(PLACEMENT_LABELS.get(p, p), p) for p in pruning.PLACEMENTS]
+
+
+def placement_info(session: api.Session) -> str:
+    """Where each method's stages sit under each placement, for this model (from the registry)."""
+    v, p = session.cfg.vision, session.cfg.pruning
+
+    def where(placement: str) -> str:
+        parts = []
+        for m in session.methods(prunes_only=True):
+            info = pruning.get(m)
+            blocks = pruning.resolve_stages(m, v.depth, p.stages, placement)
+            side = "in" if info.inside else "before"
+            parts.append(f"{info.label} {side} {', '.join(str(b) for b in blocks)}")
+        return "; ".join(parts)
+
+    return (
+        f"Where the stages sit (blocks 0–{v.depth - 1}). Each paper's: {where('paper')}. "
+        f"Shared: every method at the blocks the keep predictors were trained for: {where('shared')}."
+    )
 COST_NOTE = """\
 **Why latency falls less than GMACs.** GMACs count multiply-adds (1 MAC = 2 FLOPs) and fall almost in \
 proportion to the tokens removed. A call's wall-clock time also pays a fixed cost that pruning does not \
@@ -151,8 +182,11 @@ def status_line(a: api.Analysis, context_length: int) -> str:
 
 
 def compare_caption(s: api.MethodSummary) -> str:
-    """A gallery caption of the side-by-side comparison: method, alignment and GMACs."""
-    return f"{pruning.get(s.method).label} · {s.score:.3f} · {s.gmacs:.3g} GMACs"
+    """A gallery caption of the side-by-side comparison: method, keep ratio, alignment and GMACs."""
+    return (
+        f"{pruning.get(s.method).label} · keep {s.keep_ratio:.2f} · {s.score:.3f} · {s.gmacs:.3g} GMACs "
+        f"({s.gmacs_ratio:.2f}×)"
+    )
 
 
 def session_lines(session: api.Session) -> list[str]:

@@ -25,7 +25,7 @@ from vlm_demo import api, overlay, plots  # noqa: E402
 from . import formatting as fmt  # noqa: E402
 from . import scrub  # noqa: E402
 from .files import OutputFiles  # noqa: E402
-from .inputs import image_source, parse_keep_ratio, uploaded_only  # noqa: E402
+from .inputs import image_source, parse_gmacs_ratio, parse_keep_ratio, parse_placement, uploaded_only  # noqa: E402
 from .models import Models  # noqa: E402
 
 log = logging.getLogger("app")
@@ -110,17 +110,18 @@ class Explorer:
     def analysis(
         self, image: Any, caption: Any, method: Any, keep_ratio: Any,
         style: str = DEFAULT_STYLE, repeats: Any = DEFAULT_REPEATS, batch32: bool = False, model: Any = None,
+        placement: Any = None,
     ) -> api.Analysis:  # fmt: skip
         """`Session.analyze` on checked inputs, under the lock (raises ValueError for bad input)."""
         source = self.source(image)
         session = self.models.get(model)
         ratio = parse_keep_ratio(keep_ratio, session.cfg.vision.num_patches)
+        where = parse_placement(placement)
         repeats = int(max(1, min(50, round(float(repeats or DEFAULT_REPEATS)))))
         t0 = time.perf_counter()
         with self.lock:
-            a = session.analyze(
-                source, caption, str(method), ratio, latency_repeats=repeats, style=style, batch32=bool(batch32)
-            )
+            a = session.analyze(source, caption, str(method), ratio, latency_repeats=repeats, style=style,
+                                batch32=bool(batch32), placement=where)  # fmt: skip
         log.info("analyze %s @ %g: %.2f s", a.method, a.keep_ratio, time.perf_counter() - t0)
         return a
 
@@ -137,27 +138,31 @@ class Explorer:
 
     def frames(
         self, image: Any, caption: Any, method: Any, keep_ratio: Any, style: Any = DEFAULT_STYLE, model: Any = None,
+        placement: Any = None,
     ) -> Iterator[str]:  # fmt: skip
         """The sweep's frames as HTML: first the slider's own stop (at once), then every stop."""
         source = self.source(image)
         session = self.models.get(model)
         current = parse_keep_ratio(keep_ratio, session.cfg.vision.num_patches)
+        where = parse_placement(placement)
         stops = api.SWEEP_STOPS
         first = min(stops, key=lambda r: abs(r - current))
         style = style if style in overlay.STYLES else DEFAULT_STYLE
         t0 = time.perf_counter()
         with self.lock:
-            one = session.sweep(source, caption, str(method), stops=(first,))
+            one = session.sweep(source, caption, str(method), stops=(first,), placement=where)
         yield scrub.frames_html(one, first, style, total=len(stops))
         with self.lock:  # the other stops; the first one is not computed twice
-            rest = session.sweep(source, caption, str(method), stops=tuple(r for r in stops if r != first))
+            others = tuple(r for r in stops if r != first)
+            rest = session.sweep(source, caption, str(method), stops=others, placement=where)
         full = dataclasses.replace(rest, stops=sorted(one.stops + rest.stops, key=lambda st: st.keep_ratio))
         log.info("sweep %s, %d stops: %.2f s", full.method, len(stops), time.perf_counter() - t0)
         yield scrub.frames_html(full, first, style)
 
     def ui_sweep(
-        self, image: Any, caption: Any, method: Any, keep_ratio: Any, style: Any, model: Any, last: dict[str, Any]
-    ) -> Iterator[Any]:
+        self, image: Any, caption: Any, method: Any, keep_ratio: Any, style: Any, model: Any, placement: Any,
+        last: dict[str, Any],
+    ) -> Iterator[Any]:  # fmt: skip
         """The page's sweep event: frames as they come.
 
         An input that is mid-edit (no image or caption yet) keeps the page as it is, and
@@ -168,12 +173,12 @@ class Explorer:
             yield gr.skip()
             return
         path = image.get("path") if isinstance(image, dict) else image
-        key = repr((path, caption, method, style, model))
+        key = repr((path, caption, method, style, model, placement))
         if last.get("sweep") == key:
             yield gr.skip()
             return
         with user_errors():
-            yield from self.frames(image, caption, method, keep_ratio, style, model)
+            yield from self.frames(image, caption, method, keep_ratio, style, model, placement)
             last["sweep"] = key
 
     def sweep(self, image, caption, method):  # noqa: ANN001 - the names are the API's parameter names
@@ -216,7 +221,7 @@ class Explorer:
 
     def ui_analyze(
         self, image: Any, caption: Any, method: Any, keep_ratio: Any, style: Any, repeats: Any, batch32: Any,
-        model: Any, last: dict[str, Any], *, live: bool,
+        model: Any, placement: Any, last: dict[str, Any], *, live: bool,
     ) -> list[Any]:  # fmt: skip
         """The page's analysis: values for `UI_OUTPUTS`, in order.
 
@@ -232,13 +237,15 @@ class Explorer:
             what = "Upload an image" if image is None else "Type a caption"
             return [gr.skip()] * (len(UI_OUTPUTS) - 1) + [f"{what} to run the analysis."]
         path = image.get("path") if isinstance(image, dict) else image
-        key = repr((path, caption, method, keep_ratio, style, repeats, batch32, model))
+        key = repr((path, caption, method, keep_ratio, style, repeats, batch32, model, placement))
         if live and last.get("key") == key and time.monotonic() - last.get("done", 0.0) < DEDUPE_S:
             return [gr.skip()] * len(UI_OUTPUTS)
         last["key"] = key
         try:
             session = guarded(lambda: self.models.get(model))
-            a = guarded(lambda: self.analysis(image, caption, method, keep_ratio, style, repeats, batch32, model))
+            a = guarded(
+                lambda: self.analysis(image, caption, method, keep_ratio, style, repeats, batch32, model, placement)
+            )
             v = self.views(a, session)
         finally:
             last["done"] = time.monotonic()
@@ -248,8 +255,9 @@ class Explorer:
     def select_model(self, model: Any, method: Any, progress: gr.Progress = gr.Progress()) -> list[Any]:
         """Switch models: load it (progress shown), offer its methods, show or hide what applies to it.
 
-        Returns updates for: the selector itself, the method radio, the caption table, the plot and the
-        model note. A model that cannot load leaves a warning and the page on the default model.
+        Returns updates for: the selector itself, the method radio, the caption table, the plot, the
+        model note and the placement's description (the blocks depend on the model's depth). A model
+        that cannot load leaves a warning and the page on the default model.
         """
         progress(0, desc=f"Loading {model} (first use only)…")
         try:
@@ -266,17 +274,20 @@ class Explorer:
             gr.update(visible=bool(session.caption_bank)),
             gr.update(visible=bool(session.metrics)),
             fmt.MODEL_NOTE["shipped" if shipped else "clip"],
+            gr.update(info=fmt.placement_info(session)),
         ]
 
-    def compare(self, image: Any, caption: Any, keep_ratio: Any, style: str, model: Any = None) -> list[tuple[str, str]]:
-        """Every method's overlay at one keep ratio, captioned for the gallery."""
+    def compare(
+        self, image: Any, caption: Any, gmacs_ratio: Any, style: str, model: Any = None, placement: Any = None
+    ) -> list[tuple[str, str]]:
+        """Every method's overlay at matched GMACs (`Session.compare`), captioned for the gallery."""
 
         def run() -> list[tuple[str, str]]:
             source = self.source(image)
             session = self.models.get(model)
-            ratio = parse_keep_ratio(keep_ratio, session.cfg.vision.num_patches)
+            ratio, where = parse_gmacs_ratio(gmacs_ratio), parse_placement(placement)
             with self.lock:
-                results = session.compare(source, caption, ratio, style=style)
+                results = session.compare(source, caption, style=style, gmacs_ratio=ratio, placement=where)
             return [(self.files.save(s.overlay), fmt.compare_caption(s)) for s in results]
 
         return guarded(run)

@@ -10,6 +10,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from vlm_demo.pruning import PLACEMENTS
+
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024  # launch(max_file_size=...), and the same cap on images sent inline
 
 
@@ -76,6 +78,34 @@ def parse_keep_ratio(value: Any, num_patches: int) -> float:
             f"The keep ratio must be a number in (0, 1]: the fraction of the {num_patches} image patches "
             f"left after the last stage (got {value!r})."
         )
+    return round(r, 4)
+
+
+def parse_placement(value: Any) -> str:
+    """One of the named placements (`vlm_demo.pruning.PLACEMENTS`); None or "" is the first, ``paper``.
+
+    Raises:
+        ValueError: anything else.
+    """
+    if value is None or value == "":
+        return PLACEMENTS[0]
+    if not isinstance(value, str) or value not in PLACEMENTS:
+        raise ValueError(f"The placement must be one of {', '.join(PLACEMENTS)}.")
+    return value
+
+
+def parse_gmacs_ratio(value: Any) -> float:
+    """A share of the baseline's GMACs in (0, 1], as the comparison matches every method to it.
+
+    Raises:
+        ValueError: not a number in (0, 1].
+    """
+    try:
+        r = float(value)
+    except (TypeError, ValueError):
+        r = math.nan
+    if isinstance(value, bool) or not math.isfinite(r) or not 0.0 < r <= 1.0:
+        raise ValueError("The GMACs ratio must be a number in (0, 1]: the share of the full model's compute.")
     return round(r, 4)
 
 
