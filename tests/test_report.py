@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -109,7 +110,14 @@ def test_findings_put_the_baseline_against_the_ceiling(src):
 def test_training_time_sums_the_recorded_epochs(src):
     text = report.training_time(src)
     assert "baseline 2 epochs in 7.0 min (300, 120 s)" in text and "pruned 1 epoch in 1.0 min (60 s)" in text
-    assert "evaluation 60 s; 9.0 min in all" in text
+    assert "evaluation 60 s; 9.0 min in all" in text and "Dataset generation is not timed" in text
+    build = {"phases": ["baseline", "pruned", "evaluate"], "seconds": 660.0, "threads": 2, "cpu_count": 2,
+             "resumed": False, "parts": {"data": 120.0, "baseline": 420.0, "pruned": 60.0, "evaluate": 60.0}}
+    text = report.training_time(dataclasses.replace(src, build=build))
+    assert "took **11.0 min** end to end on 2 threads of 2 cores (data 2.0 min, baseline 7.0 min" in text
+    assert "Dataset generation is not timed" not in text
+    for partial in ({**build, "resumed": True}, {**build, "phases": ["baseline", "pruned"]}):
+        assert "end to end" not in report.training_time(dataclasses.replace(src, build=partial))
 
 
 def test_cards_describe_their_own_checkpoint(src):

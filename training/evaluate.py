@@ -64,7 +64,8 @@ from vlm_demo.transforms import Preprocess, crop_box
 logger = logging.getLogger(__name__)
 
 DEFAULT_KEEP_RATIOS = (1.0, 0.7, 0.5, 0.3, 0.2, 0.1)
-DEFAULT_PLACEMENTS = ("paper",)  # each method's paper default; "shared" adds the ablation at the config's stages
+DEFAULT_PLACEMENTS = ("paper", "shared")  # each method's paper default (the main one), then the ablation at the
+# config's stages: methods whose blocks do not move are evaluated once and their rows copied
 LATENCY_BATCH = 32  # the throughput batch; batch 1 is a user's latency
 RECALL_KS = (1, 5, 10)
 LATENCY_KEYS = ("latency_ms", "latency_iqr_ms", "baseline_latency_ms", "latency_ratio")  # each with _bs1, _bs32
@@ -807,7 +808,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--placements", nargs="+", default=list(DEFAULT_PLACEMENTS), choices=pruning.PLACEMENTS, metavar="PLACEMENT",
         help="where the stages sit, each evaluated: paper (each method's paper default), shared (every method at the "
-        "config's pruning.stages); the first is the report's main one (default: paper)",
+        "config's pruning.stages); the first is the report's main one (default: paper shared)",
     )  # fmt: skip
     p.add_argument("--eval-limit", type=cli.positive_int, default=None,
                    help="evaluate only the first N test images (default: all)")  # fmt: skip
