@@ -60,6 +60,7 @@ from tqdm import tqdm
 from training.data import CaptionDataset, TrainDataset, load_objects, load_splits, make_collate
 from training.losses import contrastive_loss, distill_loss, keep_rank_loss
 from training.query import Scene, query_loss, query_text, subset_captions
+from training.layout import LayoutHead, layout_targets
 from training.synthetic import fresh_hard_negatives
 from training.saliency import direct_effects, stage_saliency
 from vlm_demo import addon, cli, pruning
@@ -198,6 +199,7 @@ class _Phase:
     peak: float  # peak learning rate
     meta: dict[str, Any]  # progress: epoch_done, losses, seconds_per_epoch (+ distill, query_losses); the resume state
     scenes: list[Scene | None] | None = None  # per training image, its objects (objects.json): text_guided's captions
+    layout: LayoutHead | None = None  # the baseline's auxiliary layout head (`training.layout`), if it trains one
 
     @property
     def query(self) -> bool:
@@ -224,6 +226,10 @@ def _setup_phase(
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith(PREDICTOR_PREFIXES) == pruned)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    layout = None
+    if not pruned and tcfg.layout_weight > 0 and scenes is not None:
+        layout = LayoutHead(model.cfg.embed_dim).to(args.device)
+        params += [(f"layout.{n}", p) for n, p in layout.named_parameters()]
     peak = tcfg.pruned_lr if pruned else tcfg.lr
     # text_guided's predictors: their own learning rate (TrainConfig.query_lr) and their own gradient clipping, so
     # the other predictors train exactly as without them.
@@ -253,20 +259,24 @@ def _setup_phase(
         meta["distill"] = []  # per epoch: mean monitored distillation loss at the drawn keep ratios
         if query:
             meta["query_losses"] = []  # per epoch: text_guided's predictors' mean loss
+    if layout is not None:
+        meta["layout_losses"] = []  # per epoch: the auxiliary layout loss (`training.layout`)
     if args.resume:
-        restored = load_state(_state_dir(args, phase), _trained_part(model, pruned), opt)
+        restored = load_state(_state_dir(args, phase), _trained_part(model, pruned, layout), opt)
         if restored is not None:
             meta = restored
             if dd.main:
                 log.info("%s: resuming after epoch %d", phase, meta["epoch_done"])
     epochs = args.pruned_epochs if pruned else args.baseline_epochs
-    return _Phase(phase, model, teacher, net, params, clip_sets, opt, loader, sampler, epochs, peak, meta, scenes)
+    return _Phase(phase, model, teacher, net, params, clip_sets, opt, loader, sampler, epochs, peak, meta, scenes,
+                  layout)  # fmt: skip
 
 
-def _trained_part(model: DualEncoder, pruned: bool) -> nn.Module:
-    """What a phase's resume state holds: the whole model, or only the keep predictors (the towers are frozen)."""
+def _trained_part(model: DualEncoder, pruned: bool, layout: nn.Module | None = None) -> nn.Module:
+    """What a phase's resume state holds: the whole model (and its layout head), or only the keep predictors
+    (the towers are frozen)."""
     if not pruned:
-        return model
+        return model if layout is None else nn.ModuleDict({"model": model, "layout": layout})
     if not len(model.visual.query_predictors):
         return model.visual.predictors
     return nn.ModuleDict({"predictors": model.visual.predictors, "query_predictors": model.visual.query_predictors})
@@ -277,12 +287,16 @@ def _state_dir(args: argparse.Namespace, phase: str) -> Path:
 
 
 def _contrastive_loss(
-    ph: _Phase, images: torch.Tensor, ids: torch.Tensor, hard: torch.Tensor | None
-) -> torch.Tensor:
-    """The baseline's loss: symmetric InfoNCE, with each image's hard-negative caption (ids) if any."""
+    ph: _Phase, images: torch.Tensor, ids: torch.Tensor, hard: torch.Tensor | None, layout: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The baseline's losses: symmetric InfoNCE, with each image's hard-negative captions (ids) if any; and the
+    auxiliary layout loss of both embeddings where `layout` (targets, `training.layout`) is given, else None."""
     img, txt = ph.net(images, ids=ids)
     hard_text = None if hard is None else ph.model.encode_text(hard)
-    return contrastive_loss(img, txt, ph.model.logit_scale, hard_text)
+    loss = contrastive_loss(img, txt, ph.model.logit_scale, hard_text)
+    if ph.layout is None or layout is None:
+        return loss, None
+    return loss, 0.5 * (ph.layout.loss(img, layout) + ph.layout.loss(txt, layout))
 
 
 def _saliency_loss(
@@ -316,10 +330,11 @@ def _optimise(ph: _Phase, loss: torch.Tensor, dd: Dist) -> None:
     """One AdamW step on `loss` (gradients averaged across processes), clipped, logit scale kept in range."""
     ph.opt.zero_grad(set_to_none=True)
     loss.backward()
-    if ph.pruned and dd.world > 1:
-        for _, p in ph.params:
-            dist.all_reduce(p.grad)
-            p.grad /= dd.world
+    if dd.world > 1:  # DDP averages the towers' gradients; the predictors and the layout head are averaged here
+        for name, p in ph.params:
+            if (ph.pruned or name.startswith("layout.")) and p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= dd.world
     for clip in ph.clip_sets:
         nn.utils.clip_grad_norm_(clip, 1.0)
     ph.opt.step()
@@ -330,8 +345,8 @@ def _optimise(ph: _Phase, loss: torch.Tensor, dd: Dist) -> None:
 def _train_epoch(
     ph: _Phase, epoch: int, tokenizer: TextTokenizer, tcfg: TrainConfig, args: argparse.Namespace, dd: Dist,
 ) -> tuple[float, float, float, float]:  # fmt: skip
-    """One epoch; returns (mean loss, mean monitored distillation loss (pruned phase, else 0), mean loss of
-    text_guided's predictors (else 0), last lr)."""
+    """One epoch; returns (mean loss, mean monitored distillation loss (pruned phase, else 0), mean extra loss:
+    text_guided's predictors' (pruned phase) or the layout head's (baseline), else 0, last lr)."""
     device = torch.device(args.device)
     steps = len(ph.loader)
     lo, hi = tcfg.keep_ratio_range
@@ -350,11 +365,16 @@ def _train_epoch(
                 )
                 distill_sum += distill
             else:
-                hard = None
+                hard = layout = None
                 if tcfg.hard_negatives > 0 and ph.scenes is not None:
                     negatives = fresh_hard_negatives(ph.scenes, index.tolist(), args.seed, epoch, tcfg.hard_negatives)
                     hard = None if negatives is None else tokenizer.encode_batch(negatives).to(device)
-                loss, extra = _contrastive_loss(ph, images, ids, hard), None
+                if ph.layout is not None:
+                    layout = layout_targets(ph.scenes, index.tolist())
+                    layout = None if layout is None else layout.to(device)
+                loss, extra = _contrastive_loss(ph, images, ids, hard, layout)
+                if extra is not None:
+                    extra = tcfg.layout_weight * extra
             _optimise(ph, loss if extra is None else loss + extra, dd)
             query_sum += 0.0 if extra is None else extra.item()
             loss_sum += loss.item()
@@ -400,11 +420,14 @@ def run_phase(
         if ph.query:
             ph.meta["query_losses"].append(query)
             monitor += f"  text_guided loss {query:.4f}"
+        if ph.layout is not None:
+            ph.meta["layout_losses"].append(query)
+            monitor += f"  layout loss {query:.4f}"
         if dd.main:
             log.info(
                 "%s epoch %d/%d  loss %.4f  lr %.2e  %.1f s%s", phase, epoch + 1, ph.epochs, loss, lr, seconds, monitor
             )
-            save_state(_state_dir(args, phase), _trained_part(model, ph.pruned), ph.opt, ph.meta)
+            save_state(_state_dir(args, phase), _trained_part(model, ph.pruned, ph.layout), ph.opt, ph.meta)
         dd.barrier()
     return ph.meta
 
@@ -573,7 +596,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 model = DualEncoder(data.cfg).to(args.device)
                 meta = run_phase("baseline", model, None, data.dataset, data.tokenizer, tcfg, args, dd, data.scenes)
                 if dd.main:
-                    _save(model, data.tokenizer, out / "baseline", meta, **facts)
+                    _save(model, data.tokenizer, out / "baseline", meta, **_extra_facts(meta, tcfg), **facts)
                     bank = [c for caps in data.splits["test"].captions for c in caps]
                     write_text_atomic(out / CAPTION_BANK_FILE, json.dumps({"split": "test", "captions": bank}))
                 summary["baseline"] = meta
@@ -589,7 +612,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 meta = run_phase("pruned", base, teacher, data.dataset, data.tokenizer, tcfg, args, dd, data.scenes)
                 if dd.main:
                     _save(base, data.tokenizer, out / "pruned", meta, keep_ratio_range=list(tcfg.keep_ratio_range),
-                          **_query_facts(meta, tcfg), **facts)  # fmt: skip
+                          **_extra_facts(meta, tcfg), **facts)  # fmt: skip
                 summary["pruned"] = meta
                 dd.barrier()
                 clock.lap("pruned")
@@ -679,9 +702,15 @@ def _scenes(root: Path, split: CaptionDataset) -> list[Scene | None] | None:
     return [objects["images"].get(name, {}).get("objects") for name in split.names]
 
 
-def _query_facts(meta: dict[str, Any], tcfg: TrainConfig) -> dict[str, Any]:
-    """What ``training.json`` records of text_guided's predictors: their loss per epoch and learning rate."""
-    return {"query_losses": meta["query_losses"], "query_lr": tcfg.query_lr} if "query_losses" in meta else {}
+def _extra_facts(meta: dict[str, Any], tcfg: TrainConfig) -> dict[str, Any]:
+    """What ``training.json`` records of the extra objectives: text_guided's predictors' loss per epoch and
+    learning rate (pruned phase), the layout head's loss per epoch and weight (baseline, `training.layout`)."""
+    out: dict[str, Any] = {}
+    if "query_losses" in meta:
+        out.update(query_losses=meta["query_losses"], query_lr=tcfg.query_lr)
+    if "layout_losses" in meta:
+        out.update(layout_losses=meta["layout_losses"], layout_weight=tcfg.layout_weight)
+    return out
 
 
 def _save(model: DualEncoder, tokenizer: Tokenizer, folder: Path, meta: dict[str, Any], **facts: Any) -> None:
@@ -716,7 +745,7 @@ def _train_predictors(args: argparse.Namespace, tcfg: TrainConfig, dd: Dist) -> 
         facts = _run_facts("predictors", meta)
         facts.update(seconds=sum(meta["seconds_per_epoch"]), distill=meta["distill"], preset=args.preset,
                      data=recorded_data(root, out), seed=args.seed, world_size=dd.world,
-                     keep_ratio_range=list(tcfg.keep_ratio_range), **_query_facts(meta, tcfg))  # fmt: skip
+                     keep_ratio_range=list(tcfg.keep_ratio_range), **_extra_facts(meta, tcfg))  # fmt: skip
         addon.save_addon(out, model, ref, facts)  # replaces the folder, its resume state with it
         log.info("wrote the keep predictors of %s to %s", ref.source, out)
     dd.barrier()

@@ -141,6 +141,8 @@ class TrainConfig:
     # their caption match is a product of two projections, which learns too slowly in one epoch at pruned_lr
     weight_decay: float = 0.05  # AdamW weight decay (not on norms, biases, embeddings)
     warmup_steps: int = 100  # linear warm-up before cosine decay
+    layout_weight: float = 1.0  # weight of the baseline's auxiliary layout loss (training.layout: both embeddings
+    # must tell each of the 9 cells' colour, shape and size); synthetic data only; 0: off
     hard_negatives: int = 2  # hard-negative captions per image and step, extra wrong answers (NegCLIP): drawn
     # afresh each epoch from the image's objects (objects.json; one attribute changed or swapped); 0: none
     keep_ratio_range: tuple[float, float] = (0.1, 1.0)  # keep ratios the pruned phase monitors (one per batch)
