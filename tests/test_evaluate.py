@@ -173,6 +173,10 @@ def test_main_writes_metrics_report_and_plot(tiny: tuple[Path, Path], tmp_path: 
     assert m["options"]["placements"] == ["paper", "shared"]  # the placement ablation is part of the default
     assert {r["placement"] for r in m["rows"]} == {"paper", "shared"}
     assert set(m["oracle"]) == {"r1_t2i", "r1_i2t", "mean_r1"}
+    kinds = m["pair_by_kind"]  # the baseline's pair accuracy per kind of hard negative
+    assert all(k.split("_")[0] in ("swap", "change") for k in kinds)
+    assert sum(v["images"] for v in kinds.values()) == m["dataset"]["pair_images"]
+    assert all(0 <= v["pair_acc"] <= 100 for v in kinds.values())
 
     rows = m["rows"]
     assert {r["method"] for r in rows} == set(METHODS)

@@ -107,6 +107,13 @@ def test_findings_put_the_baseline_against_the_ceiling(src):
     assert "baseline mean R@1 40.0 of a ceiling of 80.0 (50%)" in report.results(src)
 
 
+def test_findings_say_what_the_baseline_tells_apart(src):
+    assert "tells apart" not in report.findings(src)  # an older metrics.json has no pair_by_kind
+    src.metrics["pair_by_kind"] = {"change_color": {"images": 3, "pair_acc": 100.0},
+                                   "swap_position": {"images": 4, "pair_acc": 50.0}}  # fmt: skip
+    assert "hard negative changed (50 is chance): change color 100, swap position 50." in report.findings(src)
+
+
 def test_training_time_sums_the_recorded_epochs(src):
     text = report.training_time(src)
     assert "baseline 2 epochs in 7.0 min (300, 120 s)" in text and "pruned 1 epoch in 1.0 min (60 s)" in text

@@ -301,8 +301,10 @@ def evaluate(
         )
         recorded = models.base_training.get("data") or models.pruned_training.get("data")
         test = _load_test(_resolve_data(data, recorded, models.folder, models.record), models, opts)
-        rows = _Rows(models, test, opts).run()
+        table = _Rows(models, test, opts)
+        rows = table.run()
     result = _metrics(models, test, rows, opts)
+    result["pair_by_kind"] = table.reference_by_kind
     result["seconds"] = time.perf_counter() - t_start
     result = _json_safe(result)
     write_outputs(result, out)
@@ -395,6 +397,7 @@ class _TestSet:
     have_boxes: torch.Tensor | None = None  # (N,) bool: the image has object boxes; None if none has
     boxes: list[list[list[float]]] = field(default_factory=list)  # per image, [x0, y0, x1, y1] boxes
     oracle: dict[str, float] | None = None  # the R@1 ceiling (`training.oracle`); None without ground truth
+    neg_kinds: list[str] = field(default_factory=list)  # per image, what its hard negative changed ("swap_color")
 
     def pair_acc(self, img: torch.Tensor, neg_img: torch.Tensor | None = None) -> float | None:
         """Hard-negative pair accuracy of (N, E) image embeddings (`neg_img`: pruned with the negatives)."""
@@ -402,6 +405,16 @@ class _TestSet:
             return None
         m = self.have_neg
         return M.pair_accuracy(img[m], self.pos_emb[m], self.neg_emb[m], None if neg_img is None else neg_img[m])
+
+    def pair_by_kind(self, img: torch.Tensor) -> dict[str, dict[str, float]] | None:
+        """Pair accuracy of (N, E) image embeddings per kind of hard negative: what the model tells apart."""
+        if self.have_neg is None or self.neg_emb is None or not self.neg_kinds:
+            return None
+        out = {}
+        for kind in sorted({k for k in self.neg_kinds if k}):
+            m = self.have_neg & torch.tensor([k == kind for k in self.neg_kinds])
+            out[kind] = {"images": int(m.sum()), "pair_acc": M.pair_accuracy(img[m], self.pos_emb[m], self.neg_emb[m])}
+        return out
 
     def obj_recall(self, kept: torch.Tensor, grid: int) -> float | None:
         """Share of object patches among (N, k') kept positions; None without boxes."""
@@ -435,6 +448,7 @@ def _add_ground_truth(test: _TestSet, objects: dict[str, Any], models: _Models) 
     have_neg = torch.tensor([bool(r and r.get("hard_negative")) for r in records])
     have_boxes = torch.tensor([bool(r and "objects" in r) for r in records])
     negs = [r["hard_negative"] if ok else "" for r, ok in zip(records, have_neg.tolist())]
+    test.neg_kinds = [r.get("hard_negative_kind", "") if ok else "" for r, ok in zip(records, have_neg.tolist())]
     test.neg_emb = _encode_text(models.base, models.tokenizer, negs)  # (N, E); rows without a negative are ignored
     # The boxes are in pixels of the square synthetic image. The shipped model sees all of it (resized), a CLIP
     # may see a centre crop: the boxes move into the part the model sees, whose side is then the boxes' scale.
@@ -468,6 +482,7 @@ class _Rows:
         self.base_gmacs = flops.gmacs(self.cfg, BASELINE, 1.0, 1)
         self.reference: _Pass | None = None  # the baseline's pass, reused by rows that compute the same
         self.reference_pair: float | None = None
+        self.reference_by_kind: dict[str, dict[str, float]] | None = None  # the baseline's pair accuracy per kind
         self.rows: list[dict[str, Any]] = []
         # A fixed batch of real test images for latency (tiled when the split is smaller than the batch).
         lat_idx = torch.arange(LATENCY_BATCH) % len(test.data.names)
@@ -552,6 +567,7 @@ class _Rows:
         pair = self.test.pair_acc(run.emb)
         if not info.prunes:
             self.reference, self.reference_pair = run, pair
+            self.reference_by_kind = self.test.pair_by_kind(run.emb)
         return self._recalls(run.emb), pair, run.kept, run.tokens
 
     def _query_aware(
@@ -635,6 +651,7 @@ def _metrics(models: _Models, test: _TestSet, rows: list[dict[str, Any]], opts: 
             "recall": "percent",
             "oracle": "percent, the expected R@1 of a ground-truth oracle with random tie-breaking (training.oracle)",
             "pair_acc": "percent",
+            "pair_by_kind": "the baseline's pair accuracy, percent, per kind of hard negative (what it changed)",
             "object_recall": "fraction",
             "lossyness": "fraction, 1 - mean R@1 / mean R@1 of none",
             "latency": "milliseconds per call, median",

@@ -184,6 +184,11 @@ def findings(src: Sources) -> str:
         f"- **The baseline learned:** mean R@1 {base['mean_r1']:.1f}% over {n:,} test images (chance is "
         f"{100 / n:.1f}%{ceiling}), pair accuracy {base['pair_acc']:.1f}%."
     ]
+    kinds = m.get("pair_by_kind")
+    if kinds:
+        parts = ", ".join(f"{k.replace('_', ' ')} {v['pair_acc']:.0f}" for k, v in kinds.items())
+        lines.append(f"- **What the baseline tells apart:** pair accuracy by what the hard negative changed "
+                     f"(50 is chance): {parts}.")  # fmt: skip
     at = {meth: compare.matched(rows, meth, g) for meth in _methods(m)}
     missing = [meth for meth, x in at.items() if x is None]
     at = {meth: x for meth, x in at.items() if x is not None}
