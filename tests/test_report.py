@@ -135,6 +135,10 @@ def test_cards_describe_their_own_checkpoint(src):
     assert "| learned | 0.3 |" in pruned and "| tome |" not in pruned
     assert "| tome | 0.3 |" in report.card_metrics(src, "baseline")
     assert "drawn from [0.1, 1]" in report.card_training(src, "pruned")
+    assert "layout" not in report.card_training(src, "baseline")
+    src.training["baseline"].update(layout_losses=[1.5, 0.25], layout_weight=1.0)
+    assert "(`training/layout.py`, weight 1; not in the loss above) per epoch: 1.500, 0.250." in report.card_training(
+        src, "baseline")  # fmt: skip
 
 
 def test_fill_rewrites_only_inside_the_markers(src):

@@ -336,6 +336,11 @@ def card_training(src: Sources, name: str) -> str:
         f"- **Epochs:** {t['epochs']}, {_minutes(sum(secs))} in all ({', '.join(f'{s:.0f}' for s in secs)} s).",
         f"- **Loss per epoch:** {', '.join(f'{x:.3f}' for x in losses)}.",
     ]
+    if "layout_losses" in t:
+        lines.append(
+            f"- **Auxiliary layout loss** (`training/layout.py`, weight {t['layout_weight']:g}; not in the loss above) "
+            f"per epoch: {', '.join(f'{x:.3f}' for x in t['layout_losses'])}."
+        )
     if "keep_ratio_range" in t:
         lo, hi = t["keep_ratio_range"]
         lines.append(f"- **Monitored distillation loss** (not trained on): at keep ratios drawn from [{lo:g}, {hi:g}].")
