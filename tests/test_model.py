@@ -77,6 +77,17 @@ def test_save_replaces_an_existing_checkpoint(tmp_path):
     assert torch.equal(loaded.visual.pos_embed, model.visual.pos_embed)
 
 
+def test_a_retrain_keeps_the_model_card(tmp_path):
+    tok = Tokenizer.build(["a"], context_length=16)
+    model = DualEncoder(get_preset("tiny").model)
+    save_checkpoint(model, tok, tmp_path / "ck")
+    assert "PytorchModelHubMixin" in (tmp_path / "ck" / "README.md").read_text()  # the mixin's card, first time
+    card = "# Our card\n<!-- card-model:begin -->\n<!-- card-model:end -->\n"
+    (tmp_path / "ck" / "README.md").write_text(card)
+    save_checkpoint(model, tok, tmp_path / "ck")
+    assert (tmp_path / "ck" / "README.md").read_text() == card
+
+
 def test_load_rejects_a_folder_that_is_not_a_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="not a checkpoint folder"):
         load_checkpoint(tmp_path)

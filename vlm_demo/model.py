@@ -492,6 +492,9 @@ def _process_exists(pid: int) -> bool:
 def save_checkpoint(model: DualEncoder, tokenizer: Tokenizer, folder: str | os.PathLike, **extra: Any) -> Path:
     """Write config.json, model.safetensors and vocab.json atomically (see `atomic_folder`).
 
+    A model card (README.md) already in `folder` is kept: ``training.report`` fills its generated
+    blocks, and the Hub mixin's placeholder card would otherwise replace it on every retrain.
+
     Args:
         model: the model.
         tokenizer: its tokenizer (the vocabulary must fit ``config.text.vocab_size``).
@@ -503,8 +506,11 @@ def save_checkpoint(model: DualEncoder, tokenizer: Tokenizer, folder: str | os.P
     """
     if len(tokenizer) > model.cfg.text.vocab_size:
         raise ValueError(f"Tokenizer has {len(tokenizer)} words but the model only {model.cfg.text.vocab_size}.")
+    card = Path(folder) / "README.md"
     with atomic_folder(folder) as tmp:
         model.save_pretrained(tmp)
+        if card.is_file():
+            (tmp / "README.md").write_bytes(card.read_bytes())
         tokenizer.save(tmp)
         if extra:
             (tmp / "training.json").write_text(json.dumps(extra, indent=2))
