@@ -34,7 +34,7 @@ import torch
 from matplotlib.figure import Figure
 
 from training.data import eval_data, load_objects, load_splits
-from training.evaluate import evaluate
+from training.evaluate import evaluate, resolve_data
 from training.metrics import object_patch_mask
 from vlm_demo import api, cli, flops, pruning
 from vlm_demo.pruning import PruneSpec, Signals, topk_keep
@@ -185,10 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     with cli.user_errors(p):
         session = api.load(args.checkpoints)
-        recorded = json.loads((args.checkpoints / "baseline" / "training.json").read_text())["data"]
-        data = args.data or args.checkpoints / recorded
-        if not Path(data).is_dir():
-            raise ValueError(f"no dataset at {data}; pass --data.")
+        recorded = json.loads((args.checkpoints / "baseline" / "training.json").read_text()).get("data")
+        data = resolve_data(args.data, recorded, args.checkpoints)
         register_ablations()
         attention = attention_on_objects(session, Path(data), args.limit)
         rows = matched_rows(session, args.checkpoints, Path(data), args.fraction, args.limit)

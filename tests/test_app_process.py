@@ -103,7 +103,7 @@ def _start_a_long_request(server: Server) -> None:
     from benchmarks.app_server import completed, upload
 
     image = upload(server.url, ROOT / "docs" / "examples" / "scene_7005.png")
-    data = [image, "a green cross", "learned", 0.5, "dim", 50, True, None, None]
+    data = [image, "a green cross", "learned", 0.5, "dim", 50, True, None, None, None]
     session = uuid.uuid4().hex
     join(server.url, fn_index(server.url, "analyze_ui"), data, session).raise_for_status()
     threading.Thread(target=lambda: _ignore(completed, server.url, session), daemon=True).start()

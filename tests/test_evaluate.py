@@ -288,13 +288,13 @@ def test_bad_inputs_get_clear_errors(tiny: tuple[Path, Path], tmp_path: Path) ->
 
 
 def test_the_recorded_dataset_is_found_old_style_and_new(tmp_path: Path) -> None:
-    from training.evaluate import _resolve_data
+    from training.evaluate import resolve_data
 
     ckpt, data = tmp_path / "project" / "checkpoints", tmp_path / "project" / ".cache" / "synth"
     data.mkdir(parents=True)
     ckpt.mkdir()
-    assert _resolve_data(None, "../.cache/synth", ckpt).resolve() == data.resolve()  # new: relative to checkpoints
-    assert _resolve_data(None, str(data), ckpt) == data  # old: absolute
-    assert _resolve_data(None, ".cache/synth", ckpt).resolve() == data.resolve()  # old: relative to the run's folder
+    assert resolve_data(None, "../.cache/synth", ckpt).resolve() == data.resolve()  # new: relative to checkpoints
+    assert resolve_data(None, str(data), ckpt) == data  # old: absolute
+    assert resolve_data(None, ".cache/synth", ckpt).resolve() == data.resolve()  # old: relative to the run's folder
     with pytest.raises(ValueError, match="pass --data"):
-        _resolve_data(None, "synth", ckpt)  # only the name, and not beside the checkpoints
+        resolve_data(None, "synth", ckpt)  # only the name, and not beside the checkpoints

@@ -150,10 +150,10 @@ def test_user_text_never_comes_back_as_markup(server):
     named = upload(server.url, SCENE, name=f"{XSS}.png")
     caption = f"{XSS} {CAPTION} {XSS}"
     for event, data in [
-        ("analyze_ui", [named, caption, "learned", 0.5, "dim", 2, False, None, None]),
-        ("analyze_live", [named, caption, "tome", 0.3, "outline", 2, False, None]),
-        ("sweep_ui", [named, caption, "random", 0.52, "outline", None, None]),
-        ("compare", [named, caption, 0.5, "grey", None]),
+        ("analyze_ui", [named, caption, "learned", 0.5, "dim", 2, False, None, None, None]),
+        ("analyze_live", [named, caption, "tome", 0.3, "outline", 2, False, None, None]),
+        ("sweep_ui", [named, caption, "random", 0.52, "outline", None, None, None]),
+        ("compare", [named, caption, 0.5, "grey", None, None]),
         ("analyze", [named, caption, "text_guided", 0.5]),
     ]:
         msg = call(server.url, event, data)
@@ -171,8 +171,8 @@ def test_user_text_never_comes_back_as_markup(server):
         ("analyze", ["{image}", CAPTION, XSS, 0.5]),
         ("analyze", ["{image}", CAPTION, "learned", XSS]),
         ("analyze", ["{missing}", CAPTION, "learned", 0.5]),
-        ("analyze_ui", ["{image}", CAPTION, "learned", 0.5, XSS, 2, False, None, None]),
-        ("compare", ["{image}", CAPTION, XSS, "dim", None]),
+        ("analyze_ui", ["{image}", CAPTION, "learned", 0.5, XSS, 2, False, None, None, None]),
+        ("compare", ["{image}", CAPTION, XSS, "dim", None, None]),
     ],
     ids=["method", "keep-ratio", "file-name", "style", "compare-keep-ratio"],
 )
@@ -256,10 +256,10 @@ def test_a_request_cannot_choose_a_server_file(server, places, form, path):
 
 
 PAGE_EVENTS = {  # the page's events and their inputs, the image first
-    "analyze_ui": [CAPTION, "learned", 0.5, "dim", 2, False, None, None],
-    "analyze_live": [CAPTION, "learned", 0.5, "dim", 2, False, None],
-    "sweep_ui": [CAPTION, "learned", 0.52, "dim", None, None],
-    "compare": [CAPTION, 0.5, "dim", None],
+    "analyze_ui": [CAPTION, "learned", 0.5, "dim", 2, False, None, None, None],
+    "analyze_live": [CAPTION, "learned", 0.5, "dim", 2, False, None, None],
+    "sweep_ui": [CAPTION, "learned", 0.52, "dim", None, None, None],
+    "compare": [CAPTION, 0.5, "dim", None, None],
 }
 
 

@@ -51,7 +51,7 @@ def test_a_full_queue_answers_busy_and_the_server_stays_up(server):
     client = Client(server.url, verbose=False)
     image = upload(server.url, SCENE)
     slow = uuid.uuid4().hex  # the page's Analyze button with 50 latency repeats and batch-32 timing
-    join(server.url, fn_index(server.url, "analyze_ui"), [image, CAPTION, "learned", 0.5, "dim", 50, True, None, None],
+    join(server.url, fn_index(server.url, "analyze_ui"), [image, CAPTION, "learned", 0.5, "dim", 50, True, None, None, None],
          slow).raise_for_status()  # fmt: skip
 
     # Plain HTTP, as the page joins the queue: past its places, HTTP 503 and Gradio's "Queue is full".

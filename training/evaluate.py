@@ -93,7 +93,7 @@ def _read_training(folder: Path) -> dict[str, Any]:
         raise ValueError(f"{path}: invalid JSON ({e.msg}); re-save the checkpoint.") from None
 
 
-def _resolve_data(
+def resolve_data(
     data: str | os.PathLike | None, recorded: Any, checkpoints: Path, record: str = "training.json"
 ) -> Path:
     """The dataset root: `data` if given, else the one training recorded (in `record`, e.g. ``baseline/training.json``).
@@ -300,7 +300,7 @@ def evaluate(
             methods, keep_ratios, limit, protocol, batch_size, seed, torch.get_num_threads(), progress, placements
         )
         recorded = models.base_training.get("data") or models.pruned_training.get("data")
-        test = _load_test(_resolve_data(data, recorded, models.folder, models.record), models, opts)
+        test = _load_test(resolve_data(data, recorded, models.folder, models.record), models, opts)
         table = _Rows(models, test, opts)
         rows = table.run()
     result = _metrics(models, test, rows, opts)

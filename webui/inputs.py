@@ -105,7 +105,9 @@ def parse_gmacs_ratio(value: Any) -> float:
     except (TypeError, ValueError):
         r = math.nan
     if isinstance(value, bool) or not math.isfinite(r) or not 0.0 < r <= 1.0:
-        raise ValueError("The GMACs ratio must be a number in (0, 1]: the share of the full model's compute.")
+        raise ValueError(
+            f"The GMACs ratio must be a number in (0, 1]: the share of the full model's compute (got {value!r})."
+        )
     return round(r, 4)
 
 
