@@ -158,7 +158,8 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    # The shipped model: the whole build (data, both phases, evaluation) in about 70 minutes on 2 CPU cores.
+    # The current recipe: one whole build (data, both phases, evaluation) took 75.1 min on 2 CPU cores
+    # (docs/training.md); the shipped checkpoints predate it.
     "default": Preset(model=ModelConfig(), train=TrainConfig()),
     # For tests: trains end to end in seconds.
     "tiny": Preset(
