@@ -70,10 +70,11 @@ def register_ablations() -> None:
 
 
 @torch.inference_mode()
-def attention_on_objects(session: api.Session, data: Path, limit: int) -> list[dict[str, float]]:
+def attention_on_objects(
+    session: api.Session, images: torch.Tensor, per_object: list[list[torch.Tensor]]
+) -> list[dict[str, float]]:
     """Per block of the unpruned baseline: CLS attention on object patches, the chance share, and entropy."""
     model, cfg = session.baseline.visual, session.cfg.vision
-    images, per_object = _test_objects(session, data, limit)
     masks = torch.stack([torch.stack(objs).any(0) for objs in per_object]).float()  # (N, P): any object's patch
     on_objects = torch.zeros(cfg.depth)
     entropy = torch.zeros(cfg.depth)
@@ -91,7 +92,10 @@ def attention_on_objects(session: api.Session, data: Path, limit: int) -> list[d
             for b in range(cfg.depth)]  # fmt: skip
 
 
-def matched_rows(session: api.Session, checkpoints: Path, data: Path, fraction: float, limit: int) -> list[dict]:
+def matched_rows(
+    session: api.Session, checkpoints: Path, data: Path, fraction: float, limit: int,
+    images: torch.Tensor, masks: list[list[torch.Tensor]],
+) -> list[dict]:  # fmt: skip
     """`training.evaluate` rows of EViT, its two ablations and random, each at its matched keep ratio, with
     ``objects_kept``: the share of objects that keep at least one patch token after the last stage."""
     methods = (EVIT, SHUFFLED, NO_FUSION, RANDOM)
@@ -101,7 +105,6 @@ def matched_rows(session: api.Session, checkpoints: Path, data: Path, fraction: 
                            placements=("paper",), limit=limit, latency=False, progress=False)  # fmt: skip
     rows = {(r["method"], r["keep_ratio"]): r for r in metrics["rows"]}
     out = [dict(rows[(pruning.BASELINE, 1.0)], objects_kept=1.0)]
-    images, masks = _test_objects(session, data, limit)
     for m in methods:
         spec = PruneSpec(m, keep[m])
         hit = total = 0
@@ -117,7 +120,7 @@ def matched_rows(session: api.Session, checkpoints: Path, data: Path, fraction: 
     return out
 
 
-def _test_objects(session: api.Session, data: Path, limit: int) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
+def load_test_objects(session: api.Session, data: Path, limit: int) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
     """The first `limit` test images, normalised, and per image one (P,) patch mask per object."""
     objects = load_objects(data)
     if objects is None:
@@ -188,8 +191,9 @@ def main(argv: list[str] | None = None) -> int:
         recorded = json.loads((args.checkpoints / "baseline" / "training.json").read_text()).get("data")
         data = resolve_data(args.data, recorded, args.checkpoints)
         register_ablations()
-        attention = attention_on_objects(session, Path(data), args.limit)
-        rows = matched_rows(session, args.checkpoints, Path(data), args.fraction, args.limit)
+        images, masks = load_test_objects(session, Path(data), args.limit)  # loaded once, for both measurements
+        attention = attention_on_objects(session, images, masks)
+        rows = matched_rows(session, args.checkpoints, Path(data), args.fraction, args.limit, images, masks)
         print(table(attention, rows, args.fraction))
         figure(session.cfg, args.fraction, attention, rows).savefig(args.out, dpi=110)
         print(f"wrote {args.out}")

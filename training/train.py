@@ -350,7 +350,7 @@ def _train_epoch(
     device = torch.device(args.device)
     steps = len(ph.loader)
     lo, hi = tcfg.keep_ratio_range
-    loss_sum, distill_sum, query_sum, lr = 0.0, 0.0, 0.0, ph.peak
+    loss_sum, distill_sum, extra_sum, lr = 0.0, 0.0, 0.0, ph.peak
     with _progress(steps, f"{ph.name} {epoch + 1}/{ph.epochs}", dd.main and not args.quiet) as bar:
         for step, (images, ids, index) in enumerate(ph.loader):
             lr = lr_at(epoch * steps + step, ph.total_steps, ph.peak, min(tcfg.warmup_steps, ph.total_steps // 4 + 1))
@@ -376,11 +376,11 @@ def _train_epoch(
                 if extra is not None:
                     extra = tcfg.layout_weight * extra
             _optimise(ph, loss if extra is None else loss + extra, dd)
-            query_sum += 0.0 if extra is None else extra.item()
+            extra_sum += 0.0 if extra is None else extra.item()
             loss_sum += loss.item()
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
             bar.update()
-    return loss_sum / steps, distill_sum / steps, query_sum / steps, lr
+    return loss_sum / steps, distill_sum / steps, extra_sum / steps, lr
 
 
 def run_phase(
@@ -408,7 +408,7 @@ def run_phase(
         if teacher is not None:
             teacher.eval()
         t0 = time.perf_counter()
-        loss, distill, query, lr = _train_epoch(ph, epoch, tokenizer, tcfg, args, dd)
+        loss, distill, extra, lr = _train_epoch(ph, epoch, tokenizer, tcfg, args, dd)
         seconds = time.perf_counter() - t0
         ph.meta["epoch_done"] = epoch + 1
         ph.meta["losses"].append(loss)
@@ -418,11 +418,11 @@ def run_phase(
             ph.meta["distill"].append(distill)
             monitor = f"  distill@keep~U{tuple(tcfg.keep_ratio_range)} {distill:.4f}"
         if ph.query:
-            ph.meta["query_losses"].append(query)
-            monitor += f"  text_guided loss {query:.4f}"
+            ph.meta["query_losses"].append(extra)
+            monitor += f"  text_guided loss {extra:.4f}"
         if ph.layout is not None:
-            ph.meta["layout_losses"].append(query)
-            monitor += f"  layout loss {query:.4f}"
+            ph.meta["layout_losses"].append(extra)
+            monitor += f"  layout loss {extra:.4f}"
         if dd.main:
             log.info(
                 "%s epoch %d/%d  loss %.4f  lr %.2e  %.1f s%s", phase, epoch + 1, ph.epochs, loss, lr, seconds, monitor

@@ -69,15 +69,21 @@ def parse_keep_ratio(value: Any, num_patches: int) -> float:
     Raises:
         ValueError: not a number in (0, 1] (booleans, NaN and infinities included).
     """
+    return _fraction(
+        value,
+        f"The keep ratio must be a number in (0, 1]: the fraction of the {num_patches} image patches left after "
+        "the last stage",
+    )
+
+
+def _fraction(value: Any, what: str) -> float:
+    """`value` as a number in (0, 1], rounded to 4 decimals; else a ValueError that says `what` and echoes it."""
     try:
         r = float(value)
     except (TypeError, ValueError):
         r = math.nan
     if isinstance(value, bool) or not math.isfinite(r) or not 0.0 < r <= 1.0:
-        raise ValueError(
-            f"The keep ratio must be a number in (0, 1]: the fraction of the {num_patches} image patches "
-            f"left after the last stage (got {value!r})."
-        )
+        raise ValueError(f"{what} (got {value!r}).")
     return round(r, 4)
 
 
@@ -100,15 +106,7 @@ def parse_gmacs_ratio(value: Any) -> float:
     Raises:
         ValueError: not a number in (0, 1].
     """
-    try:
-        r = float(value)
-    except (TypeError, ValueError):
-        r = math.nan
-    if isinstance(value, bool) or not math.isfinite(r) or not 0.0 < r <= 1.0:
-        raise ValueError(
-            f"The GMACs ratio must be a number in (0, 1]: the share of the full model's compute (got {value!r})."
-        )
-    return round(r, 4)
+    return _fraction(value, "The GMACs ratio must be a number in (0, 1]: the share of the full model's compute")
 
 
 def load_examples(folder: Path, photos_first: bool = False) -> list[list[str]]:
