@@ -41,6 +41,38 @@ def test_config_round_trip():
     assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
 
 
+def test_sincos_position_codes_start_the_patch_positions_and_stay_learnable():
+    from vlm_demo.config import VisionConfig
+    from vlm_demo.model import sincos_2d
+
+    codes = sincos_2d(3, 8)  # a 3x3 grid, 8 channels: row sin, row cos, column sin, column cos (2 frequencies)
+    assert codes.shape == (9, 8)
+    row, col = divmod(5, 3)  # patch 5: row 1, column 2
+    omega = torch.tensor([1.0, 0.01])  # 1 / 10000 ** (k / 2)
+    expected = torch.cat([f(x * omega) for x in (row, col) for f in (torch.sin, torch.cos)])
+    torch.testing.assert_close(codes[5], expected)
+    assert len({tuple(c.tolist()) for c in codes}) == 9  # every patch its own code
+    cfg = get_preset("tiny").model
+    model = DualEncoder(cfg.replace(vision=VisionConfig(**{**cfg.vision.__dict__, "pos_init": "sincos"})))
+    torch.testing.assert_close(model.visual.pos_embed[0, 1:], sincos_2d(cfg.vision.grid, cfg.vision.width))
+    assert model.visual.pos_embed.requires_grad
+    assert get_preset("default").model.vision.pos_init == "sincos"
+    with pytest.raises(ValueError, match="pos_init"):
+        VisionConfig(pos_init="learned")
+
+
+def test_attention_under_cpu_autocast_runs_in_float32_and_matches_it():
+    from vlm_demo.model import _attend
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 5, 4, generator=g).bfloat16() for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = _attend(q, k, v, None)
+    assert y.dtype == torch.bfloat16
+    exact = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    torch.testing.assert_close(y.float(), exact.bfloat16().float())
+
+
 def test_stage_outside_the_blocks_is_rejected():
     cfg = get_preset("tiny").model
     bad = cfg.replace(pruning=cfg.pruning.__class__(stages=(0, 2)))

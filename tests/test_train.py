@@ -56,6 +56,18 @@ def test_tiny_training_lowers_the_loss(data, tmp_path):
     assert build["seconds"] >= sum(build["parts"].values()) - 0.2 and build["parts"]["baseline"] > 0
 
 
+def test_bf16_autocast_trains_the_baseline_and_is_recorded(data, tmp_path):
+    summary = train.main(_cmd(data, tmp_path / "ck", "--phases", "baseline", "--baseline-epochs", "3",
+                              "--precision", "bf16"))  # fmt: skip
+    losses = summary["baseline"]["losses"]
+    assert all(x == x for x in losses) and losses[-1] < losses[0], losses  # finite, and falling
+    facts = json.loads((tmp_path / "ck" / "baseline" / "training.json").read_text())
+    assert facts["precision"] == "bf16" and facts["layout_weight"] > 0 and len(facts["layout_losses"]) == 3
+    assert json.loads((tmp_path / "ck" / "training.json").read_text())["precision"] == "bf16"
+    weights = _weights(tmp_path / "ck" / "baseline")
+    assert {str(t.dtype) for t in weights.values()} == {"torch.float32"}  # autocast leaves the weights float32
+
+
 def _weights(folder: Path) -> dict:
     return load_file(str(folder / "model.safetensors"))
 

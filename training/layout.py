@@ -1,14 +1,20 @@
-"""An auxiliary objective of the baseline on synthetic data: read the scene's layout from both embeddings.
+"""An auxiliary objective of the baseline on synthetic data: both embeddings must point at the scene's layout code.
 
-Contrastive training alone leaves the shipped baseline blind to where things are and to what goes
-with what: after 9 epochs its caption embeddings of "a small red circle at the top left" and "... at
-the bottom right" had a cosine of 1.000, and hard-negative pairs that move or swap an attribute
-scored at chance. Neither tower gains from encoding position until the other does (a symmetric
-saddle that contrastive gradients leave slowly). So the baseline phase also trains one linear
-`LayoutHead`, shared by both towers, to read from an L2-normalised embedding, for each of the
-synthetic scene's 9 cells, the colour, shape and size of the object there (or "empty"): the image
-embedding and the caption's must both carry the layout, in the same coordinates. The head is
-training-only (not in the checkpoint); without objects.json (real data) the objective is off.
+Contrastive training alone leaves the baseline blind to where things are and to what goes with what:
+after 9 epochs the shipped baseline's caption embeddings of "a small red circle at the top left" and
+"... at the bottom right" had a cosine of 1.000, and hard-negative pairs that move or swap an attribute
+scored at chance. Neither tower gains from encoding position until the other does: a symmetric saddle
+that contrastive gradients leave slowly. A learned linear head reading each cell's attributes from the
+embeddings (this module's first version) sat on the same saddle: while the embeddings ignore position,
+its readouts of the 9 cells become alike, and so do the gradients they send back (after 8 epochs its
+loss had stalled at 0.774 and the captions' cosine across positions was still 1.000).
+
+So the readout is fixed instead. `LayoutCode` holds one random unit vector per (cell, attribute value),
+drawn once from a fixed seed; a scene's code is the normalised sum of the vectors of its objects'
+(cell, colour), (cell, shape) and (cell, size). The baseline phase adds ``1 - cos(embedding, code)`` for
+the image and for its caption, so both towers learn the same conjunctive coordinates: moving an object,
+or swapping a colour between two, changes a third to a ninth of the code. The code is training-only (not
+in the checkpoint); without objects.json (real data) the objective is off.
 """
 
 from __future__ import annotations
@@ -24,31 +30,37 @@ from training.synthetic import COLORS, POSITIONS, SHAPES, SIZES
 
 ATTRIBUTES: dict[str, tuple[str, ...]] = {"color": tuple(COLORS), "shape": SHAPES, "size": tuple(SIZES)}
 CELLS = len(POSITIONS)
+CODE_SEED = 0  # the fixed seed of the code vectors: a property of the objective, not of a run
 
 
-class LayoutHead(nn.Module):
-    """(B, E) embeddings -> per cell and attribute, logits over "empty" + the attribute's values."""
+class LayoutCode(nn.Module):
+    """Fixed random code vectors; `loss` pulls (B, E) embeddings towards their scenes' codes."""
 
     def __init__(self, embed_dim: int):
         super().__init__()
-        self.heads = nn.ModuleDict({a: nn.Linear(embed_dim, CELLS * (1 + len(v))) for a, v in ATTRIBUTES.items()})
+        g = torch.Generator().manual_seed(CODE_SEED)
+        for name, values in ATTRIBUTES.items():  # row 0 ("empty") stays zero: an empty cell adds nothing
+            vectors = F.normalize(torch.randn(CELLS, len(values), embed_dim, generator=g), dim=-1)
+            self.register_buffer(name, torch.cat([torch.zeros(CELLS, 1, embed_dim), vectors], dim=1))
+
+    def codes(self, target: torch.Tensor) -> torch.Tensor:
+        """(B, 3, CELLS) class per attribute (`ATTRIBUTES` order) and cell, 0 = empty -> (B, E) unit codes."""
+        cells = torch.arange(CELLS, device=target.device)
+        total = sum(getattr(self, name)[cells, target[:, i]].sum(1) for i, name in enumerate(ATTRIBUTES))
+        return F.normalize(total, dim=-1)
 
     def loss(self, emb: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy over cells and attributes.
+        """Mean of ``1 - cos(emb, code)`` over the batch.
 
         Args:
             emb: (B, E) embeddings.
-            target: (B, 3, CELLS) class per attribute (`ATTRIBUTES` order) and cell; 0 is "empty".
+            target: (B, 3, CELLS) `layout_targets`.
         """
-        losses = []
-        for i, (name, head) in enumerate(self.heads.items()):
-            logits = head(emb).view(len(emb), CELLS, -1)  # (B, CELLS, 1 + values)
-            losses.append(F.cross_entropy(logits.flatten(0, 1), target[:, i].flatten()))
-        return torch.stack(losses).mean()
+        return (1.0 - F.cosine_similarity(emb.float(), self.codes(target), dim=-1)).mean()
 
 
 def layout_targets(scenes: Sequence[Sequence[dict[str, Any]] | None], index: Sequence[int]) -> torch.Tensor | None:
-    """(B, 3, CELLS) `LayoutHead` targets of the batch rows' scenes; None when a row's objects are unknown."""
+    """(B, 3, CELLS) `LayoutCode` targets of the batch rows' scenes; None when a row's objects are unknown."""
     out = torch.zeros(len(index), len(ATTRIBUTES), CELLS, dtype=torch.long)
     for row, i in enumerate(index):
         objects = scenes[i]

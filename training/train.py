@@ -60,12 +60,12 @@ from tqdm import tqdm
 from training.data import CaptionDataset, TrainDataset, load_objects, load_splits, make_collate
 from training.losses import contrastive_loss, distill_loss, keep_rank_loss
 from training.query import Scene, query_loss, query_text, subset_captions
-from training.layout import LayoutHead, layout_targets
+from training.layout import LayoutCode, layout_targets
 from training.synthetic import fresh_hard_negatives
 from training.saliency import direct_effects, stage_saliency
 from vlm_demo import addon, cli, pruning
 from vlm_demo.atomic import write_text_atomic
-from vlm_demo.config import PRESETS, ModelConfig, Preset, TrainConfig, get_preset
+from vlm_demo.config import PRECISIONS, PRESETS, ModelConfig, Preset, TrainConfig, get_preset
 from vlm_demo.model import PREDICTOR_PREFIXES, DualEncoder, atomic_folder, load_checkpoint, save_checkpoint
 from vlm_demo.pruning import PruneSpec
 from vlm_demo.tokenizer import TextTokenizer, Tokenizer
@@ -199,7 +199,7 @@ class _Phase:
     peak: float  # peak learning rate
     meta: dict[str, Any]  # progress: epoch_done, losses, seconds_per_epoch (+ distill, query_losses); the resume state
     scenes: list[Scene | None] | None = None  # per training image, its objects (objects.json): text_guided's captions
-    layout: LayoutHead | None = None  # the baseline's auxiliary layout head (`training.layout`), if it trains one
+    layout: LayoutCode | None = None  # the baseline's auxiliary layout objective (`training.layout`), if it has one
 
     @property
     def query(self) -> bool:
@@ -228,8 +228,7 @@ def _setup_phase(
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     layout = None
     if not pruned and tcfg.layout_weight > 0 and scenes is not None:
-        layout = LayoutHead(model.cfg.embed_dim).to(args.device)
-        params += [(f"layout.{n}", p) for n, p in layout.named_parameters()]
+        layout = LayoutCode(model.cfg.embed_dim).to(args.device)  # fixed buffers: nothing to train
     peak = tcfg.pruned_lr if pruned else tcfg.lr
     # text_guided's predictors: their own learning rate (TrainConfig.query_lr) and their own gradient clipping, so
     # the other predictors train exactly as without them.
@@ -273,7 +272,7 @@ def _setup_phase(
 
 
 def _trained_part(model: DualEncoder, pruned: bool, layout: nn.Module | None = None) -> nn.Module:
-    """What a phase's resume state holds: the whole model (and its layout head), or only the keep predictors
+    """What a phase's resume state holds: the whole model (and its layout code), or only the keep predictors
     (the towers are frozen)."""
     if not pruned:
         return model if layout is None else nn.ModuleDict({"model": model, "layout": layout})
@@ -287,12 +286,17 @@ def _state_dir(args: argparse.Namespace, phase: str) -> Path:
 
 
 def _contrastive_loss(
-    ph: _Phase, images: torch.Tensor, ids: torch.Tensor, hard: torch.Tensor | None, layout: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ph: _Phase, images: torch.Tensor, ids: torch.Tensor, hard: torch.Tensor | None, layout: torch.Tensor | None,
+    precision: str = "fp32",
+) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
     """The baseline's losses: symmetric InfoNCE, with each image's hard-negative captions (ids) if any; and the
-    auxiliary layout loss of both embeddings where `layout` (targets, `training.layout`) is given, else None."""
-    img, txt = ph.net(images, ids=ids)
-    hard_text = None if hard is None else ph.model.encode_text(hard)
+    auxiliary layout loss of both embeddings where `layout` (targets, `training.layout`) is given, else None.
+    ``precision="bf16"`` runs the towers under autocast; the losses are computed in float32."""
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        img, txt = ph.net(images, ids=ids)
+        hard_text = None if hard is None else ph.model.encode_text(hard)
+    img, txt = img.float(), txt.float()
+    hard_text = None if hard_text is None else hard_text.float()
     loss = contrastive_loss(img, txt, ph.model.logit_scale, hard_text)
     if ph.layout is None or layout is None:
         return loss, None
@@ -330,9 +334,9 @@ def _optimise(ph: _Phase, loss: torch.Tensor, dd: Dist) -> None:
     """One AdamW step on `loss` (gradients averaged across processes), clipped, logit scale kept in range."""
     ph.opt.zero_grad(set_to_none=True)
     loss.backward()
-    if dd.world > 1:  # DDP averages the towers' gradients; the predictors and the layout head are averaged here
+    if dd.world > 1 and ph.pruned:  # DDP averages the towers' gradients; the predictors' are averaged here
         for name, p in ph.params:
-            if (ph.pruned or name.startswith("layout.")) and p.grad is not None:
+            if p.grad is not None:
                 dist.all_reduce(p.grad)
                 p.grad /= dd.world
     for clip in ph.clip_sets:
@@ -346,7 +350,7 @@ def _train_epoch(
     ph: _Phase, epoch: int, tokenizer: TextTokenizer, tcfg: TrainConfig, args: argparse.Namespace, dd: Dist,
 ) -> tuple[float, float, float, float]:  # fmt: skip
     """One epoch; returns (mean loss, mean monitored distillation loss (pruned phase, else 0), mean extra loss:
-    text_guided's predictors' (pruned phase) or the layout head's (baseline), else 0, last lr)."""
+    text_guided's predictors' (pruned phase) or the layout objective's (baseline), else 0, last lr)."""
     device = torch.device(args.device)
     steps = len(ph.loader)
     lo, hi = tcfg.keep_ratio_range
@@ -372,7 +376,7 @@ def _train_epoch(
                 if ph.layout is not None:
                     layout = layout_targets(ph.scenes, index.tolist())
                     layout = None if layout is None else layout.to(device)
-                loss, extra = _contrastive_loss(ph, images, ids, hard, layout)
+                loss, extra = _contrastive_loss(ph, images, ids, hard, layout, tcfg.precision)
                 if extra is not None:
                     extra = tcfg.layout_weight * extra
             _optimise(ph, loss if extra is None else loss + extra, dd)
@@ -509,6 +513,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="epochs of training the keep predictors (default: the preset's)")  # fmt: skip
     p.add_argument("--batch-size", type=cli.positive_int, default=None,
                    help="training batch, over all processes (default: the preset's)")  # fmt: skip
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="the baseline phase's matmuls: bf16 autocast or fp32 (default: the preset's)")  # fmt: skip
     p.add_argument("--threads", type=cli.positive_int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--phases", default=None,
                    help=f"comma list of phases to run, of {', '.join(PHASES)} (default: all; not with "
@@ -559,6 +565,8 @@ def _schedule(args: argparse.Namespace) -> tuple[Preset, TrainConfig]:
     tcfg = preset.train
     if args.batch_size:
         tcfg = dataclasses.replace(tcfg, batch_size=args.batch_size)
+    if args.precision:
+        tcfg = dataclasses.replace(tcfg, precision=args.precision)
     args.baseline_epochs = args.baseline_epochs if args.baseline_epochs is not None else tcfg.baseline_epochs
     args.pruned_epochs = args.pruned_epochs if args.pruned_epochs is not None else tcfg.pruned_epochs
     return preset, tcfg
@@ -588,7 +596,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             data = _load_data(args, preset, tcfg, dd)
             clock.lap("data")
             facts = {"preset": args.preset, "data": recorded_data(data.root, out), "seed": args.seed,
-                     "world_size": dd.world}  # fmt: skip
+                     "world_size": dd.world, "precision": tcfg.precision}  # fmt: skip
             summary: dict[str, Any] = {"data": str(data.root), "out": str(out)}
 
             if "baseline" in phases:
@@ -704,7 +712,7 @@ def _scenes(root: Path, split: CaptionDataset) -> list[Scene | None] | None:
 
 def _extra_facts(meta: dict[str, Any], tcfg: TrainConfig) -> dict[str, Any]:
     """What ``training.json`` records of the extra objectives: text_guided's predictors' loss per epoch and
-    learning rate (pruned phase), the layout head's loss per epoch and weight (baseline, `training.layout`)."""
+    learning rate (pruned phase), the layout objective's loss per epoch and weight (baseline, `training.layout`)."""
     out: dict[str, Any] = {}
     if "query_losses" in meta:
         out.update(query_losses=meta["query_losses"], query_lr=tcfg.query_lr)

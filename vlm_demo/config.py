@@ -12,6 +12,7 @@ from typing import Any
 
 ACTIVATIONS = ("gelu", "quick_gelu")  # MLP activations: exact (erf) GELU, and CLIP's x * sigmoid(1.702 x)
 TEXT_POOLS = ("cls", "eos")  # how the text encoder picks the token it projects
+POS_INITS = ("random", "sincos")  # VisionConfig.pos_init
 
 
 @dataclass(frozen=True)
@@ -27,9 +28,14 @@ class VisionConfig:
     layer_norm_eps: float = 1e-5  # epsilon of every layer norm of the tower (torch's default, and CLIP's)
     patch_bias: bool = True  # the patch-embedding convolution has a bias; CLIP's has none
     pre_norm: bool = False  # a layer norm on the embedded tokens before block 0 (CLIP's pre_layrnorm)
+    pos_init: str = "random"  # initial patch position embeddings, one of POS_INITS (learned either way): "random",
+    # N(0, 0.02) as CLIP's; "sincos", MAE's 2-D sine-cosine codes, which let a small ViT trained from scratch
+    # tell where things are early (the default preset's; docs/training.md)
 
     def __post_init__(self) -> None:
         _check_act(self.act)
+        if self.pos_init not in POS_INITS:
+            raise ValueError(f"Unknown pos_init {self.pos_init!r}; choose one of {', '.join(POS_INITS)}.")
 
     @property
     def mlp_width(self) -> int:
@@ -132,7 +138,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     batch_size: int = 64  # contrastive batch; 64 gives 468 steps an epoch at 30,000 training images
-    baseline_epochs: int = 8  # epochs of contrastive training from scratch (times per epoch: training.json)
+    baseline_epochs: int = 12  # epochs of contrastive training from scratch (times per epoch: training.json)
     pruned_epochs: int = 1  # epochs of training the keep predictors on the baseline's saliency
     lr: float = 1e-3  # peak AdamW learning rate for the baseline
     pruned_lr: float = 1e-3  # peak learning rate of the keep predictors; the towers stay frozen in that phase, so
@@ -141,7 +147,7 @@ class TrainConfig:
     # their caption match is a product of two projections, which learns too slowly in one epoch at pruned_lr
     weight_decay: float = 0.05  # AdamW weight decay (not on norms, biases, embeddings)
     warmup_steps: int = 100  # linear warm-up before cosine decay
-    layout_weight: float = 1.0  # weight of the baseline's auxiliary layout loss (training.layout: both embeddings
+    layout_weight: float = 10.0  # weight of the baseline's auxiliary layout loss (training.layout: both embeddings
     # must tell each of the 9 cells' colour, shape and size); synthetic data only; 0: off
     hard_negatives: int = 2  # hard-negative captions per image and step, extra wrong answers (NegCLIP): drawn
     # afresh each epoch from the image's objects (objects.json; one attribute changed or swapped); 0: none
@@ -149,6 +155,11 @@ class TrainConfig:
     num_images: int = 40000  # images in the generated synthetic dataset (75 % train): more scenes, better binding
     eval_images: int = 1000  # test images scored by the evaluation (the Flickr8k protocol uses 1,000)
     num_workers: int = 0  # DataLoader workers; 0 keeps CPU runs deterministic and light
+    precision: str = "bf16"  # the baseline phase's matmuls: "bf16" (autocast; losses and attention in float32)
+    # or "fp32"; bf16 is 1.5x faster per step on CPUs with AMX (benchmarks.train_step), slower on CPUs without
+
+
+PRECISIONS = ("fp32", "bf16")  # TrainConfig.precision
 
 
 @dataclass(frozen=True)
@@ -160,7 +171,9 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     # The current recipe: one whole build (data, both phases, evaluation) took 75.1 min on 2 CPU cores
     # (docs/training.md); the shipped checkpoints predate it.
-    "default": Preset(model=ModelConfig(), train=TrainConfig()),
+    "default": Preset(
+        model=ModelConfig(vision=VisionConfig(pos_init="sincos"), text=TextConfig(depth=6)), train=TrainConfig()
+    ),
     # For tests: trains end to end in seconds.
     "tiny": Preset(
         model=ModelConfig(
@@ -176,6 +189,7 @@ PRESETS: dict[str, Preset] = {
             warmup_steps=2,
             num_images=64,
             eval_images=16,
+            precision="fp32",
         ),
     ),
 }

@@ -75,6 +75,7 @@ def interleaved(
     variants: Mapping[str, Callable[[], object]],
     protocol: LatencyProtocol = LatencyProtocol(),
     clock: Callable[[], float] = time.perf_counter,
+    grad: bool = False,
 ) -> dict[str, Timing]:
     """Time several zero-argument callables, interleaved, under one `LatencyProtocol`.
 
@@ -82,13 +83,14 @@ def interleaved(
         variants: name -> callable; each call is one measured unit of work.
         protocol: warm-up, repeats, threads and time budget.
         clock: seconds, monotonic (tests pass a fake one).
+        grad: run with autograd (a training step); by default under `torch.inference_mode`.
 
     Returns:
         name -> `Timing`; every variant has the same number of repeats.
     """
     samples: dict[str, list[float]] = {name: [] for name in variants}
     least = min(protocol.min_repeats, protocol.repeats)
-    with fixed_threads(protocol.threads), torch.inference_mode():
+    with fixed_threads(protocol.threads), torch.inference_mode(not grad):
         for _ in range(protocol.warmup):
             for fn in variants.values():
                 fn()

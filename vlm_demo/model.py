@@ -87,8 +87,18 @@ class Attention(nn.Module):
                 out_aux.cls_attn = logits.softmax(-1).mean(1)[:, 0, 1:]  # (B, n)
             if aux[1]:
                 out_aux.keys = k.mean(1)[:, 1:]  # (B, n, d)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        y = _attend(q, k, v, bias)
         return self.proj(y.transpose(1, 2).reshape(B, N, C)), out_aux
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Scaled dot-product attention; under CPU autocast (bf16 training) in float32, whose backward on CPU is
+    faster than bf16's while the projections around it gain from bf16 (`benchmarks.train_step` measures it)."""
+    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=bias)
+        return y.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
 
 
 class QuickGELU(nn.Module):
@@ -166,6 +176,18 @@ class _Walk:
         return cls(info, want, groups=ident, pos=ident, generator=generator)
 
 
+def sincos_2d(grid: int, width: int) -> torch.Tensor:
+    """(grid * grid, width) 2-D sine-cosine position codes (MAE's): half the channels code the row, half the
+    column, each as sines and cosines of the coordinate at geometrically spaced frequencies."""
+    if width % 4:
+        raise ValueError(f"sincos position codes need a width divisible by 4, got {width}.")
+    omega = 1.0 / 10000 ** (torch.arange(width // 4, dtype=torch.float64) / (width // 4))  # (C/4,)
+    coords = torch.arange(grid, dtype=torch.float64)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+    parts = [f(c.flatten()[:, None] * omega) for c in (rows, cols) for f in (torch.sin, torch.cos)]
+    return torch.cat(parts, dim=1).float()
+
+
 class VisionTransformer(nn.Module):
     """A ViT with a CLS token and pruning stages before or inside its blocks."""
 
@@ -177,7 +199,10 @@ class VisionTransformer(nn.Module):
         self.cfg, self.pruning = cfg, pruning
         self.patch_embed = nn.Conv2d(3, cfg.width, cfg.patch_size, cfg.patch_size, bias=cfg.patch_bias)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
-        self.pos_embed = nn.Parameter(torch.randn(1, 1 + cfg.num_patches, cfg.width) * 0.02)
+        pos = torch.randn(1, 1 + cfg.num_patches, cfg.width) * 0.02
+        if cfg.pos_init == "sincos":
+            pos[0, 1:] = sincos_2d(cfg.grid, cfg.width)
+        self.pos_embed = nn.Parameter(pos)  # learned either way
         # Identity when off: no parameters, so configs without pre_norm keep their tensor names.
         self.pre_norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps) if cfg.pre_norm else nn.Identity()
         self.blocks = nn.ModuleList(_blocks(cfg))
