@@ -169,8 +169,8 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    # The current recipe: one whole build (data, both phases, evaluation) took 75.1 min on 2 CPU cores
-    # (docs/training.md); the shipped checkpoints predate it.
+    # The current recipe: one whole build (data cached, both phases, evaluation) took 73.9 min on 2 CPU
+    # cores (docs/training.md); the shipped checkpoints predate it.
     "default": Preset(
         model=ModelConfig(vision=VisionConfig(pos_init="sincos"), text=TextConfig(depth=6)), train=TrainConfig()
     ),
