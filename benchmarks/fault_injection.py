@@ -59,7 +59,6 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from training.layout import LayoutCode
 from training.synthetic import IMAGE_DIR, OBJECTS_FILE
 from vlm_demo.config import get_preset
 from vlm_demo.model import DualEncoder, load_checkpoint
@@ -408,15 +407,9 @@ def check_state(folder: Path) -> None:
         raise ValueError(f"inconsistent progress {meta}")
     tensors = load_file(str(folder / "state.safetensors"))
     weights = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
-    layout = None
-    if any(k.startswith("layout.") for k in weights):  # the baseline with its layout code (training.layout)
-        layout = {k.removeprefix("layout."): v for k, v in weights.items() if k.startswith("layout.")}
-        weights = {k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")}
     cfg = get_preset(PRESET).model
     cfg = cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=weights["text.token_embed.weight"].shape[0]))
     DualEncoder(cfg).load_state_dict(weights, strict=True)
-    if layout is not None:
-        LayoutCode(cfg.embed_dim).load_state_dict(layout, strict=True)
     if not any(k.startswith("optim.") for k in tensors):
         raise ValueError("no optimizer moments")
 

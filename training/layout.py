@@ -41,7 +41,8 @@ class LayoutCode(nn.Module):
         g = torch.Generator().manual_seed(CODE_SEED)
         for name, values in ATTRIBUTES.items():  # row 0 ("empty") stays zero: an empty cell adds nothing
             vectors = F.normalize(torch.randn(CELLS, len(values), embed_dim, generator=g), dim=-1)
-            self.register_buffer(name, torch.cat([torch.zeros(CELLS, 1, embed_dim), vectors], dim=1))
+            # not persistent: the seed alone rebuilds them, so no state file carries them
+            self.register_buffer(name, torch.cat([torch.zeros(CELLS, 1, embed_dim), vectors], dim=1), persistent=False)
 
     def codes(self, target: torch.Tensor) -> torch.Tensor:
         """(B, 3, CELLS) class per attribute (`ATTRIBUTES` order) and cell, 0 = empty -> (B, E) unit codes."""

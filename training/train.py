@@ -261,7 +261,7 @@ def _setup_phase(
     if layout is not None:
         meta["layout_losses"] = []  # per epoch: the auxiliary layout loss (`training.layout`)
     if args.resume:
-        restored = load_state(_state_dir(args, phase), _trained_part(model, pruned, layout), opt)
+        restored = load_state(_state_dir(args, phase), _trained_part(model, pruned), opt)
         if restored is not None:
             meta = restored
             if dd.main:
@@ -271,11 +271,11 @@ def _setup_phase(
                   layout)  # fmt: skip
 
 
-def _trained_part(model: DualEncoder, pruned: bool, layout: nn.Module | None = None) -> nn.Module:
-    """What a phase's resume state holds: the whole model (and its layout code), or only the keep predictors
-    (the towers are frozen)."""
+def _trained_part(model: DualEncoder, pruned: bool) -> nn.Module:
+    """What a phase's resume state holds: the whole model, or only the keep predictors (the towers are frozen).
+    The layout code (`training.layout`) is fixed by its seed, so it is not saved."""
     if not pruned:
-        return model if layout is None else nn.ModuleDict({"model": model, "layout": layout})
+        return model
     if not len(model.visual.query_predictors):
         return model.visual.predictors
     return nn.ModuleDict({"predictors": model.visual.predictors, "query_predictors": model.visual.query_predictors})
@@ -431,7 +431,7 @@ def run_phase(
             log.info(
                 "%s epoch %d/%d  loss %.4f  lr %.2e  %.1f s%s", phase, epoch + 1, ph.epochs, loss, lr, seconds, monitor
             )
-            save_state(_state_dir(args, phase), _trained_part(model, ph.pruned, ph.layout), ph.opt, ph.meta)
+            save_state(_state_dir(args, phase), _trained_part(model, ph.pruned), ph.opt, ph.meta)
         dd.barrier()
     return ph.meta
 
