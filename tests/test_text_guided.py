@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from training import metrics
+from training.losses import keep_rank_loss
 from training.query import query_loss, subset_captions
-from training.saliency import direct_effects
+from training import saliency
+from training.saliency import direct_effects, stage_effects
 from training.synthetic import POSITION_PHRASES, make_scene
 from vlm_demo import pruning
 from vlm_demo.config import ModelConfig, PruningConfig, get_preset
@@ -60,7 +62,50 @@ def test_direct_effects_split_the_cosine_exactly():
     assert torch.allclose(torch.einsum("bpe,be->b", effects, text), cosine, atol=1e-5)
 
 
-def test_subset_captions_name_part_of_each_scene_and_are_reproducible():
+def _tiny(depth: int, stages: tuple[int, ...]) -> DualEncoder:
+    cfg = get_preset("tiny").model
+    return DualEncoder(cfg.replace(vision=dataclasses.replace(cfg.vision, depth=depth),
+                                   pruning=PruningConfig(stages=stages))).eval()  # fmt: skip
+
+
+def test_stage_effects_carry_each_blocks_effects_back_through_the_attention_by_hand():
+    # Zero queries and keys: every attention row is uniform, 1/N over the N = 1 + P tokens. Going back through a
+    # block, a token keeps half its own share (the residual) and gets half the mean over all tokens of the shares
+    # after it; the CLS token starts with none.
+    torch.manual_seed(0)
+    model = _tiny(3, (1, 2))
+    C = model.cfg.vision.width
+    with torch.no_grad():
+        for block in model.visual.blocks:
+            block.attn.qkv.weight[: 2 * C].zero_()
+            block.attn.qkv.bias[: 2 * C].zero_()
+    pixels = torch.randn(2, 3, 32, 32)
+    (e0, e1, e2), attention = saliency._decompose(model, pixels)
+    N = model.cfg.vision.num_patches + 1
+    assert all(torch.allclose(a, torch.full_like(a, 1 / N)) for a in attention)
+    assert torch.allclose(e0 + e1 + e2, direct_effects(model, pixels), atol=1e-6)
+    at_1, at_2 = stage_effects(model, pixels)
+    assert torch.allclose(at_2, e2) and not torch.allclose(at_1, e1)
+    assert torch.allclose(at_1, e1 + 0.5 * e2 + 0.5 * e2.sum(1, keepdim=True) / N, atol=1e-6)
+
+
+def test_stage_effects_are_the_rollout_of_every_later_blocks_effects():
+    # Any attention: stage s gets sum over blocks l >= s of e_l times A'_{l-1} ... A'_s, A' = (I + A) / 2.
+    torch.manual_seed(1)
+    model = _tiny(3, (1, 2))
+    pixels = torch.randn(2, 3, 32, 32)
+    effects, attention = saliency._decompose(model, pixels)
+    eye = torch.eye(attention[0].shape[-1])
+    for stage, got in zip((1, 2), stage_effects(model, pixels)):
+        want, rollout = 0, eye
+        for block in range(stage, 3):
+            padded = F.pad(effects[block], (0, 0, 1, 0))  # the CLS token has no direct effect of its own
+            want = want + torch.einsum("bpe,bpq->bqe", padded, rollout.expand(2, -1, -1))[:, 1:]
+            rollout = (eye + attention[block]) / 2 @ rollout
+        assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_subset_captions_name_part_of_each_scene_and_the_rest_and_are_reproducible():
     scenes = [
         [{"shape": "circle", "color": "red", "size": "small", "position": "top left"},
          {"shape": "star", "color": "blue", "size": "large", "position": "center"},
@@ -68,12 +113,13 @@ def test_subset_captions_name_part_of_each_scene_and_are_reproducible():
         [{"shape": "cross", "color": "white", "size": "large", "position": "top"}],
         None,
     ]  # fmt: skip
-    captions = subset_captions([0, 1, 2, 0], scenes, seed=0, epoch=0)
-    assert set(captions) == {0, 3}  # one object or no ground truth: the image's own caption is used
+    queries = subset_captions([0, 1, 2, 0], scenes, seed=0, epoch=0)
+    assert set(queries) == {0, 3}  # one object or no ground truth: the image's own caption is used
     for row in (0, 3):
-        named = [o for o in scenes[0] if o["color"] in captions[row]]
-        assert 1 <= len(named) < 3, captions[row]  # a non-empty proper subset
-    assert captions == subset_captions([0, 1, 2, 0], scenes, seed=0, epoch=0)
+        named = {o["color"] for o in scenes[0] if o["color"] in queries[row].caption}
+        rest = {o["color"] for o in scenes[0] if o["color"] in queries[row].rest}
+        assert 1 <= len(named) < 3 and named.isdisjoint(rest) and named | rest == {"red", "blue", "green"}, queries[row]
+    assert queries == subset_captions([0, 1, 2, 0], scenes, seed=0, epoch=0)
     assert subset_captions([0], None, seed=0, epoch=0) == {}
 
 
@@ -92,7 +138,7 @@ def test_the_caption_conditions_the_predictor_and_the_loss_teaches_it_to():
     effects = torch.stack([sign[:, None] * (a - b)] * 4) / 2  # (4, n, dim)
     opt = torch.optim.Adam(predictor.parameters(), lr=1e-2)
     for _ in range(150):
-        loss = query_loss([predictor], [tokens], effects, text)
+        loss = query_loss([predictor], [tokens], [effects], text)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -101,6 +147,29 @@ def test_the_caption_conditions_the_predictor_and_the_loss_teaches_it_to():
     assert top.tolist() == [[0, 1, 2, 3], [0, 1, 2, 3], [4, 5, 6, 7], [4, 5, 6, 7]]
     # One caption for the whole batch broadcasts.
     assert predictor(tokens, text[:1]).shape == (4, n)
+
+
+def test_the_contrast_caption_cancels_what_both_captions_share():
+    # Patch 0 carries what captions a and b share, patch 1 what only a names, patch 2 what only b names.
+    torch.manual_seed(0)
+    a, b = F.normalize(torch.randn(2, 6), dim=-1)
+    effects = torch.stack([a + b, a, b])[None]  # (1, 3, E)
+    logits = torch.randn(1, 3)
+
+    class Fixed(torch.nn.Module):
+        def forward(self, tokens, text):
+            return logits
+
+    plain = query_loss([Fixed()], [torch.zeros(1, 3, 4)], [effects], a[None])
+    contrasted = query_loss([Fixed()], [torch.zeros(1, 3, 4)], [effects], a[None], b[None])
+    ab = float(a @ b)
+    assert ab > -0.5  # so a + b scores positive without the contrast
+    drop = torch.tensor([[0.0, 0.0, max(-ab, 0.0)]])
+    want = keep_rank_loss(logits, torch.tensor([[1 + ab, 1.0, max(ab, 0.0)]])) + keep_rank_loss(-logits, drop)
+    assert torch.isclose(plain, want)
+    # a - b: patch 0 gets (a + b)(a - b) = 0, patch 1 gets 1 - a.b (keep first), patch 2 a.b - 1 (drop first).
+    want = keep_rank_loss(logits, torch.tensor([[0.0, 1.0, 0.0]])) + keep_rank_loss(-logits, torch.tensor([[0, 0, 1.0]]))
+    assert torch.isclose(contrasted, want, atol=1e-6)
 
 
 def test_text_guided_keeps_the_top_logits_and_fuses_the_rest_like_learned():

@@ -68,6 +68,18 @@ def test_bf16_autocast_trains_the_baseline_and_is_recorded(data, tmp_path):
     assert {str(t.dtype) for t in weights.values()} == {"torch.float32"}  # autocast leaves the weights float32
 
 
+def test_the_pruned_phase_on_other_data_keeps_the_baselines_tokenizer(data, tmp_path):
+    # Another dataset orders its vocabulary differently; the baseline's text tower knows only its own ids.
+    other = generate(tmp_path / "other", num_images=40, seed=3, size=32, progress=False)
+    out = tmp_path / "ck"
+    train.main(_cmd(data, out, "--phases", "baseline", "--baseline-epochs", "1"))
+    train.main(_cmd(other, out, "--phases", "pruned", "--pruned-epochs", "1"))
+    vocab = (out / "baseline" / "vocab.json").read_text()
+    own = train.Tokenizer.build(c for caps in train.load_splits(other)["train"].captions for c in caps)
+    assert own.itos != json.loads(vocab)["itos"]  # what the phase used to pair with the baseline's text tower
+    assert (out / "pruned" / "vocab.json").read_text() == vocab
+
+
 def _weights(folder: Path) -> dict:
     return load_file(str(folder / "model.safetensors"))
 

@@ -1,10 +1,13 @@
-"""The teacher signal of the learned keep predictors: how much each patch token matters.
+"""The teacher signals of the keep predictors: how much each patch token matters.
 
-For each pruning stage, the saliency of a patch token is the norm of the gradient of
-the image-caption cosine with respect to that token at the stage's input, in the
+``learned`` (`stage_saliency`): for each pruning stage, the norm of the gradient of the
+image-caption cosine with respect to each patch token at the stage's input, in the
 frozen baseline. It is large on the tokens the caption depends on (on the synthetic
 set, the objects) and needs the caption only in training: the predictors learn to
 rank patches without it.
+
+``text_guided`` (`stage_effects`): each token's signed share of the cosine, linear in
+the caption, so that captions naming different objects rank different patches first.
 """
 
 from __future__ import annotations
@@ -49,8 +52,31 @@ def stage_saliency(
 
 
 @torch.no_grad()
+def _decompose(model: DualEncoder, pixels: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per block of the unpruned image tower: the (B, P, E) direct effects of the patch tokens at its input, and
+    its (B, N, N) attention averaged over heads (CLS first). See `direct_effects`."""
+    v = model.visual
+    x = v.embed(pixels)  # (B, 1 + P, C)
+    B, N, C = x.shape
+    terms, attention = [], []
+    for block in v.blocks:
+        h = block.attn.heads
+        q, k, val = block.attn.qkv(block.norm1(x)).reshape(B, N, 3, h, C // h).permute(2, 0, 3, 1, 4)  # (B, h, N, d)
+        a = ((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5).softmax(-1)  # (B, h, N, N)
+        per_token = (a[:, :, 0, :, None] * val).transpose(1, 2).reshape(B, N, C)  # (B, N, C) heads concatenated
+        terms.append(per_token[:, 1:] @ block.attn.proj.weight.T)  # W_O, its bias belongs to no token
+        attention.append(a.mean(1))
+        x, _ = block(x)
+    cls = x[:, 0]  # (B, C) the CLS token before the final norm
+    scale = (cls.var(-1, unbiased=False, keepdim=True) + v.norm.eps).sqrt()  # (B, 1)
+    norm = v.proj(v.norm(cls)).norm(dim=-1, keepdim=True)  # (B, 1) the embedding's norm
+    # The norm's mean is linear too: centre each term, then scale and project it.
+    effects = [v.proj(v.norm.weight * (t - t.mean(-1, keepdim=True)) / scale[:, None]) / norm[:, None] for t in terms]
+    return effects, attention
+
+
 def direct_effects(model: DualEncoder, pixels: torch.Tensor) -> torch.Tensor:
-    """The teacher of ``text_guided``: each patch's direct effect on the image-caption cosine, for any caption.
+    """Each patch's direct effect on the image-caption cosine, for any caption.
 
     The image embedding is the final norm and projection of the CLS token, and the CLS
     token is a sum: its first value, plus each block's attention output and MLP output.
@@ -61,8 +87,7 @@ def direct_effects(model: DualEncoder, pixels: torch.Tensor) -> torch.Tensor:
     via Text-Based Decomposition*, ICLR 2024). A patch's direct effect on the cosine with
     a caption ``t`` is the sum of its terms over the blocks, dotted with ``t``, over the
     embedding's norm. Unlike the gradient norm of `stage_saliency`, it has a sign and
-    follows the caption: a caption that names one of two objects gives that object's
-    patches most of the mass, and the other object's little.
+    follows the caption.
 
     Args:
         model: the frozen baseline, unpruned.
@@ -72,19 +97,37 @@ def direct_effects(model: DualEncoder, pixels: torch.Tensor) -> torch.Tensor:
         (B, P, E) vectors; ``effects @ t`` is each patch's direct effect on the cosine with
         the normalised caption embedding ``t``.
     """
-    v = model.visual
-    x = v.embed(pixels)  # (B, 1 + P, C)
-    B, N, C = x.shape
-    total = torch.zeros(B, N - 1, C, dtype=x.dtype, device=x.device)
-    for block in v.blocks:
-        h = block.attn.heads
-        q, k, val = block.attn.qkv(block.norm1(x)).reshape(B, N, 3, h, C // h).permute(2, 0, 3, 1, 4)  # (B, h, N, d)
-        a = ((q[:, :, :1] @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5).softmax(-1)[:, :, 0]  # (B, h, N) CLS row
-        per_token = (a[..., None] * val).transpose(1, 2).reshape(B, N, C)  # (B, N, C) heads concatenated
-        total += per_token[:, 1:] @ block.attn.proj.weight.T  # W_O, its bias belongs to no token
-        x, _ = block(x)
-    cls = x[:, 0]  # (B, C) the CLS token before the final norm
-    scale = (cls.var(-1, unbiased=False, keepdim=True) + v.norm.eps).sqrt()  # (B, 1)
-    norm = v.proj(v.norm(cls)).norm(dim=-1, keepdim=True)  # (B, 1) the embedding's norm
-    centred = total - total.mean(-1, keepdim=True)  # the norm's mean is linear too
-    return v.proj(v.norm.weight * centred / scale[:, None]) / norm[:, None]
+    return sum(_decompose(model, pixels)[0])
+
+
+def stage_effects(model: DualEncoder, pixels: torch.Tensor) -> list[torch.Tensor]:
+    """The teacher of ``text_guided``: the direct effects of `direct_effects`, carried back to each stage's input.
+
+    A block's direct effects sit on the tokens at that block's input, and in a trained
+    tower they are sparse: a few tokens of an object carry what the CLS token reads of
+    it, after earlier blocks gathered it there. Attention rollout (Abnar and Zuidema,
+    *Quantifying Attention Flow in Transformers*, ACL 2020) says where a token's content
+    came from: through a block, token p is ``sum_q A'[p, q]`` times token q, with
+    ``A' = (I + A) / 2`` for the residual and A the attention averaged over heads. Each
+    block's effects are carried back to the stage's input that way and summed, so a
+    stage token gets the effects of what the later tokens took from it; signed, and
+    linear in the caption like the direct effects.
+
+    Args:
+        model: the frozen baseline, unpruned.
+        pixels: (B, 3, H, W) normalised images.
+
+    Returns:
+        Per stage of ``model.cfg.pruning.stages``, (B, P, E) vectors; ``effects @ t`` is
+        each stage token's share of the cosine with the caption embedding ``t``.
+    """
+    effects, attention = _decompose(model, pixels)
+    B, P, E = effects[0].shape
+    carried = torch.zeros(B, P + 1, E, dtype=effects[0].dtype, device=effects[0].device)  # at the next block's input
+    at_input = []
+    for block in reversed(range(len(effects))):
+        mixed = 0.5 * (carried + torch.einsum("bpe,bpq->bqe", carried, attention[block]))  # back through the block
+        carried = torch.cat([mixed[:, :1], mixed[:, 1:] + effects[block]], dim=1)
+        at_input.append(carried[:, 1:])
+    at_input.reverse()  # at_input[b]: at block b's input
+    return [at_input[s] for s in model.cfg.pruning.stages]

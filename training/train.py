@@ -12,7 +12,7 @@ Phases:
    learn to rank patches like the frozen baseline's saliency (`training.saliency`: the
    gradient norm of the image-caption cosine at each stage's input), with a listwise
    loss that serves every keep ratio at once; in the same steps ``text_guided``'s
-   caption-conditioned predictors learn each caption's direct effects (`training.query`),
+   caption-conditioned predictors learn each caption's share of the cosine (`training.query`),
    with their own learning rate (``TrainConfig.query_lr``) and gradient clipping. The
    towers stay frozen, so both
    checkpoints share one caption embedding. Each step also reports, without training
@@ -62,7 +62,7 @@ from training.losses import contrastive_loss, distill_loss, keep_rank_loss
 from training.query import Scene, query_loss, query_text, subset_captions
 from training.layout import LayoutCode, layout_targets
 from training.synthetic import fresh_hard_negatives
-from training.saliency import direct_effects, stage_saliency
+from training.saliency import stage_effects, stage_saliency
 from vlm_demo import addon, cli, pruning
 from vlm_demo.atomic import write_text_atomic
 from vlm_demo.config import PRECISIONS, PRESETS, ModelConfig, Preset, TrainConfig, get_preset
@@ -308,7 +308,8 @@ def _saliency_loss(
     seed: int, epoch: int,
 ) -> tuple[torch.Tensor, torch.Tensor | None, float]:  # fmt: skip
     """The pruned phase's losses: the predictors rank patches like the teacher's saliency, and text_guided's
-    like each caption's direct effects (`training.query`), on captions naming part of a scene where `ph.scenes` can.
+    like each caption's share of the cosine (`training.query`), on captions naming part of a scene where `ph.scenes`
+    can.
 
     Returns:
         (listwise loss, text_guided's loss or None, the monitored distillation loss at keep ratio `keep`, not
@@ -323,8 +324,9 @@ def _saliency_loss(
     loss = sum(keep_rank_loss(f(t), s) for f, t, s in zip(predictors, tokens, saliency)) / len(tokens)
     extra = None
     if ph.query:  # text_guided's predictors, on the same batch and stage tokens
-        q_text = query_text(teacher, tokenizer, text, subset_captions(index, ph.scenes, seed, epoch))
-        extra = query_loss(ph.model.visual.query_predictors, tokens, direct_effects(teacher, images), q_text)
+        q_text, contrast = query_text(teacher, tokenizer, text, subset_captions(index, ph.scenes, seed, epoch))
+        effects = stage_effects(teacher, images)
+        extra = query_loss(ph.model.visual.query_predictors, tokens, effects, q_text, contrast)
     with torch.no_grad():  # monitored, not trained on: top-k has no gradient
         distill = distill_loss(ph.model.encode_image(images, PruneSpec(_predictor_method(), keep)), target).item()
     return loss, extra, distill
@@ -612,14 +614,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 clock.lap("baseline")
 
             if "pruned" in phases:
-                base, _ = load_checkpoint(out / "baseline", args.device)
+                # The baseline's own tokenizer: its text tower knows those ids, whatever data this phase reads.
+                base, base_tokenizer = load_checkpoint(out / "baseline", args.device)
                 base.enable_query_predictors()  # a baseline saved before text_guided's predictors existed has none
                 teacher, _ = load_checkpoint(out / "baseline", args.device)
                 for p in teacher.parameters():
                     p.requires_grad_(False)
-                meta = run_phase("pruned", base, teacher, data.dataset, data.tokenizer, tcfg, args, dd, data.scenes)
+                meta = run_phase("pruned", base, teacher, data.dataset, base_tokenizer, tcfg, args, dd, data.scenes)
                 if dd.main:
-                    _save(base, data.tokenizer, out / "pruned", meta, keep_ratio_range=list(tcfg.keep_ratio_range),
+                    _save(base, base_tokenizer, out / "pruned", meta, keep_ratio_range=list(tcfg.keep_ratio_range),
                           **_extra_facts(meta, tcfg), **facts)  # fmt: skip
                 summary["pruned"] = meta
                 dd.barrier()
