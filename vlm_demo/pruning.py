@@ -272,8 +272,9 @@ def text_guided(x: torch.Tensor, k: int, sig: Signals) -> Reduction:
     """Query-aware: a caption-conditioned keep predictor ranks the patches; top-k, the rest one background token.
 
     The logits come from `QueryKeepPredictor`, trained on each caption's own teacher
-    (`training.saliency.direct_effects`), so a caption that names one object moves the
-    kept patches onto it. Dropped tokens are fused as in `learned`.
+    (`training.saliency.stage_effects`: its share of the cosine carried back to the stage,
+    contrasted with a caption naming the rest of the scene), so a caption that names one
+    object moves the kept patches onto it. Dropped tokens are fused as in `learned`.
 
     Why not the cosine of each patch token, through the image head, with the caption
     (this method's first version): on the shipped baseline that ranks object patches
@@ -698,8 +699,8 @@ class QueryKeepPredictor(KeepPredictor):
     logit = the keep predictor's logit of the patch + a bilinear match between the patch
     token and the caption embedding, ``<W_p LN(patch), W_t text> / sqrt(hidden)``. The
     first term can learn what matters in any scene, the second which patches this caption
-    names. Trained in the pruned phase on each caption's direct effects
-    (`training.saliency.direct_effects`), with the towers frozen.
+    names. Trained in the pruned phase on each caption's share of the cosine at the stage
+    (`training.saliency.stage_effects`, `training.query`), with the towers frozen.
 
     Args:
         width: token width C.
