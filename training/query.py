@@ -7,13 +7,19 @@ the same listwise loss as the ``learned`` predictors.
 
 A predictor that only ever sees captions naming every object in the scene may ignore the
 caption: keeping every object is then always right. So where the data has object ground
-truth (``objects.json``, as the synthetic scenes do), each image with two or more objects
-is trained with a caption naming a random non-empty proper subset of them, written with
-the dataset's own templates. Its teacher is contrastive: the effects on the cosine with
-that caption minus those on the cosine with a caption naming the other objects, so what
-both captions share (that there are shapes on a grey ground) cancels, the named objects
-rank first and the others last. Images with one object, and data without ground truth,
-use the image's own caption and no contrast.
+truth (``objects.json``, as the synthetic scenes do), each image with n >= 2 objects draws
+how many to name, 1 to n alike; short of n, it is trained with a caption naming that many,
+chosen at random, written with the dataset's own templates, and its teacher is
+contrastive: the effects on the cosine with that caption minus those on the cosine with a
+caption naming the other objects, so what both captions share (that there are shapes on a
+grey ground) cancels. The positive part ranks what to keep first (the named objects), the
+negative part, at `DROP_WEIGHT`, what to drop first (the others). Drawing n, and images
+with one object or without ground truth, use the image's own caption and no contrast, and
+only the keep-first half: there the negative part marks no object the caption leaves out.
+
+`DROP_WEIGHT` trades the two uses against each other (pilots in docs/training.md): at 1,
+captions naming one object keep little of the other, but captions naming all of them keep
+fewer of their objects; at 0.25, the other object comes back.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from vlm_demo.model import DualEncoder
 from vlm_demo.tokenizer import Tokenizer
 
 Scene = Sequence[dict[str, Any]]  # an image's objects, as objects.json lists them
+DROP_WEIGHT = 0.5  # of the drop-first half of the loss, against 1 for the keep-first half
 
 
 class Query(NamedTuple):
@@ -51,7 +58,7 @@ def subset_captions(
         epoch: the epoch; with `seed` and the index it fixes every draw, whatever the batch.
 
     Returns:
-        ``{row: Query}`` for the rows whose scene has two or more objects.
+        ``{row: Query}`` for the rows whose scene has two or more objects and drew fewer than all.
     """
     out: dict[int, Query] = {}
     if scenes is None:
@@ -61,7 +68,9 @@ def subset_captions(
         if not objects or len(objects) < 2:
             continue
         rng = np.random.default_rng(np.random.SeedSequence([seed, epoch, int(i), 1]))  # apart from the dataset's draws
-        k = int(rng.integers(1, len(objects)))
+        k = int(rng.integers(1, len(objects) + 1))
+        if k == len(objects):
+            continue  # all of them: the image's own caption, which names them all, and no contrast
         pick = sorted(int(j) for j in rng.choice(len(objects), size=k, replace=False))
         caption = describe(rng, [objects[j] for j in pick])
         out[row] = Query(caption, describe(rng, [o for j, o in enumerate(objects) if j not in pick]))
@@ -104,16 +113,19 @@ def query_loss(
         contrast: (B, E) embeddings of the captions naming the rest of each scene, zero where none; None: none.
 
     Returns:
-        The loss. Each row's effects on the cosine with ``text - contrast`` rank its patches at
-        both ends: the positive part, normalised, is the target of the logits (what to keep
-        first), the negative part that of the negated logits (what to drop first). With the
-        positive part alone, every patch it gives no mass to, the other objects and the
-        background alike, could fall anywhere below.
+        The loss. Each row's effects on the cosine with ``text - contrast`` rank its patches: the
+        positive part, normalised, is the target of the logits (what to keep first); in rows with
+        a contrast, the negative part is that of the negated logits (what to drop first), at
+        `DROP_WEIGHT`. With the positive part alone, every patch it gives no mass to, the other
+        objects and the background alike, could fall anywhere below.
     """
-    direction = text if contrast is None else text - contrast
+    if contrast is None:
+        contrast = torch.zeros_like(text)
+    contrasted = contrast.ne(0).any(-1, keepdim=True)  # (B, 1) rows with a contrast
     losses = []
     for f, t, e in zip(predictors, tokens, effects):
-        score = torch.einsum("bpe,be->bp", e, direction)  # (B, P)
+        score = torch.einsum("bpe,be->bp", e, text - contrast)  # (B, P)
         logits = f(t, text)
-        losses.append(keep_rank_loss(logits, score.clamp_min(0)) + keep_rank_loss(-logits, (-score).clamp_min(0)))
+        drop = torch.where(contrasted, (-score).clamp_min(0), torch.zeros_like(score))
+        losses.append(keep_rank_loss(logits, score.clamp_min(0)) + DROP_WEIGHT * keep_rank_loss(-logits, drop))
     return sum(losses) / len(losses)

@@ -65,7 +65,7 @@ from training.synthetic import fresh_hard_negatives
 from training.saliency import stage_effects, stage_saliency
 from vlm_demo import addon, cli, pruning
 from vlm_demo.atomic import write_text_atomic
-from vlm_demo.config import PRECISIONS, PRESETS, ModelConfig, Preset, TrainConfig, get_preset
+from vlm_demo.config import PRECISIONS, PRESETS, ModelConfig, Preset, PruningConfig, TrainConfig, get_preset
 from vlm_demo.model import PREDICTOR_PREFIXES, DualEncoder, atomic_folder, load_checkpoint, save_checkpoint
 from vlm_demo.pruning import PruneSpec
 from vlm_demo.tokenizer import TextTokenizer, Tokenizer
@@ -616,7 +616,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if "pruned" in phases:
                 # The baseline's own tokenizer: its text tower knows those ids, whatever data this phase reads.
                 base, base_tokenizer = load_checkpoint(out / "baseline", args.device)
-                base.enable_query_predictors()  # a baseline saved before text_guided's predictors existed has none
+                # A baseline saved before text_guided's predictors existed has none, one saved before their
+                # caption MLP has linear ones, untrained either way: the current kind is built.
+                base.enable_query_predictors(mlp=PruningConfig().query_mlp)
                 teacher, _ = load_checkpoint(out / "baseline", args.device)
                 for p in teacher.parameters():
                     p.requires_grad_(False)

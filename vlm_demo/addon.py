@@ -152,7 +152,8 @@ def _load_addon(folder: Path, device: str | torch.device) -> Backbone:
             f"{ref.folder}. Move the add-on and its backbone together, or train the predictors again."
         )
     pruning = PruningConfig(
-        stages=tuple(pred["stages"]), predictor_hidden=pred["hidden"], query_predictors=pred.get("query", False)
+        stages=tuple(pred["stages"]), predictor_hidden=pred["hidden"], query_predictors=pred.get("query", False),
+        query_mlp=pred.get("query_mlp", False),  # an add-on written before the caption MLP has a linear one
     )
     clip = hf_clip.load_clip(ref.folder, device, pruning)
     vision = {k: getattr(clip.model.cfg.vision, k) for k in VISION_KEYS}
@@ -257,6 +258,7 @@ def save_addon(folder: str | os.PathLike, model: DualEncoder, ref: BackboneRef, 
             "stages": list(model.cfg.pruning.stages),
             "hidden": model.cfg.pruning.predictor_hidden,
             "query": bool(len(model.visual.query_predictors)),  # text_guided's caption-conditioned predictors
+            "query_mlp": model.cfg.pruning.query_mlp,
             "width": vision.width,
             "file": PREDICTORS_FILE,
         },

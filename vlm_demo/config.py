@@ -102,6 +102,8 @@ class PruningConfig:
     # the depth (EViT inside blocks at 1/4, 1/2, 3/4; ToMe in every block), or "shared", every method at `stages`
     query_predictors: bool = True  # caption-conditioned keep predictors for text_guided, one per stage (trained in
     # the pruned phase); False in a config.json saved before they existed (see `ModelConfig.from_dict`)
+    query_mlp: bool = True  # their caption side is an MLP (`vlm_demo.pruning.QueryKeepPredictor`); False, a linear
+    # map, in a config.json saved before it existed
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,7 @@ class ModelConfig:
         d = dict(d)
         pruning = dict(d.pop("pruning", {}))
         pruning.setdefault("query_predictors", False)  # a checkpoint saved before they existed has none
+        pruning.setdefault("query_mlp", False)  # nor, saved before it, their caption MLP
         if "stages" in pruning:
             pruning["stages"] = tuple(pruning["stages"])
         return cls(

@@ -222,8 +222,8 @@ class VisionTransformer(nn.Module):
             return
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            made = [QueryKeepPredictor(self.cfg.width, self.embed_dim, self.pruning.predictor_hidden)
-                    for _ in self.pruning.stages]  # fmt: skip
+            made = [QueryKeepPredictor(self.cfg.width, self.embed_dim, self.pruning.predictor_hidden,
+                                       self.pruning.query_mlp) for _ in self.pruning.stages]  # fmt: skip
         device = self.pos_embed.device
         self.query_predictors.extend(p.to(device) for p in made)
 
@@ -414,13 +414,22 @@ class DualEncoder(nn.Module, PyTorchModelHubMixin):
         if cfg.pruning.query_predictors:
             self.visual.add_query_predictors()  # after the initialisation above, which they leave unchanged
 
-    def enable_query_predictors(self) -> None:
+    def enable_query_predictors(self, mlp: bool | None = None) -> None:
         """Give a model loaded from a checkpoint saved before they existed untrained query predictors.
 
         Sets ``pruning.query_predictors`` in its config, so that a save writes them too.
+
+        Args:
+            mlp: their caption side (`PruningConfig.query_mlp`); None: the config's. Where it differs
+                from the config, the query predictors are built afresh, untrained: only for a baseline,
+                whose phase never trains them (``training.train``'s pruned phase asks for the current kind).
         """
-        if not self.cfg.pruning.query_predictors:
-            self.cfg = self.cfg.replace(pruning=dataclasses.replace(self.cfg.pruning, query_predictors=True))
+        pruning = self.cfg.pruning
+        mlp = pruning.query_mlp if mlp is None else mlp
+        if not pruning.query_predictors or pruning.query_mlp != mlp:
+            if pruning.query_mlp != mlp:
+                self.visual.query_predictors = nn.ModuleList()
+            self.cfg = self.cfg.replace(pruning=dataclasses.replace(pruning, query_predictors=True, query_mlp=mlp))
             self.visual.pruning = self.cfg.pruning
             self._hub_mixin_config = self.cfg.to_dict()  # what save_pretrained writes to config.json
         self.visual.add_query_predictors()

@@ -697,21 +697,32 @@ class QueryKeepPredictor(KeepPredictor):
     """The caption-conditioned keep predictor of ``text_guided``: `KeepPredictor` plus a caption match.
 
     logit = the keep predictor's logit of the patch + a bilinear match between the patch
-    token and the caption embedding, ``<W_p LN(patch), W_t text> / sqrt(hidden)``. The
+    token and the caption embedding, ``<W_p LN(patch), q(text)> / sqrt(hidden)``. The
     first term can learn what matters in any scene, the second which patches this caption
     names. Trained in the pruned phase on each caption's share of the cosine at the stage
     (`training.saliency.stage_effects`, `training.query`), with the towers frozen.
+
+    ``q`` is an MLP (``mlp=True``, `PruningConfig.query_mlp`) or, in checkpoints saved before
+    it, a linear map. A linear ``q`` cannot serve both captions that name one object of a
+    scene (keep it, drop the other) and captions that name both (keep both): a caption naming
+    two objects embeds close to the sum of the two single ones, so its match would be close
+    to the sum of theirs, where each object's keep and drop cancel.
 
     Args:
         width: token width C.
         embed_dim: caption embedding size E.
         hidden: hidden width.
+        mlp: ``q`` is ``Linear-GELU-Linear``; else one ``Linear``.
     """
 
-    def __init__(self, width: int, embed_dim: int, hidden: int):
+    def __init__(self, width: int, embed_dim: int, hidden: int, mlp: bool = True):
         super().__init__(width, hidden)
         self.match = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, hidden))
-        self.query = nn.Linear(embed_dim, hidden)
+        self.query: nn.Module = (
+            nn.Sequential(nn.Linear(embed_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+            if mlp
+            else nn.Linear(embed_dim, hidden)
+        )
 
     def forward(self, patches: torch.Tensor, text: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         """Keep logits.
