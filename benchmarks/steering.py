@@ -125,7 +125,6 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--scenes", type=cli.positive_int, default=80, help="two-object scenes (default: 80)")
     p.add_argument("--keep-ratio", type=float, default=0.3, help="keep ratio (default: 0.3)")
     args = p.parse_args(argv)
-    torch.set_grad_enabled(False)
     model, tokenizer = load_checkpoint(args.checkpoint)
     model.eval()
     pairs = Pairs(model, tokenizer, two_object_scenes(FIRST_UNSEEN, args.scenes, model.cfg.vision.image_size))

@@ -103,3 +103,19 @@ def test_vit_b_16_image_tower_matches_closed_form():
     fca = flops.analysis(DualEncoder(cfg), PruneSpec())
     assert dict(fca.unsupported_ops()) == {}
     assert fca.total() / 1e9 == pytest.approx(flops.closed_form_gmacs(cfg), rel=0.02)
+
+
+@pytest.mark.parametrize("query_mlp", [True, False])
+def test_text_guided_counts_its_caption_side_as_built(query_mlp):
+    # The caption MLP (current checkpoints) or the one linear map (older ones): fvcore and the closed form agree.
+    cfg = get_preset("tiny").model
+    cfg = cfg.replace(pruning=dataclasses.replace(cfg.pruning, query_mlp=query_mlp))
+    for r in (0.7, 0.3):
+        assert flops.gmacs(cfg, "text_guided", r) == pytest.approx(flops.closed_form_gmacs(cfg, "text_guided", r),
+                                                                    rel=1e-9, abs=1e-12)  # fmt: skip
+    h = cfg.pruning.predictor_hidden
+    with_mlp = dataclasses.replace(cfg.pruning, query_mlp=True)
+    without = dataclasses.replace(cfg.pruning, query_mlp=False)
+    extra = flops.closed_form_gmacs(cfg.replace(pruning=with_mlp), "text_guided", 0.3) - flops.closed_form_gmacs(
+        cfg.replace(pruning=without), "text_guided", 0.3)
+    assert extra == pytest.approx(len(cfg.pruning.stages) * h * h / 1e9)

@@ -1,5 +1,7 @@
 """The method registry: one entry describes a method, and the model, flops and api follow it."""
 
+import dataclasses
+
 import pytest
 import torch
 from PIL import Image
@@ -95,7 +97,10 @@ def test_stage_shape_costs():
     assert pruning.get("tome").scoring_macs(shape) == (4 * 4 + 2 * 2) * 2
     assert pruning.get("cls_attention").scoring_macs(shape) == 9 * 4
     assert pruning.get("none").scoring_macs(shape) == 0
-    # text_guided: the learned predictor's per-token cost, plus the match's norm and linear, plus the caption's linear.
+    # text_guided: the learned predictor's per-token cost, plus the match's norm and linear, plus the caption's MLP
+    # (5 -> 2 -> 2), or in older checkpoints its one linear map.
     learned = 8 * (5 * 4 + 4 * 2 + 2 * 2 * 2 + 2)
     assert pruning.get("learned").scoring_macs(shape) == learned
-    assert pruning.get("text_guided").scoring_macs(shape) == learned + 8 * (5 * 4 + 4 * 2) + 5 * 2
+    assert pruning.get("text_guided").scoring_macs(shape) == learned + 8 * (5 * 4 + 4 * 2) + 5 * 2 + 2 * 2
+    linear = dataclasses.replace(shape, query_mlp=False)
+    assert pruning.get("text_guided").scoring_macs(linear) == learned + 8 * (5 * 4 + 4 * 2) + 5 * 2

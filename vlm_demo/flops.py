@@ -319,7 +319,7 @@ def closed_form_gmacs(
         if i in stages:
             n_in = (N if info.inside else pairs[i - 1][1]) - 1  # patch tokens the stage receives
             n_out = (M if info.inside else N) - 1
-            macs += info.scoring_macs(StageShape(n_in, n_out, C, v.heads, E, p.predictor_hidden))
+            macs += info.scoring_macs(StageShape(n_in, n_out, C, v.heads, E, p.predictor_hidden, p.query_mlp))
     macs += 5 * C + C * E  # final norm and projection of the CLS token
     return batch * macs / 1e9
 

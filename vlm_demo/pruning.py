@@ -385,6 +385,7 @@ class StageShape:
     heads: int  # attention heads h
     embed_dim: int  # shared embedding size E
     predictor_hidden: int  # hidden width of the keep predictor
+    query_mlp: bool = True  # text_guided's caption side is an MLP (`PruningConfig.query_mlp`), else one linear map
 
 
 def _no_cost(s: StageShape) -> int:
@@ -459,8 +460,9 @@ def _learned_cost(s: StageShape) -> int:
 
 def _query_cost(s: StageShape) -> int:
     C, h = s.width, s.predictor_hidden
-    # Per token: the learned predictor's layers plus the match projection (norm, linear); once: the caption's.
-    return _learned_cost(s) + s.n_in * (5 * C + C * h) + s.embed_dim * h
+    # Per token: the learned predictor's layers plus the match projection (norm, linear); once: the caption's
+    # linear map, and the MLP's second layer.
+    return _learned_cost(s) + s.n_in * (5 * C + C * h) + s.embed_dim * h + (h * h if s.query_mlp else 0)
 
 
 def _tome_cost(s: StageShape) -> int:
@@ -532,11 +534,12 @@ for _info in (
     ),
     MethodInfo(
         "text_guided", text_guided, "Text-guided",
-        "A caption-conditioned keep predictor per stage, trained to rank patches like each caption's direct "
-        "effect on the frozen baseline's image-caption cosine, keeps the top-k, so a caption that names an "
-        "object moves the kept patches onto it; the rest become one size-weighted background token.",
+        "A caption-conditioned keep predictor per stage, trained to rank patches like each caption's share of "
+        "the frozen baseline's image-caption cosine (carried back to the stage, contrasted with a caption naming "
+        "the rest of the scene), keeps the top-k, so a caption that names an object moves the kept patches onto "
+        "it; the rest become one size-weighted background token.",
         "the query-aware idea of FastV / SparseVLM; teacher after Gandelsman et al.'s direct-effect "
-        "decomposition of CLIP (ICLR 2024)",
+        "decomposition of CLIP (ICLR 2024) and Abnar and Zuidema's attention rollout (ACL 2020)",
         signals=("text",), fusion="background", scoring_macs=_query_cost,
     ),  # a trained predictor too: it runs on pruned/ at the config's pruning.stages
     MethodInfo(
