@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> str:
     left_out = f" ({pairs.left_out} left out: an object covers no patch)" if pairs.left_out else ""
     lines = [f"{args.scenes} unseen two-object scenes{left_out}, each object named alone; keep ratio {args.keep_ratio}",
              "share of the named object's patches kept / of the other object's", "",
-             f"{'teacher (top of its scores, unpruned tower)':44s}" + "".join(f"  stage {s:<9d}" for s in stages)]  # fmt: skip
+             f"{'teacher (top of its scores, unpruned tower)':44s}" + "".join(f"  stage {s:<9d}" for s in stages)]
     for name, per_stage in teachers(model, pairs, args.keep_ratio).items():
         lines.append(f"{name:44s}" + "".join(f"  {a:.3f} / {b:.3f}" for a, b in per_stage))
     lines += ["", f"{'predictor (last stage of the checkpoint)':44s}  named / other"]
