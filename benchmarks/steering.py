@@ -18,7 +18,6 @@ left``). For each caption, the share of the named object's patches kept, and of 
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -144,4 +143,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main() and 0)
+    main()

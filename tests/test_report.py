@@ -156,7 +156,8 @@ def test_fill_rewrites_only_inside_the_markers(src):
 
 def test_check_names_the_stale_file_in_one_line(tmp_path, capsys):
     for rel in [*report.TARGETS, "checkpoints/metrics.json", "checkpoints/training.json",
-                *(f"checkpoints/{c}/{f}" for c in report.CHECKPOINTS for f in ("training.json", "config.json"))]:
+                *(f"checkpoints/{c}/{f}" for c in report.CHECKPOINTS
+                  for f in ("training.json", "config.json", "model.safetensors"))]:  # a card counts its weights
         if (ROOT / rel).exists():  # checkpoints/training.json: only when one run made the shipped files
             (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(ROOT / rel, tmp_path / rel)
@@ -171,3 +172,20 @@ def test_check_names_the_stale_file_in_one_line(tmp_path, capsys):
     assert err.startswith("error: README.md, docs/results.md, docs/training.md, checkpoints/baseline/README.md ")
     assert len(err.splitlines()) == 1 and "pruned/README.md" not in err
     assert report.main(["--root", str(tmp_path)]) == 0 and report.stale(tmp_path) == []
+
+
+def test_a_cards_parameters_are_counted_from_its_own_weights(tmp_path):
+    from vlm_demo.config import get_preset
+    from vlm_demo.model import DualEncoder, save_checkpoint
+    from vlm_demo.tokenizer import Tokenizer
+
+    tok = Tokenizer.build(["a red circle"], 16)
+    cfg = get_preset("tiny").model
+    model = DualEncoder(cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=len(tok))))
+    save_checkpoint(model, tok, tmp_path)
+    counts = report._count_params(tmp_path / "model.safetensors")
+    assert counts == {
+        "params": sum(p.numel() for p in model.parameters()),
+        "params_image_encoder": sum(p.numel() for p in model.visual.parameters()),
+        "params_text_encoder": sum(p.numel() for p in model.text.parameters()),
+    }

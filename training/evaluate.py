@@ -478,7 +478,8 @@ class _Rows:
 
     def __init__(self, models: _Models, test: _TestSet, opts: _Options):
         self.models, self.test, self.opts = models, test, opts
-        self.cfg = models.base.cfg
+        # Costs from pruned/'s config where loaded: it has the keep predictors the trained methods run, as built.
+        self.cfg = (models.pruned or models.base).cfg
         self.base_gmacs = flops.gmacs(self.cfg, BASELINE, 1.0, 1)
         self.reference: _Pass | None = None  # the baseline's pass, reused by rows that compute the same
         self.reference_pair: float | None = None

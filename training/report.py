@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from safetensors import safe_open
 
 from training import compare
 from training.compare import DASH, table
@@ -52,6 +55,7 @@ class Sources:
     training: dict[str, dict[str, Any]]  # checkpoint name -> its training.json
     configs: dict[str, dict[str, Any]]  # checkpoint name -> its config.json
     build: dict[str, Any] | None = None  # checkpoints/training.json: the last run's wall time end to end, if any
+    params: dict[str, dict[str, int]] | None = None  # checkpoint name -> its parameter counts, from its weights
 
 
 def load_sources(checkpoints: Path) -> Sources:
@@ -80,7 +84,22 @@ def load_sources(checkpoints: Path) -> Sources:
         training={name: read(checkpoints / name / "training.json") for name in CHECKPOINTS},
         configs={name: read(checkpoints / name / "config.json") for name in CHECKPOINTS},
         build=read(checkpoints / "training.json") if (checkpoints / "training.json").is_file() else None,
+        params={name: _count_params(checkpoints / name / "model.safetensors") for name in CHECKPOINTS
+                if (checkpoints / name / "model.safetensors").is_file()},  # fmt: skip
     )
+
+
+def _count_params(path: Path) -> dict[str, int]:
+    """Parameters of a checkpoint, from the tensor shapes in its safetensors header (no weights are read)."""
+    counts = {"params": 0, "params_image_encoder": 0, "params_text_encoder": 0}
+    with safe_open(str(path), "pt") as f:
+        for key in f.keys():
+            n = math.prod(f.get_slice(key).get_shape())
+            counts["params"] += n
+            tower = {"visual": "params_image_encoder", "text": "params_text_encoder"}.get(key.split(".")[0])
+            if tower:
+                counts[tower] += n
+    return counts
 
 
 # ----------------------------------------------------------------------------- formatting
@@ -276,7 +295,7 @@ def training_time(src: Sources) -> str:
 
 
 def card_model(src: Sources, name: str) -> str:
-    """The architecture of one checkpoint, from its config.json; parameters from metrics.json."""
+    """The architecture of one checkpoint, from its config.json; parameters from its weights (else metrics.json)."""
     c = src.configs[name]
     v, t, p = c["vision"], c["text"], c["pruning"]
     grid = v["image_size"] // v["patch_size"]
@@ -294,7 +313,7 @@ def card_model(src: Sources, name: str) -> str:
         f"- **Pruning stages:** keep predictors before blocks {stages} (counted from 0; an MLP each, hidden width "
         f"{p['predictor_hidden']}), {trained}; the other methods' stages follow the `{p['placement']}` placement.",
     ]
-    mod = src.metrics.get("model", {})
+    mod = (src.params or {}).get(name) or src.metrics.get("model", {})
     if mod.get("params"):
         lines.append(
             f"- **Parameters:** {mod['params']:,} (image encoder {mod['params_image_encoder']:,}, text encoder "

@@ -222,7 +222,7 @@ class Session:
     ):
         self.baseline, self.pruned, self.tokenizer = baseline.eval(), pruned.eval(), tokenizer
         self.source, self.metrics = source, metrics
-        self.cfg = baseline.cfg
+        self.cfg = pruned.cfg  # the towers' and, for costs, the keep predictors as built (in pruned/)
         self.preprocess = preprocess or Preprocess(self.cfg.vision.image_size)
         self._latency: dict[tuple[str, float, LatencyProtocol, str], dict[str, Timing]] = {}
         self.has_predictors = has_predictors
