@@ -227,3 +227,28 @@ def test_an_addon_saved_before_text_guided_runs_learned_and_says_how_to_train_te
         assert model.encode_image(pixels, PruneSpec("learned", 0.5)).shape == (1, model.cfg.embed_dim)
         with pytest.raises(ValueError, match="--backbone SOURCE --out DIR"):
             model.encode_image(pixels, PruneSpec("text_guided", 0.5, text=text))
+
+
+def test_an_addon_saved_before_the_caption_mlp_runs_text_guided_with_its_linear_predictors(work, tmp_path):
+    # As written before the caption MLP: no predictors.query_mlp, and one linear map per query predictor.
+    old = tmp_path / "old"
+    old.mkdir()
+    tensors = load_file(str(work / "addon" / addon.PREDICTORS_FILE))
+    linear = {n.replace(".query.0.", ".query."): t for n, t in tensors.items() if ".query.2." not in n}
+    assert linear.keys() != tensors.keys()  # the add-on under test has the MLP
+    save_file(linear, str(old / addon.PREDICTORS_FILE))
+    config = json.loads((work / "addon" / addon.ADDON_FILE).read_text())
+    assert config["predictors"].pop("query_mlp") is True
+    config["backbone"]["source"] = str(work / "clip")
+    (old / addon.ADDON_FILE).write_text(json.dumps(config))
+    model = addon.load_backbone(old).clip.model
+    assert not model.cfg.pruning.query_mlp and all(isinstance(q.query, torch.nn.Linear) for q in
+                                                   model.visual.query_predictors)  # fmt: skip
+    text = torch.nn.functional.normalize(torch.ones(1, model.cfg.embed_dim), dim=-1)
+    with torch.inference_mode():
+        assert model.encode_image(torch.zeros(1, 3, 32, 32), PruneSpec("text_guided", 0.5, text=text)).shape == (
+            1, model.cfg.embed_dim)  # fmt: skip
+    config["predictors"]["query_mlp"] = "false"  # text is not a boolean
+    (old / addon.ADDON_FILE).write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="predictors.query_mlp must be true or false"):
+        addon.load_backbone(old)

@@ -27,7 +27,8 @@ mean and std) and captions its tokenizer. Only the keep predictors (``learned``'
 ``text_guided``'s) are written, into
 an add-on folder (``--out``, required; see `vlm_demo.addon`) that ``vlm_demo.api.load``
 and ``training.evaluate --backbone`` load together with the backbone it names. The
-preset gives only the schedule. An add-on as SOURCE continues from its predictors.
+preset gives only the schedule. An add-on as SOURCE continues from its predictors, of
+the kind it has (an add-on saved before the caption MLP keeps its linear ones).
 
 Every random choice derives from ``--seed`` and the (epoch, step), and the resume
 state (weights + AdamW moments, safetensors) is written atomically at the end of each
@@ -65,7 +66,7 @@ from training.synthetic import fresh_hard_negatives
 from training.saliency import stage_effects, stage_saliency
 from vlm_demo import addon, cli, pruning
 from vlm_demo.atomic import write_text_atomic
-from vlm_demo.config import PRECISIONS, PRESETS, ModelConfig, Preset, PruningConfig, TrainConfig, get_preset
+from vlm_demo.config import PRECISIONS, PRESETS, ModelConfig, Preset, TrainConfig, get_preset
 from vlm_demo.model import PREDICTOR_PREFIXES, DualEncoder, atomic_folder, load_checkpoint, save_checkpoint
 from vlm_demo.pruning import PruneSpec
 from vlm_demo.tokenizer import TextTokenizer, Tokenizer
@@ -618,7 +619,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 base, base_tokenizer = load_checkpoint(out / "baseline", args.device)
                 # A baseline saved before text_guided's predictors existed has none, one saved before their
                 # caption MLP has linear ones, untrained either way: the current kind is built.
-                base.enable_query_predictors(mlp=PruningConfig().query_mlp)
+                base.enable_query_predictors(mlp=preset.model.pruning.query_mlp)
                 teacher, _ = load_checkpoint(out / "baseline", args.device)
                 for p in teacher.parameters():
                     p.requires_grad_(False)

@@ -194,8 +194,9 @@ def _config_problem(config: Any) -> str:
     stages, hidden = pred.get("stages"), pred.get("hidden")
     if not isinstance(stages, list) or not all(isinstance(s, int) for s in stages) or not isinstance(hidden, int):
         return "predictors.stages (block indices) and predictors.hidden (a width) are required"
-    if not isinstance(pred.get("query", False), bool):
-        return "predictors.query must be true or false"
+    for key in ("query", "query_mlp"):
+        if not isinstance(pred.get(key, False), bool):
+            return f"predictors.{key} must be true or false"
     return ""
 
 
