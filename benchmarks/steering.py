@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from training.metrics import object_patch_mask
+from training.metrics import object_patch_mask, object_recall
 from training.saliency import direct_effects, stage_effects
 from training.synthetic import POSITION_PHRASES, make_scene
 from vlm_demo import cli
@@ -54,13 +54,6 @@ def two_object_scenes(start: int, count: int, size: int = SIZE) -> list[tuple[An
     return out
 
 
-def coverage(kept: torch.Tensor, mask: torch.Tensor) -> float:
-    """Share of the object patches in `mask` (P,) among the kept positions (k,) of one image (-1: padding)."""
-    hit = torch.zeros_like(mask)
-    hit[kept[kept >= 0]] = True
-    return float((hit & mask).sum() / mask.sum())
-
-
 class Pairs:
     """Each scene twice, once per object; row i names object i, row ``i ^ 1`` the other object of its scene.
 
@@ -78,13 +71,18 @@ class Pairs:
         objects = [obj for _, objs in scenes for obj in objs]
         with torch.inference_mode():
             self.text = model.encode_text(tokenizer.encode_batch([named(o) for o in objects]))
-        self.masks = torch.stack([object_patch_mask([o["box"]], grid, size) for o in objects])  # (2S, P)
+        self.boxes = [o["box"] for o in objects]
+        self.grid, self.size = grid, size
         self.other = torch.arange(len(objects)) ^ 1
+
+    def share(self, kept: torch.Tensor, row: int) -> float:
+        """Share of row `row`'s object patches among the kept positions (k,) of one image (-1: a fused token)."""
+        return object_recall(kept[None], [[self.boxes[row]]], self.grid, self.size)
 
     def shares(self, kept: Sequence[torch.Tensor]) -> tuple[float, float]:
         """Mean share of each row's named object, and of its other object, among the row's kept positions."""
-        own = [coverage(kept[i], self.masks[i]) for i in range(len(kept))]
-        other = [coverage(kept[i], self.masks[self.other[i]]) for i in range(len(kept))]
+        own = [self.share(kept[i], i) for i in range(len(kept))]
+        other = [self.share(kept[i], int(self.other[i])) for i in range(len(kept))]
         return sum(own) / len(own), sum(other) / len(other)
 
     def top(self, scores: torch.Tensor, keep_ratio: float) -> tuple[float, float]:

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.steering import FIRST_UNSEEN, Pairs, coverage, two_object_scenes
+from benchmarks.steering import FIRST_UNSEEN, Pairs, two_object_scenes
 from training import saliency
 from training.losses import keep_rank_loss
 from training.query import DROP_WEIGHT, query_loss, subset_captions
@@ -27,13 +27,18 @@ SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "pruned"
 # ----------------------------------------------------------------------------- the teacher
 
 
+def _tiny(depth: int, stages: tuple[int, ...]) -> DualEncoder:
+    cfg = get_preset("tiny").model
+    return DualEncoder(cfg.replace(vision=dataclasses.replace(cfg.vision, depth=depth),
+                                   pruning=PruningConfig(stages=stages))).eval()  # fmt: skip
+
+
 def test_direct_effects_split_the_cosine_exactly():
     # One block, and nothing but the patches reaching the CLS token: no CLS value, biases or MLP output. Then the
     # patches' direct effects are the whole embedding, and they sum to the image-caption cosine.
     torch.manual_seed(0)
-    cfg = get_preset("tiny").model
-    cfg = cfg.replace(vision=dataclasses.replace(cfg.vision, depth=1), pruning=PruningConfig(stages=()))
-    model = DualEncoder(cfg).eval()
+    model = _tiny(1, ())
+    cfg = model.cfg
     v = model.visual
     with torch.no_grad():
         v.cls_token.zero_()
@@ -48,12 +53,6 @@ def test_direct_effects_split_the_cosine_exactly():
     assert effects.shape == (3, cfg.vision.num_patches, cfg.embed_dim)
     cosine = (model.encode_image(pixels) * text).sum(-1)
     assert torch.allclose(torch.einsum("bpe,be->b", effects, text), cosine, atol=1e-5)
-
-
-def _tiny(depth: int, stages: tuple[int, ...]) -> DualEncoder:
-    cfg = get_preset("tiny").model
-    return DualEncoder(cfg.replace(vision=dataclasses.replace(cfg.vision, depth=depth),
-                                   pruning=PruningConfig(stages=stages))).eval()  # fmt: skip
 
 
 def test_stage_effects_carry_each_blocks_effects_back_through_the_attention_by_hand():
@@ -247,12 +246,6 @@ def test_adding_query_predictors_changes_no_other_initial_weight():
     assert any(name.startswith("visual.query_predictors.") for name in theirs)
 
 
-def test_coverage_counts_the_kept_object_patches_and_ignores_padding():
-    mask = torch.tensor([True, True, False, True, False])
-    assert coverage(torch.tensor([0, 2, -1]), mask) == pytest.approx(1 / 3)
-    assert coverage(torch.tensor([3, 1, 0]), mask) == 1.0
-
-
 def test_the_steering_benchmark_reports_every_teacher_and_both_predictors(tmp_path):
     from benchmarks import steering
 
@@ -294,11 +287,10 @@ def test_two_captions_that_name_different_objects_keep_different_patches_each_co
     model, tok = shipped
     image, record, _ = make_scene(0, 100_083, 112)  # a black cross and a white diamond
     pairs, (kept_a, kept_b) = _keep_for_each_caption(model, tok, [(image, record["objects"])], 0.3)
-    mask_a, mask_b = pairs.masks
     assert set(kept_a.tolist()) != set(kept_b.tolist())
-    assert coverage(kept_a, mask_a) >= 0.8 and coverage(kept_b, mask_b) >= 0.8
-    assert coverage(kept_a, mask_a) > coverage(kept_b, mask_a) + 0.5  # the caption moved the kept patches
-    assert coverage(kept_b, mask_b) > coverage(kept_a, mask_b) + 0.5
+    assert pairs.share(kept_a, 0) >= 0.8 and pairs.share(kept_b, 1) >= 0.8
+    assert pairs.share(kept_a, 0) > pairs.share(kept_b, 0) + 0.5  # the caption moved the kept patches
+    assert pairs.share(kept_b, 1) > pairs.share(kept_a, 1) + 0.5
 
 
 def test_on_unseen_scenes_a_caption_keeps_more_of_the_object_it_names(shipped):
