@@ -87,6 +87,23 @@ def test_fresh_hard_negatives_are_wrong_for_their_image_and_change_each_epoch() 
     assert synthetic.fresh_hard_negatives([*scenes[:3], None], [0, 3], seed=0, epoch=0, k=1) is None
 
 
+def test_the_hard_negative_mix_sets_which_attribute_a_negative_changes() -> None:
+    scenes = [synthetic.make_scene(seed=3, index=i, size=32)[1]["objects"] for i in range(30)]
+
+    def kinds(mix: tuple[float, ...] | None) -> set[str]:
+        rngs = [np.random.default_rng(i) for i in range(len(scenes))]
+        return {synthetic.hard_negative(rng, [dict(o) for o in s], mix)[1] for rng, s in zip(rngs, scenes)}
+
+    assert kinds((0, 1, 0, 0)) == {"change_shape", "swap_shape"}
+    assert kinds((1, 0, 0, 1)) == {"change_color", "swap_color", "change_position", "swap_position"}
+    assert len(kinds(None)) > 4  # equal odds: every attribute turns up
+    # Equal odds draw as they always have: the generated test negatives do not change (pinned before the mix).
+    pinned = "A picture showing a little purple star in the middle and a small orange heart near the top."
+    assert synthetic.make_scene(seed=3, index=0, size=32)[1]["hard_negative"] == pinned
+    negatives = synthetic.fresh_hard_negatives(scenes, [0, 1], seed=0, epoch=0, k=1)
+    assert negatives == synthetic.fresh_hard_negatives(scenes, [0, 1], seed=0, epoch=0, k=1, mix=None)
+
+
 # ----------------------------------------------------------------------------- ceiling, worked by hand
 
 

@@ -341,17 +341,29 @@ def _scene_key(objects: list[dict[str, Any]]) -> list[tuple[str, str, str, str]]
     return sorted((o["size"], o["color"], o["shape"], o["position"]) for o in objects)
 
 
-def hard_negative(rng: np.random.Generator, objects: list[dict[str, Any]]) -> tuple[str, str]:
+HARD_NEGATIVE_ATTRS = ("color", "shape", "size", "position")  # what a hard negative changes or swaps
+
+
+def hard_negative(
+    rng: np.random.Generator, objects: list[dict[str, Any]], mix: Sequence[float] | None = None
+) -> tuple[str, str]:
     """A caption of the same scene with one attribute changed or swapped between two objects.
+
+    Args:
+        rng: the draw's generator.
+        objects: the scene's objects.
+        mix: relative odds of each of `HARD_NEGATIVE_ATTRS`; None, equal odds (the draw the generated
+            test negatives were made with, which must not change).
 
     Returns:
         (caption, kind) where kind is e.g. "swap_color" or "change_position".
     """
-    attrs = ("color", "shape", "size", "position")
+    attrs = HARD_NEGATIVE_ATTRS
+    p = None if mix is None else np.asarray(mix, dtype=float) / float(np.sum(mix))
     values = {"color": list(COLORS), "shape": list(SHAPES), "size": list(SIZES), "position": list(POSITIONS)}
     truth = _scene_key(objects)
     for _ in range(100):
-        attr = attrs[int(rng.integers(len(attrs)))]
+        attr = attrs[int(rng.integers(len(attrs)))] if p is None else attrs[int(rng.choice(len(attrs), p=p))]
         fake = [dict(o) for o in objects]
         if len(objects) > 1 and rng.uniform() < 0.6:
             i, j = (int(k) for k in rng.choice(len(objects), size=2, replace=False))
@@ -372,7 +384,12 @@ def hard_negative(rng: np.random.Generator, objects: list[dict[str, Any]]) -> tu
 
 
 def fresh_hard_negatives(
-    scenes: Sequence[Sequence[dict[str, Any]] | None], index: Sequence[int], seed: int, epoch: int, k: int
+    scenes: Sequence[Sequence[dict[str, Any]] | None],
+    index: Sequence[int],
+    seed: int,
+    epoch: int,
+    k: int,
+    mix: Sequence[float] | None = None,
 ) -> list[str] | None:
     """`k` hard negatives per row of a batch, drawn afresh each epoch from each image's objects.
 
@@ -382,6 +399,7 @@ def fresh_hard_negatives(
         seed: the run's seed; with `epoch` and the index it fixes every draw, whatever the batch.
         epoch: the epoch.
         k: negatives per row.
+        mix: relative odds of the attribute each negative changes or swaps (`hard_negative`).
 
     Returns:
         ``k * len(index)`` captions, negative ``j`` of row ``r`` at ``j * len(index) + r``; None when a row's
@@ -393,7 +411,7 @@ def fresh_hard_negatives(
         if not objects:
             return None
         rng = np.random.default_rng(np.random.SeedSequence([seed, epoch, int(i), 2]))  # apart from other draws
-        rows.append([hard_negative(rng, [dict(o) for o in objects])[0] for _ in range(k)])
+        rows.append([hard_negative(rng, [dict(o) for o in objects], mix)[0] for _ in range(k)])
     return [row[j] for j in range(k) for row in rows]
 
 

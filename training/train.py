@@ -374,7 +374,9 @@ def _train_epoch(
             else:
                 hard = layout = None
                 if tcfg.hard_negatives > 0 and ph.scenes is not None:
-                    negatives = fresh_hard_negatives(ph.scenes, index.tolist(), args.seed, epoch, tcfg.hard_negatives)
+                    negatives = fresh_hard_negatives(
+                        ph.scenes, index.tolist(), args.seed, epoch, tcfg.hard_negatives, tcfg.hard_negative_mix
+                    )
                     hard = None if negatives is None else tokenizer.encode_batch(negatives).to(device)
                 if ph.layout is not None:
                     layout = layout_targets(ph.scenes, index.tolist())
@@ -607,7 +609,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 model = DualEncoder(data.cfg).to(args.device)
                 meta = run_phase("baseline", model, None, data.dataset, data.tokenizer, tcfg, args, dd, data.scenes)
                 if dd.main:
-                    _save(model, data.tokenizer, out / "baseline", meta, **_extra_facts(meta, tcfg), **facts)
+                    negatives = {"hard_negatives": tcfg.hard_negatives, "hard_negative_mix": list(tcfg.hard_negative_mix)}
+                    _save(model, data.tokenizer, out / "baseline", meta, **negatives, **_extra_facts(meta, tcfg), **facts)
                     bank = [c for caps in data.splits["test"].captions for c in caps]
                     write_text_atomic(out / CAPTION_BANK_FILE, json.dumps({"split": "test", "captions": bank}))
                 summary["baseline"] = meta
