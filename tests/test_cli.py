@@ -70,6 +70,12 @@ def test_renamed_options_keep_their_old_spelling_hidden() -> None:
     assert "--quiet" in synthetic._parser()._option_string_actions
 
 
+def test_the_hard_negative_mix_reaches_the_training_config() -> None:
+    args = train.parse_args(["--hard-negative-mix", "2", "2", "1", "1"])
+    assert train._schedule(args)[1].hard_negative_mix == (2.0, 2.0, 1.0, 1.0)
+    assert train._schedule(train.parse_args([]))[1].hard_negative_mix is None  # the preset's: equal odds
+
+
 def _bad_calls(tmp: Path) -> list[tuple[str, list[str]]]:
     missing, empty, a_file = tmp / "missing", tmp / "empty", tmp / "a_file"
     empty.mkdir()
@@ -81,6 +87,8 @@ def _bad_calls(tmp: Path) -> list[tuple[str, list[str]]]:
         ("training.train", ["--preset", "huge", *out]),
         ("training.train", ["--phases", "baseline,evaluat", *out]),
         ("training.train", ["--batch-size", "0", *out]),
+        ("training.train", ["--hard-negative-mix", "0", "0", "0", "0", *out]),
+        ("training.train", ["--hard-negative-mix", "1", "-1", "1", "1", *out]),
         ("training.evaluate", ["--checkpoints", str(missing), *out]),
         ("training.evaluate", ["--checkpoints", str(empty), "--keep-ratios", "0", *out]),
         ("training.evaluate", ["--methods", "magic", *out]),
@@ -92,7 +100,7 @@ def _bad_calls(tmp: Path) -> list[tuple[str, list[str]]]:
     ]
 
 
-@pytest.mark.parametrize("case", range(13))
+@pytest.mark.parametrize("case", range(15))
 def test_a_user_mistake_is_one_error_line_and_exit_2(case: int, tmp_path: Path, capsys) -> None:
     name, argv = _bad_calls(tmp_path)[case]
     with pytest.raises(SystemExit) as e:

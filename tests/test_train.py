@@ -64,6 +64,7 @@ def test_bf16_autocast_trains_the_baseline_and_is_recorded(data, tmp_path):
     facts = json.loads((tmp_path / "ck" / "baseline" / "training.json").read_text())
     assert facts["precision"] == "bf16" and facts["layout_weight"] > 0 and len(facts["layout_losses"]) == 3
     assert json.loads((tmp_path / "ck" / "training.json").read_text())["precision"] == "bf16"
+    assert facts["hard_negatives"] == 2 and facts["hard_negative_mix"] is None  # the preset's: equal odds
     weights = _weights(tmp_path / "ck" / "baseline")
     assert {str(t.dtype) for t in weights.values()} == {"torch.float32"}  # autocast leaves the weights float32
 

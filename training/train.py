@@ -520,6 +520,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="training batch, over all processes (default: the preset's)")  # fmt: skip
     p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="the baseline phase's matmuls: bf16 autocast or fp32 (default: the preset's)")  # fmt: skip
+    p.add_argument("--hard-negative-mix", type=float, nargs=4, default=None, metavar=("COLOR", "SHAPE", "SIZE", "POS"),
+                   help="relative odds that a baseline hard negative changes or swaps each attribute (default: the "
+                        "preset's, equal odds)")  # fmt: skip
     p.add_argument("--threads", type=cli.positive_int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--phases", default=None,
                    help=f"comma list of phases to run, of {', '.join(PHASES)} (default: all; not with "
@@ -546,6 +549,9 @@ def parse_args(argv: list[str] | None, p: argparse.ArgumentParser | None = None)
     unknown = [s for s in args.phases if s not in PHASES]
     if unknown or not args.phases:
         p.error(f"--phases takes a comma list of {', '.join(PHASES)}; got {','.join(args.phases) or 'none'}")
+    mix = args.hard_negative_mix
+    if mix is not None and not (all(0 <= w < float("inf") for w in mix) and sum(mix) > 0):
+        p.error(f"--hard-negative-mix takes four odds >= 0, not all 0; got {' '.join(map(str, mix))}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda, but torch sees no CUDA GPU; use --device cpu")
     return args
@@ -572,6 +578,8 @@ def _schedule(args: argparse.Namespace) -> tuple[Preset, TrainConfig]:
         tcfg = dataclasses.replace(tcfg, batch_size=args.batch_size)
     if args.precision:
         tcfg = dataclasses.replace(tcfg, precision=args.precision)
+    if args.hard_negative_mix:
+        tcfg = dataclasses.replace(tcfg, hard_negative_mix=tuple(args.hard_negative_mix))
     args.baseline_epochs = args.baseline_epochs if args.baseline_epochs is not None else tcfg.baseline_epochs
     args.pruned_epochs = args.pruned_epochs if args.pruned_epochs is not None else tcfg.pruned_epochs
     return preset, tcfg
@@ -609,7 +617,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 model = DualEncoder(data.cfg).to(args.device)
                 meta = run_phase("baseline", model, None, data.dataset, data.tokenizer, tcfg, args, dd, data.scenes)
                 if dd.main:
-                    negatives = {"hard_negatives": tcfg.hard_negatives, "hard_negative_mix": list(tcfg.hard_negative_mix)}
+                    negatives = {"hard_negatives": tcfg.hard_negatives, "hard_negative_mix": tcfg.hard_negative_mix}
                     _save(model, data.tokenizer, out / "baseline", meta, **negatives, **_extra_facts(meta, tcfg), **facts)
                     bank = [c for caps in data.splits["test"].captions for c in caps]
                     write_text_atomic(out / CAPTION_BANK_FILE, json.dumps({"split": "test", "captions": bank}))
