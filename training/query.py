@@ -36,7 +36,7 @@ from vlm_demo.model import DualEncoder
 from vlm_demo.tokenizer import Tokenizer
 
 Scene = Sequence[dict[str, Any]]  # an image's objects, as objects.json lists them
-DROP_WEIGHT = 0.35  # of the drop-first half of the loss, against 1 for the keep-first half
+DROP_WEIGHT = 0.3  # of the drop-first half of the loss, against 1 for the keep-first half
 
 
 class Query(NamedTuple):
