@@ -12,14 +12,15 @@ what the negative makes the pruning keep, or from what pruning loses either way.
 
 from __future__ import annotations
 
-import json
+import argparse
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from training.data import eval_data, load_objects, load_splits
-from training.evaluate import resolve_data
+from training.evaluate import _encode_images, _encode_text, _read_training, resolve_data
 from training.metrics import pair_accuracy
 from vlm_demo import cli
 from vlm_demo.model import DualEncoder, load_checkpoint
@@ -27,20 +28,16 @@ from vlm_demo.pruning import PruneSpec
 from vlm_demo.tokenizer import Tokenizer
 
 
-def _texts(model: DualEncoder, tokenizer: Tokenizer, captions: Sequence[str], batch: int = 250) -> torch.Tensor:
-    return torch.cat([model.encode_text(tokenizer.encode_batch(list(captions[i : i + batch])))
-                      for i in range(0, len(captions), batch)])  # fmt: skip
+def measure(
+    model: DualEncoder, tokenizer: Tokenizer, data: Path, limit: int, ratios: Sequence[float]
+) -> dict[str, Any]:
+    """Pair accuracy (%) of the unpruned model, and per keep ratio scored each way, with the pairs that differ.
 
-
-def _images(model: DualEncoder, pixels: torch.Tensor, spec, batch: int = 100) -> torch.Tensor:
-    """(N, E) embeddings; `spec(s, e)` is the PruneSpec of rows s..e (None: unpruned)."""
-    return torch.cat([model.encode_image(pixels[s : s + batch], spec(s, s + batch))
-                      for s in range(0, len(pixels), batch)])  # fmt: skip
-
-
-@torch.inference_mode()
-def measure(model: DualEncoder, tokenizer: Tokenizer, data: Path, limit: int, ratios: Sequence[float]) -> str:
-    """The table: per keep ratio, pair accuracy scored each way, with the unpruned model's for reference."""
+    Returns:
+        ``{"images": n, "unpruned": acc, "rows": [{"keep", "own", "same", "only_own", "only_same"}, ...]}``:
+        ``own`` each caption on its own pruning (`training.evaluate`'s figure), ``same`` both on the true
+        caption's; ``only_own`` / ``only_same`` count the pairs right one way only.
+    """
     objects = load_objects(data)
     if objects is None:
         raise ValueError(f"{data} has no objects.json: pair accuracy needs the synthetic set's hard negatives.")
@@ -49,35 +46,61 @@ def measure(model: DualEncoder, tokenizer: Tokenizer, data: Path, limit: int, ra
     records = [objects["images"].get(n) or {} for n in ed.names]
     rows = [i for i, r in enumerate(records) if r.get("hard_negative")]
     pixels = ed.images[rows]
-    pos = _texts(model, tokenizer, [split.captions[i][0] for i in rows])
-    neg = _texts(model, tokenizer, [records[i]["hard_negative"] for i in rows])
-    full = pair_accuracy(_images(model, pixels, lambda s, e: None), pos, neg)
-    lines = [f"{len(rows)} test images with a hard negative; text_guided pair accuracy (%), unpruned {full:.1f}", "",
-             f"{'keep':>5s}  {'each caption on its own pruning':>32s}  {'both on the true caption':>25s}"]  # fmt: skip
+    pos = _encode_text(model, tokenizer, [split.captions[i][0] for i in rows])
+    neg = _encode_text(model, tokenizer, [records[i]["hard_negative"] for i in rows])
+
+    def encode(text: torch.Tensor | None, r: float) -> torch.Tensor:
+        spec = (lambda s, e: PruneSpec("none", 1.0)) if text is None else (
+            lambda s, e: PruneSpec("text_guided", r, text=text[s:e]))  # fmt: skip
+        return _encode_images(model, pixels, spec, 100, "", progress=False).emb
+
+    def right(img: torch.Tensor, neg_img: torch.Tensor) -> torch.Tensor:
+        return (img * pos).sum(-1) > (neg_img * neg).sum(-1)  # as `pair_accuracy` scores it; a tie is a miss
+
+    out: dict[str, Any] = {"images": len(rows), "unpruned": pair_accuracy(encode(None, 1.0), pos, neg), "rows": []}
     for r in ratios:
-        with_pos = _images(model, pixels, lambda s, e: PruneSpec("text_guided", r, text=pos[s:e]))
-        with_neg = _images(model, pixels, lambda s, e: PruneSpec("text_guided", r, text=neg[s:e]))
-        own, same = pair_accuracy(with_pos, pos, neg, with_neg), pair_accuracy(with_pos, pos, neg)
-        lines.append(f"{r:5.2f}  {own:32.1f}  {same:25.1f}")
+        with_pos, with_neg = encode(pos, r), encode(neg, r)
+        own, same = right(with_pos, with_neg), right(with_pos, with_pos)
+        out["rows"].append({"keep": r, "own": pair_accuracy(with_pos, pos, neg, with_neg),
+                            "same": pair_accuracy(with_pos, pos, neg),
+                            "only_own": int((own & ~same).sum()), "only_same": int((same & ~own).sum())})  # fmt: skip
+    return out
+
+
+def table(result: dict[str, Any]) -> str:
+    lines = [f"{result['images']} test images with a hard negative; text_guided pair accuracy (%), "
+             f"unpruned {result['unpruned']:.1f}", "",
+             f"{'keep':>5s}  {'each caption on its own pruning':>32s}  {'both on the true caption':>25s}"
+             "  pairs right only one way (own / true)"]  # fmt: skip
+    for row in result["rows"]:
+        lines.append(f"{row['keep']:5.2f}  {row['own']:32.1f}  {row['same']:25.1f}"
+                     f"  {row['only_own']:>18d} / {row['only_same']}")  # fmt: skip
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> str:
+def _keep_ratio(text: str) -> float:
+    value = cli.positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"a keep ratio is at most 1, got {text}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = cli.parser("python -m benchmarks.pair_pruning", __doc__.split("\n")[0])
     p.add_argument("--checkpoints", type=Path, default=Path("checkpoints"), help="the checkpoints folder")
     p.add_argument("--data", type=Path, default=None, help="dataset root (default: the one pruned/ records)")
     p.add_argument("--limit", type=cli.positive_int, default=1000, help="test images (default: 1000)")
-    p.add_argument("--keep-ratios", type=cli.positive_float, nargs="+", default=[0.5, 0.3, 0.2])
+    p.add_argument("--keep-ratios", type=_keep_ratio, nargs="+", default=[0.5, 0.3, 0.2])
     args = p.parse_args(argv)
     with cli.user_errors(p):
-        record = args.checkpoints / "pruned" / "training.json"
-        recorded = json.loads(record.read_text()).get("data") if args.data is None else None
+        folder = args.checkpoints / "pruned"
+        recorded = _read_training(folder).get("data") if args.data is None else None
         data = resolve_data(args.data, recorded, args.checkpoints, "pruned/training.json")
-        model, tokenizer = load_checkpoint(args.checkpoints / "pruned")
+        model, tokenizer = load_checkpoint(folder)
         model.eval()
-        text = measure(model, tokenizer, Path(data), args.limit, args.keep_ratios)
-    print(text)
-    return text
+        result = measure(model, tokenizer, Path(data), args.limit, args.keep_ratios)
+    print(table(result))
+    return result
 
 
 if __name__ == "__main__":

@@ -131,14 +131,14 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return _tiny_checkpoints(tmp_path_factory.mktemp("tiny"))
 
 
-def _tiny_checkpoints(tmp_path: Path) -> tuple[Path, Path]:
+def _tiny_checkpoints(tmp_path: Path, num_images: int = 24) -> tuple[Path, Path]:
     from training.data import load_splits
     from training.synthetic import generate
     from vlm_demo.config import get_preset
     from vlm_demo.model import DualEncoder, save_checkpoint
     from vlm_demo.tokenizer import Tokenizer
 
-    data = generate(tmp_path / "data", num_images=24, seed=0, size=32, workers=1, progress=False)
+    data = generate(tmp_path / "data", num_images=num_images, seed=0, size=32, workers=1, progress=False)
     splits = load_splits(data)
     captions = [c for s in splits.values() for caps in s.captions for c in caps]
     tok = Tokenizer.build(captions, context_length=16)
@@ -251,6 +251,35 @@ def test_placements_paper_and_shared_each_get_rows(tiny: tuple[Path, Path], tmp_
     assert "## Placement ablation" in report and "| tome | 0.5 | shared | 1,2 |" in report
     assert "| learned | 0.5 | shared (= paper) | 1,2 |" in report
     assert "**Shared placement:**" in report and "of a ceiling of 100.0" in report
+
+
+def test_the_pair_pruning_benchmark_reports_what_evaluate_does_and_needs_hard_negatives(
+    tmp_path: Path, capsys
+) -> None:
+    from benchmarks import pair_pruning
+    from training.evaluate import evaluate
+
+    data, ckpt = _tiny_checkpoints(tmp_path, num_images=240)  # 30 test images
+    shutil.rmtree(ckpt / "baseline")  # as training makes them: pruned/ is the baseline plus its predictors
+    shutil.copytree(ckpt / "pruned", ckpt / "baseline")
+    result = pair_pruning.main(["--checkpoints", str(ckpt), "--data", str(data), "--keep-ratios", "1", "0.2"])
+    m = evaluate(ckpt, tmp_path / "eval", data, methods=["text_guided"], keep_ratios=[1.0, 0.2],
+                 placements=["paper"], latency=False, progress=False, threads=1)  # fmt: skip
+    reported = {r["keep_ratio"]: r["pair_acc"] for r in m["rows"] if r["method"] == "text_guided"}
+    assert result["unpruned"] == pytest.approx(m["rows"][0]["pair_acc"])  # the baseline's
+    for row in result["rows"]:
+        assert row["own"] == pytest.approx(reported[row["keep"]])  # the figure training.evaluate reports
+        # The two scores differ by the pairs right one way only.
+        assert (row["same"] - row["own"]) * result["images"] / 100 == pytest.approx(row["only_same"] - row["only_own"])
+    at_one, pruned = result["rows"]
+    assert at_one["own"] == at_one["same"] and at_one["only_own"] == at_one["only_same"] == 0  # nothing pruned
+    assert pruned["own"] != pruned["same"]  # on these 30 pairs the two ways differ, so the columns are told apart
+    real = tmp_path / "real"
+    shutil.copytree(data, real)
+    (real / "objects.json").unlink()
+    with pytest.raises(SystemExit) as e:
+        pair_pruning.main(["--checkpoints", str(ckpt), "--data", str(real)])
+    assert e.value.code == 2 and "no objects.json" in capsys.readouterr().err
 
 
 def test_real_data_without_ground_truth(tiny: tuple[Path, Path], tmp_path: Path) -> None:

@@ -100,8 +100,15 @@ def test_the_hard_negative_mix_sets_which_attribute_a_negative_changes() -> None
     # Equal odds draw as they always have: the generated test negatives do not change (pinned before the mix).
     pinned = "A picture showing a little purple star in the middle and a small orange heart near the top."
     assert synthetic.make_scene(seed=3, index=0, size=32)[1]["hard_negative"] == pinned
-    negatives = synthetic.fresh_hard_negatives(scenes, [0, 1], seed=0, epoch=0, k=1)
-    assert negatives == synthetic.fresh_hard_negatives(scenes, [0, 1], seed=0, epoch=0, k=1, mix=None)
+    # So do the training negatives at equal odds, however they are asked for (pinned before the mix).
+    pinned = ["Two shapes: a small purple heart near the top and a small red star in the center.",
+              "A picture showing a large orange cross at the right, a big yellow star at the bottom and a big "
+              "orange cross at the bottom right."]  # fmt: skip
+    for mix in (None, (1, 1, 1, 1), (3, 3, 3, 3)):
+        assert synthetic.fresh_hard_negatives(scenes, [0, 1], seed=0, epoch=0, k=1, mix=mix) == pinned
+    for bad in ((0, 0, 0, 0), (1, -1, 1, 1), (1, 1, 1), (float("inf"), 1, 1, 1), (1e308, 1e308, 1, 1)):
+        with pytest.raises(ValueError, match="hard-negative mix"):
+            synthetic.hard_negative(np.random.default_rng(0), [dict(o) for o in scenes[0]], bad)
 
 
 # ----------------------------------------------------------------------------- ceiling, worked by hand

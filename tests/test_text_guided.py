@@ -267,30 +267,6 @@ def test_the_steering_benchmark_reports_every_teacher_and_both_predictors(tmp_pa
     assert named == other  # it never sees the caption: both captions of a scene keep the same patches
 
 
-def test_the_pair_pruning_benchmark_scores_both_ways_and_needs_hard_negatives(tmp_path, capsys):
-    from benchmarks import pair_pruning
-    from training.data import load_splits
-    from training.synthetic import generate
-
-    data = generate(tmp_path / "synth", num_images=48, seed=0, size=32, progress=False)
-    torch.manual_seed(0)
-    cfg = get_preset("tiny").model
-    captions = [c for split in load_splits(data).values() for caps in split.captions for c in caps]
-    tok = Tokenizer.build(captions, cfg.text.context_length)
-    save_checkpoint(DualEncoder(cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=len(tok)))), tok,
-                    tmp_path / "ck" / "pruned")  # fmt: skip
-    lines = pair_pruning.main(["--checkpoints", str(tmp_path / "ck"), "--data", str(data),
-                               "--keep-ratios", "1", "0.3"]).splitlines()  # fmt: skip
-    unpruned = float(lines[0].rsplit(" ", 1)[1])
-    rows = {float(line.split()[0]): [float(v) for v in line.split()[1:]] for line in lines[3:]}
-    assert list(rows) == [1.0, 0.3] and all(0 <= v <= 100 for v in rows[0.3])
-    assert rows[1.0] == [unpruned, unpruned]  # keeping every patch, both ways are the unpruned model's
-    (data / "objects.json").unlink()  # real photos: no hard negatives
-    with pytest.raises(SystemExit) as e:
-        pair_pruning.main(["--checkpoints", str(tmp_path / "ck"), "--data", str(data)])
-    assert e.value.code == 2 and "no objects.json" in capsys.readouterr().err
-
-
 # ----------------------------------------------------------------------------- the shipped model (the test)
 
 

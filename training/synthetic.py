@@ -352,14 +352,25 @@ def hard_negative(
     Args:
         rng: the draw's generator.
         objects: the scene's objects.
-        mix: relative odds of each of `HARD_NEGATIVE_ATTRS`; None, equal odds (the draw the generated
-            test negatives were made with, which must not change).
+        mix: relative odds of each of `HARD_NEGATIVE_ATTRS`; None or all equal, equal odds, drawn as the
+            generated test negatives were (which must not change).
 
     Returns:
         (caption, kind) where kind is e.g. "swap_color" or "change_position".
+
+    Raises:
+        ValueError: for a mix that is not one finite odds >= 0 per attribute, not all 0.
     """
     attrs = HARD_NEGATIVE_ATTRS
-    p = None if mix is None else np.asarray(mix, dtype=float) / float(np.sum(mix))
+    p = None
+    if mix is not None:
+        p = np.asarray(mix, dtype=float)
+        with np.errstate(over="ignore"):  # a sum past the largest float is inf, and refused below
+            total = p.sum()
+        if p.shape != (len(attrs),) or not (np.isfinite(p).all() and (p >= 0).all() and 0 < total < np.inf):
+            raise ValueError(f"a hard-negative mix is one finite odds >= 0 per attribute of {attrs}, not all 0; "
+                             f"got {tuple(mix)}")  # fmt: skip
+        p = None if (p == p[0]).all() else p / total
     values = {"color": list(COLORS), "shape": list(SHAPES), "size": list(SIZES), "position": list(POSITIONS)}
     truth = _scene_key(objects)
     for _ in range(100):

@@ -62,7 +62,7 @@ from training.data import CaptionDataset, TrainDataset, load_objects, load_split
 from training.losses import contrastive_loss, distill_loss, keep_rank_loss
 from training.query import Scene, query_loss, query_text, subset_captions
 from training.layout import LayoutCode, layout_targets
-from training.synthetic import fresh_hard_negatives
+from training.synthetic import HARD_NEGATIVE_ATTRS, fresh_hard_negatives
 from training.saliency import stage_effects, stage_saliency
 from vlm_demo import addon, cli, pruning
 from vlm_demo.atomic import write_text_atomic
@@ -520,9 +520,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="training batch, over all processes (default: the preset's)")  # fmt: skip
     p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="the baseline phase's matmuls: bf16 autocast or fp32 (default: the preset's)")  # fmt: skip
-    p.add_argument("--hard-negative-mix", type=float, nargs=4, default=None, metavar=("COLOR", "SHAPE", "SIZE", "POS"),
+    p.add_argument("--hard-negative-mix", type=float, nargs=len(HARD_NEGATIVE_ATTRS), default=None,
+                   metavar=tuple(a.upper() for a in HARD_NEGATIVE_ATTRS),
                    help="relative odds that a baseline hard negative changes or swaps each attribute (default: the "
-                        "preset's, equal odds)")  # fmt: skip
+                        "preset's, equal odds; any equal odds draw the same)")  # fmt: skip
     p.add_argument("--threads", type=cli.positive_int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--phases", default=None,
                    help=f"comma list of phases to run, of {', '.join(PHASES)} (default: all; not with "
@@ -550,8 +551,8 @@ def parse_args(argv: list[str] | None, p: argparse.ArgumentParser | None = None)
     if unknown or not args.phases:
         p.error(f"--phases takes a comma list of {', '.join(PHASES)}; got {','.join(args.phases) or 'none'}")
     mix = args.hard_negative_mix
-    if mix is not None and not (all(0 <= w < float("inf") for w in mix) and sum(mix) > 0):
-        p.error(f"--hard-negative-mix takes four odds >= 0, not all 0; got {' '.join(map(str, mix))}")
+    if mix is not None and not (all(0 <= w < float("inf") for w in mix) and 0 < sum(mix) < float("inf")):
+        p.error(f"--hard-negative-mix takes {len(mix)} finite odds >= 0, not all 0; got {' '.join(map(str, mix))}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda, but torch sees no CUDA GPU; use --device cpu")
     return args
@@ -609,7 +610,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             data = _load_data(args, preset, tcfg, dd)
             clock.lap("data")
             facts = {"preset": args.preset, "data": recorded_data(data.root, out), "seed": args.seed,
-                     "world_size": dd.world, "precision": tcfg.precision}  # fmt: skip
+                     "world_size": dd.world, "precision": tcfg.precision, "hard_negatives": tcfg.hard_negatives,
+                     "hard_negative_mix": tcfg.hard_negative_mix}  # fmt: skip
             summary: dict[str, Any] = {"data": str(data.root), "out": str(out)}
 
             if "baseline" in phases:
@@ -617,8 +619,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 model = DualEncoder(data.cfg).to(args.device)
                 meta = run_phase("baseline", model, None, data.dataset, data.tokenizer, tcfg, args, dd, data.scenes)
                 if dd.main:
-                    negatives = {"hard_negatives": tcfg.hard_negatives, "hard_negative_mix": tcfg.hard_negative_mix}
-                    _save(model, data.tokenizer, out / "baseline", meta, **negatives, **_extra_facts(meta, tcfg), **facts)
+                    _save(model, data.tokenizer, out / "baseline", meta, **_extra_facts(meta, tcfg), **facts)
                     bank = [c for caps in data.splits["test"].captions for c in caps]
                     write_text_atomic(out / CAPTION_BANK_FILE, json.dumps({"split": "test", "captions": bank}))
                 summary["baseline"] = meta

@@ -156,7 +156,7 @@ class TrainConfig:
     # afresh each epoch from the image's objects (objects.json; one attribute changed or swapped); 0: none
     hard_negative_mix: tuple[float, float, float, float] | None = None  # relative odds that a training hard
     # negative changes or swaps colour, shape, size, position; None: equal odds, drawn as the test set's are.
-    # (2, 2, 1, 1), aimed at the shipped baseline's misses, trained a worse baseline (docs/training.md#pilots)
+    # (2, 2, 1, 1), aimed at the shipped baseline's misses, trained a worse baseline (docs/training.md#runs)
     keep_ratio_range: tuple[float, float] = (0.1, 1.0)  # keep ratios the pruned phase monitors (one per batch)
     num_images: int = 40000  # images in the generated synthetic dataset (75 % train): more scenes, better binding
     eval_images: int = 1000  # test images scored by the evaluation (the Flickr8k protocol uses 1,000)
