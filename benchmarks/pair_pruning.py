@@ -21,7 +21,7 @@ import torch
 
 from training.data import eval_data, load_objects, load_splits
 from training.evaluate import _encode_images, _encode_text, _read_training, resolve_data
-from training.metrics import pair_accuracy
+from training.metrics import pair_accuracy, pair_right
 from vlm_demo import cli
 from vlm_demo.model import DualEncoder, load_checkpoint
 from vlm_demo.pruning import PruneSpec
@@ -54,15 +54,12 @@ def measure(
             lambda s, e: PruneSpec("text_guided", r, text=text[s:e]))  # fmt: skip
         return _encode_images(model, pixels, spec, 100, "", progress=False).emb
 
-    def right(img: torch.Tensor, neg_img: torch.Tensor) -> torch.Tensor:
-        return (img * pos).sum(-1) > (neg_img * neg).sum(-1)  # as `pair_accuracy` scores it; a tie is a miss
-
     out: dict[str, Any] = {"images": len(rows), "unpruned": pair_accuracy(encode(None, 1.0), pos, neg), "rows": []}
     for r in ratios:
         with_pos, with_neg = encode(pos, r), encode(neg, r)
-        own, same = right(with_pos, with_neg), right(with_pos, with_pos)
-        out["rows"].append({"keep": r, "own": pair_accuracy(with_pos, pos, neg, with_neg),
-                            "same": pair_accuracy(with_pos, pos, neg),
+        own, same = pair_right(with_pos, pos, neg, with_neg), pair_right(with_pos, pos, neg)
+        out["rows"].append({"keep": r, "own": 100.0 * float(own.float().mean()),
+                            "same": 100.0 * float(same.float().mean()),
                             "only_own": int((own & ~same).sum()), "only_same": int((same & ~own).sum())})  # fmt: skip
     return out
 

@@ -190,7 +190,17 @@ def pair_accuracy(
     neg_text_emb: torch.Tensor,
     neg_img_emb: torch.Tensor | None = None,
 ) -> float:
-    """Percent of images closer (cosine) to their true caption than to the hard negative.
+    """Percent of images closer (cosine) to their true caption than to the hard negative (`pair_right`)."""
+    return 100.0 * float(pair_right(img_emb, pos_text_emb, neg_text_emb, neg_img_emb).float().mean())
+
+
+def pair_right(
+    img_emb: torch.Tensor,
+    pos_text_emb: torch.Tensor,
+    neg_text_emb: torch.Tensor,
+    neg_img_emb: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Whether each image is closer (cosine) to its true caption than to its hard negative.
 
     Args:
         img_emb: (B, E) image embeddings (normalised here).
@@ -203,7 +213,7 @@ def pair_accuracy(
             None scores both captions against `img_emb`.
 
     Returns:
-        Percent in [0, 100]; a tie counts as a miss.
+        (B,) booleans; a tie counts as a miss.
     """
     neg_img_emb = img_emb if neg_img_emb is None else neg_img_emb
     shapes = [tuple(t.shape) for t in (img_emb, pos_text_emb, neg_text_emb, neg_img_emb)]
@@ -213,4 +223,4 @@ def pair_accuracy(
         raise ValueError("pair_accuracy needs at least one image.")
     pos = (F.normalize(img_emb.float(), dim=-1) * F.normalize(pos_text_emb.float(), dim=-1)).sum(-1)
     neg = (F.normalize(neg_img_emb.float(), dim=-1) * F.normalize(neg_text_emb.float(), dim=-1)).sum(-1)
-    return 100.0 * float((pos > neg).float().mean())
+    return pos > neg

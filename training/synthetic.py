@@ -344,6 +344,24 @@ def _scene_key(objects: list[dict[str, Any]]) -> list[tuple[str, str, str, str]]
 HARD_NEGATIVE_ATTRS = ("color", "shape", "size", "position")  # what a hard negative changes or swaps
 
 
+def hard_negative_odds(mix: Sequence[float] | None) -> np.ndarray | None:
+    """The probabilities a mix of relative odds (one per `HARD_NEGATIVE_ATTRS`) draws each attribute with;
+    None for None or all-equal odds, which `hard_negative` draws as the generated test negatives were.
+
+    Raises:
+        ValueError: for a mix that is not one finite odds >= 0 per attribute, not all 0.
+    """
+    if mix is None:
+        return None
+    p = np.asarray(mix, dtype=float)
+    with np.errstate(over="ignore"):  # a sum past the largest float is inf, and refused below
+        total = p.sum()
+    if p.shape != (len(HARD_NEGATIVE_ATTRS),) or not (np.isfinite(p).all() and (p >= 0).all() and 0 < total < np.inf):
+        raise ValueError(f"a hard-negative mix is one finite odds >= 0 per attribute of {HARD_NEGATIVE_ATTRS}, "
+                         f"not all 0; got {' '.join(map(str, mix))}")  # fmt: skip
+    return None if (p == p[0]).all() else p / total
+
+
 def hard_negative(
     rng: np.random.Generator, objects: list[dict[str, Any]], mix: Sequence[float] | None = None
 ) -> tuple[str, str]:
@@ -352,25 +370,17 @@ def hard_negative(
     Args:
         rng: the draw's generator.
         objects: the scene's objects.
-        mix: relative odds of each of `HARD_NEGATIVE_ATTRS`; None or all equal, equal odds, drawn as the
-            generated test negatives were (which must not change).
+        mix: relative odds of each of `HARD_NEGATIVE_ATTRS` (`hard_negative_odds`); None or all equal, equal
+            odds, drawn as the generated test negatives were (which must not change).
 
     Returns:
         (caption, kind) where kind is e.g. "swap_color" or "change_position".
 
     Raises:
-        ValueError: for a mix that is not one finite odds >= 0 per attribute, not all 0.
+        ValueError: for a mix `hard_negative_odds` refuses.
     """
     attrs = HARD_NEGATIVE_ATTRS
-    p = None
-    if mix is not None:
-        p = np.asarray(mix, dtype=float)
-        with np.errstate(over="ignore"):  # a sum past the largest float is inf, and refused below
-            total = p.sum()
-        if p.shape != (len(attrs),) or not (np.isfinite(p).all() and (p >= 0).all() and 0 < total < np.inf):
-            raise ValueError(f"a hard-negative mix is one finite odds >= 0 per attribute of {attrs}, not all 0; "
-                             f"got {tuple(mix)}")  # fmt: skip
-        p = None if (p == p[0]).all() else p / total
+    p = hard_negative_odds(mix)
     values = {"color": list(COLORS), "shape": list(SHAPES), "size": list(SIZES), "position": list(POSITIONS)}
     truth = _scene_key(objects)
     for _ in range(100):

@@ -62,7 +62,7 @@ from training.data import CaptionDataset, TrainDataset, load_objects, load_split
 from training.losses import contrastive_loss, distill_loss, keep_rank_loss
 from training.query import Scene, query_loss, query_text, subset_captions
 from training.layout import LayoutCode, layout_targets
-from training.synthetic import HARD_NEGATIVE_ATTRS, fresh_hard_negatives
+from training.synthetic import HARD_NEGATIVE_ATTRS, fresh_hard_negatives, hard_negative_odds
 from training.saliency import stage_effects, stage_saliency
 from vlm_demo import addon, cli, pruning
 from vlm_demo.atomic import write_text_atomic
@@ -550,9 +550,10 @@ def parse_args(argv: list[str] | None, p: argparse.ArgumentParser | None = None)
     unknown = [s for s in args.phases if s not in PHASES]
     if unknown or not args.phases:
         p.error(f"--phases takes a comma list of {', '.join(PHASES)}; got {','.join(args.phases) or 'none'}")
-    mix = args.hard_negative_mix
-    if mix is not None and not (all(0 <= w < float("inf") for w in mix) and 0 < sum(mix) < float("inf")):
-        p.error(f"--hard-negative-mix takes {len(mix)} finite odds >= 0, not all 0; got {' '.join(map(str, mix))}")
+    try:
+        hard_negative_odds(args.hard_negative_mix)
+    except ValueError as e:
+        p.error(f"--hard-negative-mix: {e}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda, but torch sees no CUDA GPU; use --device cpu")
     return args
