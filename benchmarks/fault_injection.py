@@ -71,8 +71,8 @@ SHORT_PHASE_S = 0.25
 TIMEOUT_S = 300.0  # longest any one process may run
 TRAIN_PY = ROOT / "training" / "train.py"
 SYNTHETIC_PY = ROOT / "training" / "synthetic.py"
-TRAIN_PHASES = ("startup", "data", "baseline", "pruned", "evaluate", "exit")
-TRAIN_TARGETS = ("data", "baseline", "pruned", "evaluate")
+TRAIN_PHASES = ("startup", "data", "baseline", "pruned", "finetune", "evaluate", "exit")
+TRAIN_TARGETS = ("data", "baseline", "pruned", "finetune", "evaluate")
 WRITERS = {  # the functions that write training outputs (`where` names)
     "train.save_state", "model.atomic_folder", "model.save_checkpoint",
     "evaluate.write_outputs", "evaluate._write_text", "evaluate.plot_tradeoff",
@@ -257,7 +257,7 @@ def train_phases() -> Classifier:
 
     The blocks' lines are read from the source now, so call it as the process to classify starts.
     """
-    blocks = [(_line_of(TRAIN_PY, f'if "{name}" in phases'), name) for name in ("baseline", "pruned", "evaluate")]
+    blocks = [(_line_of(TRAIN_PY, f'if "{name}" in phases'), name) for name in TRAIN_TARGETS[1:]]
 
     def classify(frames: list[Frame]) -> str:
         main = next((f for f in frames if _is(f, TRAIN_PY, "main")), None)

@@ -200,6 +200,10 @@ def test_bad_inputs_exit_2_with_one_error_line(work, tmp_path, capsys):
     assert "--phases" in _exit_2(
         train.main, ["--backbone", clip, "--out", str(tmp_path / "a"), "--phases", "baseline"], capsys
     )
+    # An add-on carries no backbone weight, so there is no image tower to fine-tune.
+    assert "--finetune-steps" in _exit_2(
+        train.main, ["--backbone", clip, "--out", str(tmp_path / "a"), "--finetune-steps", "5"], capsys
+    )
     line = _exit_2(evaluate.main, ["--backbone", clip, "--data", data, "--out", str(tmp_path / "e"), "--methods",
                                    "learned"], capsys)  # fmt: skip
     assert "python -m training.train --backbone" in line

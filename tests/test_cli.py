@@ -87,6 +87,7 @@ def _bad_calls(tmp: Path) -> list[tuple[str, list[str]]]:
         ("training.train", ["--preset", "huge", *out]),
         ("training.train", ["--phases", "baseline,evaluat", *out]),
         ("training.train", ["--batch-size", "0", *out]),
+        ("training.train", ["--finetune-steps", "-1", *out]),
         ("training.train", ["--hard-negative-mix", "0", "0", "0", "0", *out]),
         ("training.train", ["--hard-negative-mix", "1", "-1", "1", "1", *out]),
         ("training.train", ["--hard-negative-mix", "1e308", "1e308", "1", "1", *out]),
@@ -101,7 +102,7 @@ def _bad_calls(tmp: Path) -> list[tuple[str, list[str]]]:
     ]
 
 
-@pytest.mark.parametrize("case", range(16))
+@pytest.mark.parametrize("case", range(17))
 def test_a_user_mistake_is_one_error_line_and_exit_2(case: int, tmp_path: Path, capsys) -> None:
     name, argv = _bad_calls(tmp_path)[case]
     with pytest.raises(SystemExit) as e:

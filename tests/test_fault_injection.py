@@ -32,7 +32,8 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_training_killed_three_times_resumes_to_identical_weights(dataset: Path, tmp_path: Path) -> None:
     # Evaluation takes most of a full run and is covered by the script; three kills spread over the rest.
-    extra = ("--phases", "baseline,pruned", "--baseline-epochs", "3", "--pruned-epochs", "2")
+    extra = ("--phases", "baseline,pruned,finetune", "--baseline-epochs", "3", "--pruned-epochs", "2",
+             "--finetune-steps", "3")
     report = inject_training(dataset, tmp_path, kills=3, seed=1, extra=extra)
     # An attempt that completes before its kill point (a noisy machine runs a tiny phase faster than the
     # reference did) is started again, aiming earlier: it counts as an attempt and a resume, not a kill.

@@ -100,6 +100,9 @@ def test_findings_compute_every_figure_and_comparison(src):
     assert "`cls_attention` 10.0 mean R@1" in text  # below random's 20.0 mean R@1
     assert "`text_guided`" not in text.split("Below")[1].split("\n")[0]  # 75.0 pair acc beats random's 70.0
     assert "`learned` 0.50 / 0.90" in text
+    assert "**`learned` (trained predictors), at 0.50×" in text  # no finetune record: the baseline's tower
+    src.training["pruned"]["finetune"] = {"steps": 40}
+    assert "**`learned` (trained predictors, fine-tuned image tower), at 0.50×" in report.findings(src)
 
 
 def test_findings_put_the_baseline_against_the_ceiling(src):
@@ -119,12 +122,17 @@ def test_training_time_sums_the_recorded_epochs(src):
     text = report.training_time(src)
     assert "baseline 2 epochs in 7.0 min (300, 120 s)" in text and "pruned 1 epoch in 1.0 min (60 s)" in text
     assert "evaluation 60 s; 9.0 min in all" in text and "Dataset generation is not timed" in text
-    build = {"phases": ["baseline", "pruned", "evaluate"], "seconds": 660.0, "threads": 2, "cpu_count": 2,
-             "resumed": False, "parts": {"data": 120.0, "baseline": 420.0, "pruned": 60.0, "evaluate": 60.0}}
+    src.training["pruned"]["finetune"] = {"steps": 40, "batch_size": 8, "lr": 1e-4, "keep_ratio_range": [0.1, 1.0],
+                                          "precision": "bf16", "losses": [0.0123], "seconds": 30.0}  # fmt: skip
+    text = report.training_time(src)
+    assert "pruned 1 epoch in 1.0 min (60 s); fine-tune 40 steps in 0.5 min; evaluation 60 s; 9.5 min in all" in text
+    build = {"phases": ["baseline", "pruned", "finetune", "evaluate"], "seconds": 690.0, "threads": 2,
+             "cpu_count": 2, "resumed": False,
+             "parts": {"data": 120.0, "baseline": 420.0, "pruned": 60.0, "finetune": 30.0, "evaluate": 60.0}}
     text = report.training_time(dataclasses.replace(src, build=build))
-    assert "took **11.0 min** end to end on 2 threads of 2 cores (data 2.0 min, baseline 7.0 min" in text
+    assert "took **11.5 min** end to end on 2 threads of 2 cores (data 2.0 min, baseline 7.0 min" in text
     assert "Dataset generation is not timed" not in text
-    for partial in ({**build, "resumed": True}, {**build, "phases": ["baseline", "pruned"]}):
+    for partial in ({**build, "resumed": True}, {**build, "phases": ["baseline", "pruned", "evaluate"]}):
         assert "end to end" not in report.training_time(dataclasses.replace(src, build=partial))
 
 
@@ -136,6 +144,12 @@ def test_cards_describe_their_own_checkpoint(src):
     assert "| learned | 0.3 |" in pruned and "| tome |" not in pruned
     assert "| tome | 0.3 |" in report.card_metrics(src, "baseline")
     assert "drawn from [0.1, 1]" in report.card_training(src, "pruned")
+    assert "fine-tuned" not in report.card_training(src, "pruned")
+    src.training["pruned"]["finetune"] = {"steps": 40, "batch_size": 8, "lr": 1e-4, "keep_ratio_range": [0.2, 0.7],
+                                          "precision": "bf16", "losses": [0.0123], "seconds": 30.0}  # fmt: skip
+    assert ("fine-tuned** under `learned`'s pruning, after the epochs above (`training.train`'s finetune phase): 40 "
+            "steps of 8 images at keep ratios drawn from [0.2, 0.7], peak learning rate 0.0001, 0.5 min; distillation "
+            "loss to the baseline's embedding 0.0123") in report.card_training(src, "pruned")  # fmt: skip
     assert "layout" not in report.card_training(src, "baseline")
     src.training["baseline"].update(layout_losses=[1.5, 0.25], layout_weight=1.0)
     assert "(`training/layout.py`, weight 1; not in the loss above) per epoch: 1.500, 0.250." in report.card_training(

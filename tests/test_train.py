@@ -26,7 +26,7 @@ def data(tmp_path_factory) -> Path:
 
 def _cmd(data: Path, out: Path, *extra: str) -> list[str]:
     return [
-        "--preset", "tiny", "--data", str(data), "--out", str(out), "--phases", "baseline,pruned",
+        "--preset", "tiny", "--data", str(data), "--out", str(out), "--phases", "baseline,pruned,finetune",
         "--threads", "1", "--quiet", *extra,
     ]  # fmt: skip
 
@@ -52,7 +52,8 @@ def test_tiny_training_lowers_the_loss(data, tmp_path):
     assert (tmp_path / "ck" / "caption_bank.json").is_file()
     assert not (tmp_path / "ck" / ".resume").exists()  # the resume state goes once the run has succeeded
     build = json.loads((tmp_path / "ck" / "training.json").read_text())  # the run's wall time, end to end
-    assert build["phases"] == ["baseline", "pruned"] and set(build["parts"]) == {"data", "baseline", "pruned"}
+    assert build["phases"] == ["baseline", "pruned", "finetune"]
+    assert set(build["parts"]) == {"data", "baseline", "pruned", "finetune"}
     assert build["seconds"] >= sum(build["parts"].values()) - 0.2 and build["parts"]["baseline"] > 0
 
 
@@ -89,8 +90,41 @@ def _weights(folder: Path) -> dict:
     return load_file(str(folder / "model.safetensors"))
 
 
+def _same(a: dict, b: dict, names) -> bool:
+    return all((a[n] == b[n]).all() for n in names)
+
+
+def test_the_finetune_phase_trains_the_image_tower_alone_from_the_baselines(data, tmp_path):
+    out = tmp_path / "ck"
+    train.main(_cmd(data, out, "--phases", "baseline,pruned", "--baseline-epochs", "2"))
+    base, pruned = _weights(out / "baseline"), _weights(out / "pruned")
+    before = json.loads((out / "pruned" / "training.json").read_text())
+    summary = train.main(_cmd(data, out, "--phases", "finetune", "--finetune-steps", "3"))
+    tuned = _weights(out / "pruned")
+    assert tuned.keys() == pruned.keys()
+    tower = [n for n in tuned if n.startswith("visual.") and not n.startswith(train.PREDICTOR_PREFIXES)]
+    frozen = [n for n in tuned if n not in tower]  # the text tower, the logit scale, both kinds of keep predictors
+    assert any(n.startswith("text.") for n in frozen) and any(n.startswith(train.QUERY) for n in frozen)
+    assert _same(tuned, pruned, frozen)
+    changed = [n for n in tower if not (tuned[n] == base[n]).all()]
+    assert "visual.proj.weight" in changed and any(".attn." in n for n in changed), changed
+    assert _same(pruned, base, tower)  # the pruned phase leaves the baseline's tower as it was
+    facts = json.loads((out / "pruned" / "training.json").read_text())
+    assert {k: v for k, v in facts.items() if k != "finetune"} == before  # the pruned phase's run stays on record
+    ft = facts["finetune"]
+    assert ft["steps"] == 3 and len(ft["losses"]) == 1 and ft["losses"] == summary["finetune"]["losses"]
+    assert ft["lr"] > 0 and ft["keep_ratio_range"] == [0.1, 1.0] and ft["seconds"] > 0
+    # It starts from the baseline's tower, not from pruned/'s: run again, the same weights.
+    train.main(_cmd(data, out, "--phases", "finetune", "--finetune-steps", "3"))
+    again = _weights(out / "pruned")
+    assert _same(again, tuned, tuned)
+    # No steps: pruned/ gets the baseline's tower back.
+    train.main(_cmd(data, out, "--phases", "finetune", "--finetune-steps", "0"))
+    assert _same(_weights(out / "pruned"), pruned, pruned)
+
+
 def test_resume_after_sigkill_matches_an_uninterrupted_run(data, tmp_path):
-    extra = ("--baseline-epochs", "5", "--pruned-epochs", "2")
+    extra = ("--baseline-epochs", "5", "--pruned-epochs", "2", "--finetune-steps", "3")
     whole = tmp_path / "whole"
     subprocess.run([sys.executable, "-m", "training.train", *_cmd(data, whole, *extra)], check=True, env=_env(),
                    cwd=ROOT, capture_output=True, timeout=300)  # fmt: skip
@@ -114,9 +148,11 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(data, tmp_path):
         a, b = _weights(whole / name), _weights(broken / name)
         assert a.keys() == b.keys()
         assert all((a[k] == b[k]).all() for k in a), name
-        la = json.loads((whole / name / "training.json").read_text())["losses"]
-        lb = json.loads((broken / name / "training.json").read_text())["losses"]
-        assert la == lb
+        fa = json.loads((whole / name / "training.json").read_text())
+        fb = json.loads((broken / name / "training.json").read_text())
+        assert fa["losses"] == fb["losses"]
+        assert fa.get("finetune", {}).get("losses") == fb.get("finetune", {}).get("losses")
+    assert "finetune" in fa  # pruned/ is the fine-tuned one
     leftovers = [p.name for p in broken.iterdir() if p.name.startswith(".")]
     assert leftovers == []  # no half-written checkpoint folders, and no resume state after the run
 
@@ -147,5 +183,5 @@ def test_two_process_ddp_on_gloo(data, tmp_path):
     res = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     facts = json.loads((out / "pruned" / "training.json").read_text())
-    assert facts["world_size"] == 2
+    assert facts["world_size"] == 2 and facts["finetune"]["steps"] > 0
     assert _weights(out / "baseline").keys() == _weights(out / "pruned").keys()

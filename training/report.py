@@ -26,6 +26,7 @@ from safetensors import safe_open
 
 from training import compare
 from training.compare import DASH, table
+from training.train import PHASES
 from vlm_demo.atomic import write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -231,8 +232,9 @@ def findings(src: Sources) -> str:
             vs = (f", {x['mean_r1'] - control['mean_r1']:.1f} points above `{CONTROL}`; it keeps "
                   f"{x['object_recall']:.0%} of the object patches, against {control['object_recall']:.0%} for "
                   f"`{CONTROL}`")  # fmt: skip
+        tower = ", fine-tuned image tower" if "finetune" in src.training.get(x["lo"]["checkpoint"], {}) else ""
         lines.append(
-            f"- **`{meth}` (trained predictors), {where}** ({_between(x)}): mean R@1 {x['mean_r1']:.1f} "
+            f"- **`{meth}` (trained predictors{tower}), {where}** ({_between(x)}): mean R@1 {x['mean_r1']:.1f} "
             f"({base['mean_r1'] - x['mean_r1']:.1f} points below the baseline){vs}."
         )
     if free:
@@ -278,13 +280,17 @@ def training_time(src: Sources) -> str:
         total += sum(secs)
         each = ", ".join(f"{s:.0f}" for s in secs)
         parts.append(f"{name} {len(secs)} epoch{'s' * (len(secs) != 1)} in {_minutes(sum(secs))} ({each} s)")
+        if "finetune" in t:
+            ft = t["finetune"]
+            total += ft["seconds"]
+            parts.append(f"fine-tune {ft['steps']} steps in {_minutes(ft['seconds'])}")
     evaluation = src.metrics.get("seconds")
     if evaluation is not None:
         total += evaluation
         parts.append(f"evaluation {evaluation:.0f} s")
     text = f"Training time, as the runs behind the shipped files recorded it: {'; '.join(parts)}; "
     b = src.build
-    if b is None or b.get("phases") != ["baseline", "pruned", "evaluate"] or b.get("resumed"):
+    if b is None or b.get("phases") != list(PHASES) or b.get("resumed"):
         return text + f"{_minutes(total)} in all. Dataset generation is not timed in these files."
     steps = ", ".join(f"{k} {_minutes(v)}" for k, v in b["parts"].items())
     return (
@@ -363,6 +369,15 @@ def card_training(src: Sources, name: str) -> str:
     if "keep_ratio_range" in t:
         lo, hi = t["keep_ratio_range"]
         lines.append(f"- **Monitored distillation loss** (not trained on): at keep ratios drawn from [{lo:g}, {hi:g}].")
+    if "finetune" in t:
+        ft = t["finetune"]
+        lo, hi = ft["keep_ratio_range"]
+        lines.append(
+            f"- **Image tower fine-tuned** under `learned`'s pruning, after the epochs above (`training.train`'s "
+            f"finetune phase): {ft['steps']} steps of {ft['batch_size']} images at keep ratios drawn from "
+            f"[{lo:g}, {hi:g}], peak learning rate {ft['lr']:g}, {_minutes(ft['seconds'])}; distillation loss to the "
+            f"baseline's embedding {', '.join(f'{x:.4f}' for x in ft['losses'])} (mean over the steps)."
+        )
     return "\n".join(lines)
 
 

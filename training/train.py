@@ -18,7 +18,12 @@ Phases:
    checkpoints share one caption embedding. Each step also reports, without training
    on it, the cosine distillation loss of the pruned embedding to the baseline's at a
    keep ratio drawn from ``keep_ratio_range``: the log shows it fall as the predictors learn.
-3. **evaluate**: `training.evaluate` writes metrics.json, report.md and tradeoff.png.
+3. **finetune**: as DynamicViT fine-tunes its backbone under its own pruning, ``pruned/``'s
+   image tower, started from the baseline's, trains for ``TrainConfig.finetune_steps`` steps
+   to give the frozen baseline's embedding (the cosine distillation loss) while ``learned``
+   prunes it at a keep ratio drawn from ``keep_ratio_range``; the keep predictors and the text
+   tower stay frozen, so the caption embedding is still the baseline's.
+4. **evaluate**: `training.evaluate` writes metrics.json, report.md and tradeoff.png.
 
 ``--backbone SOURCE`` (a HuggingFace CLIP folder or Hub id ``owner/name[@revision]``)
 runs the pruned phase's recipe alone on that CLIP: its towers are frozen and are their
@@ -78,6 +83,7 @@ BUILD_FILE = "training.json"  # under --out: the wall time of the last run, end 
 RESUME_DIR = ".resume"  # under --out: one folder per phase, removed when the run succeeds
 PREDICTORS, QUERY = PREDICTOR_PREFIXES  # learned's keep predictors; text_guided's caption-conditioned ones
 MAX_LOGIT_SCALE = math.log(100.0)
+IMAGE_TOWER = "visual."  # the image tower's parameters (the keep predictors among them: PREDICTOR_PREFIXES)
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -187,9 +193,9 @@ def _predictor_method() -> str:
 class _Phase:
     """One phase's training state, set up by `_setup_phase`."""
 
-    name: str  # "baseline" or "pruned"
+    name: str  # "baseline", "pruned" or "finetune"
     model: DualEncoder
-    teacher: DualEncoder | None  # the frozen baseline whose saliency the pruned phase learns; None for the baseline
+    teacher: DualEncoder | None  # the frozen baseline the other phases learn from; None for the baseline
     net: nn.Module  # `model`, in DDP for the baseline phase on several processes
     params: list[tuple[str, nn.Parameter]]  # the parameters that train
     clip_sets: list[list[nn.Parameter]]  # gradient-clipped apart: text_guided's predictors apart from the rest
@@ -201,6 +207,7 @@ class _Phase:
     meta: dict[str, Any]  # progress: epoch_done, losses, seconds_per_epoch (+ distill, query_losses); the resume state
     scenes: list[Scene | None] | None = None  # per training image, its objects (objects.json): text_guided's captions
     layout: LayoutCode | None = None  # the baseline's auxiliary layout objective (`training.layout`), if it has one
+    max_steps: int | None = None  # steps per epoch, if fewer than the loader's (the finetune phase's)
 
     @property
     def query(self) -> bool:
@@ -209,11 +216,29 @@ class _Phase:
 
     @property
     def pruned(self) -> bool:
+        """It learns from the frozen baseline (the pruned and finetune phases)."""
         return self.teacher is not None
 
     @property
+    def steps(self) -> int:
+        """Steps per epoch."""
+        return len(self.loader) if self.max_steps is None else min(len(self.loader), self.max_steps)
+
+    @property
     def total_steps(self) -> int:
-        return self.epochs * len(self.loader)
+        return self.epochs * self.steps
+
+
+def _trains(phase: str, name: str) -> bool:
+    """Whether `phase` trains the parameter `name`: the baseline all but the idle keep predictors, the pruned
+    phase the keep predictors alone (the frozen towers keep both checkpoints on one caption embedding), the
+    finetune phase the image tower alone."""
+    predictor = name.startswith(PREDICTOR_PREFIXES)
+    if phase == "baseline":
+        return not predictor
+    if phase == "pruned":
+        return predictor
+    return name.startswith(IMAGE_TOWER) and not predictor
 
 
 def _setup_phase(
@@ -221,16 +246,13 @@ def _setup_phase(
     tcfg: TrainConfig, args: argparse.Namespace, dd: Dist, scenes: list[Scene | None] | None = None,
 ) -> _Phase:  # fmt: skip
     """Freeze what does not train, build the optimiser and the loader, and restore `--resume` state."""
-    pruned = teacher is not None
-    # Baseline: everything but the idle predictors trains. Pruned: only the predictors train; the
-    # frozen towers keep both checkpoints on one caption embedding.
     for name, p in model.named_parameters():
-        p.requires_grad_(name.startswith(PREDICTOR_PREFIXES) == pruned)
+        p.requires_grad_(_trains(phase, name))
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     layout = None
-    if not pruned and tcfg.layout_weight > 0 and scenes is not None:
+    if phase == "baseline" and tcfg.layout_weight > 0 and scenes is not None:
         layout = LayoutCode(model.cfg.embed_dim).to(args.device)  # fixed buffers: nothing to train
-    peak = tcfg.pruned_lr if pruned else tcfg.lr
+    peak = {"baseline": tcfg.lr, "pruned": tcfg.pruned_lr, "finetune": tcfg.finetune_lr}[phase]
     # text_guided's predictors: their own learning rate (TrainConfig.query_lr) and their own gradient clipping, so
     # the other predictors train exactly as without them.
     query = [(n, p) for n, p in params if n.startswith(QUERY)]
@@ -241,7 +263,7 @@ def _setup_phase(
     clip_sets = [[p for _, p in ps] for ps in (rest, query) if ps]
     opt = torch.optim.AdamW(groups, lr=peak, betas=(0.9, 0.98), eps=1e-6)
     net: nn.Module = model
-    if dd.world > 1 and not pruned:  # the predictors are called directly; their gradients are averaged by hand
+    if dd.world > 1 and phase == "baseline":  # the other phases' gradients are averaged by hand (`_optimise`)
         cuda = torch.device(args.device).type == "cuda"
         net = nn.parallel.DistributedDataParallel(model, device_ids=[dd.local_rank] if cuda else None)
     per_rank = max(1, tcfg.batch_size // dd.world)
@@ -255,28 +277,31 @@ def _setup_phase(
     if len(loader) == 0:
         raise ValueError(f"{len(dataset)} training images are fewer than one batch of {per_rank}; lower --batch-size.")
     meta: dict[str, Any] = {"epoch_done": 0, "losses": [], "seconds_per_epoch": []}
-    if pruned:
+    if phase == "pruned":
         meta["distill"] = []  # per epoch: mean monitored distillation loss at the drawn keep ratios
         if query:
             meta["query_losses"] = []  # per epoch: text_guided's predictors' mean loss
     if layout is not None:
         meta["layout_losses"] = []  # per epoch: the auxiliary layout loss (`training.layout`)
     if args.resume:
-        restored = load_state(_state_dir(args, phase), _trained_part(model, pruned), opt)
+        restored = load_state(_state_dir(args, phase), _trained_part(model, phase), opt)
         if restored is not None:
             meta = restored
             if dd.main:
                 log.info("%s: resuming after epoch %d", phase, meta["epoch_done"])
-    epochs = args.pruned_epochs if pruned else args.baseline_epochs
-    return _Phase(phase, model, teacher, net, params, clip_sets, opt, loader, sampler, epochs, peak, meta, scenes,
-                  layout)  # fmt: skip
+    epochs = {"baseline": args.baseline_epochs, "pruned": args.pruned_epochs, "finetune": int(args.finetune_steps > 0)}
+    max_steps = args.finetune_steps if phase == "finetune" else None
+    return _Phase(phase, model, teacher, net, params, clip_sets, opt, loader, sampler, epochs[phase], peak, meta,
+                  scenes, layout, max_steps)  # fmt: skip
 
 
-def _trained_part(model: DualEncoder, pruned: bool) -> nn.Module:
-    """What a phase's resume state holds: the whole model, or only the keep predictors (the towers are frozen).
+def _trained_part(model: DualEncoder, phase: str) -> nn.Module:
+    """What a phase's resume state holds: the whole model, the image tower, or only the keep predictors.
     The layout code (`training.layout`) is fixed by its seed, so it is not saved."""
-    if not pruned:
+    if phase == "baseline":
         return model
+    if phase == "finetune":
+        return model.visual
     if not len(model.visual.query_predictors):
         return model.visual.predictors
     return nn.ModuleDict({"predictors": model.visual.predictors, "query_predictors": model.visual.query_predictors})
@@ -333,11 +358,24 @@ def _saliency_loss(
     return loss, extra, distill
 
 
+def _finetune_loss(ph: _Phase, images: torch.Tensor, keep: float, precision: str = "fp32") -> torch.Tensor:
+    """The finetune phase's loss: the cosine distillation loss of the image tower's embedding, pruned by
+    ``learned`` at keep ratio `keep`, to the frozen baseline's unpruned one. The gradient reaches the tower
+    through the kept tokens and the fused background token (top-k itself has none). ``precision="bf16"`` runs
+    the pruned tower under autocast; the loss is computed in float32."""
+    assert ph.teacher is not None
+    with torch.no_grad():
+        target = ph.teacher.encode_image(images)
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        student = ph.model.encode_image(images, PruneSpec(_predictor_method(), keep))
+    return distill_loss(student.float(), target)
+
+
 def _optimise(ph: _Phase, loss: torch.Tensor, dd: Dist) -> None:
     """One AdamW step on `loss` (gradients averaged across processes), clipped, logit scale kept in range."""
     ph.opt.zero_grad(set_to_none=True)
     loss.backward()
-    if dd.world > 1 and ph.pruned:  # DDP averages the towers' gradients; the predictors' are averaged here
+    if dd.world > 1 and ph.pruned:  # DDP averages the baseline's gradients; the other phases' are averaged here
         for name, p in ph.params:
             if p.grad is not None:
                 dist.all_reduce(p.grad)
@@ -352,14 +390,15 @@ def _optimise(ph: _Phase, loss: torch.Tensor, dd: Dist) -> None:
 def _train_epoch(
     ph: _Phase, epoch: int, tokenizer: TextTokenizer, tcfg: TrainConfig, args: argparse.Namespace, dd: Dist,
 ) -> tuple[float, float, float, float]:  # fmt: skip
-    """One epoch; returns (mean loss, mean monitored distillation loss (pruned phase, else 0), mean extra loss:
+    """One epoch of `ph.steps` steps; returns (mean loss, mean monitored distillation loss (pruned phase, else 0),
+    mean extra loss:
     text_guided's predictors' (pruned phase) or the layout objective's (baseline), else 0, last lr)."""
     device = torch.device(args.device)
-    steps = len(ph.loader)
+    steps = ph.steps
     lo, hi = tcfg.keep_ratio_range
     loss_sum, distill_sum, extra_sum, lr = 0.0, 0.0, 0.0, ph.peak
     with _progress(steps, f"{ph.name} {epoch + 1}/{ph.epochs}", dd.main and not args.quiet) as bar:
-        for step, (images, ids, index) in enumerate(ph.loader):
+        for step, (images, ids, index) in zip(range(steps), ph.loader):
             lr = lr_at(epoch * steps + step, ph.total_steps, ph.peak, min(tcfg.warmup_steps, ph.total_steps // 4 + 1))
             for g in ph.opt.param_groups:
                 g["lr"] = lr * g.get("lr_scale", 1.0)
@@ -367,6 +406,9 @@ def _train_epoch(
             if ph.pruned:
                 g = torch.Generator().manual_seed(step_seed(args.seed, epoch, step))
                 keep = lo + (hi - lo) * float(torch.rand((), generator=g))
+            if ph.name == "finetune":
+                loss, extra = _finetune_loss(ph, images, keep, tcfg.precision), None
+            elif ph.pruned:
                 loss, extra, distill = _saliency_loss(
                     ph, images, ids, keep, index.tolist(), tokenizer, args.seed, epoch
                 )
@@ -410,6 +452,7 @@ def run_phase(
     ``text_guided``'s predictors on captions that name part of a scene (`training.query`).
     """
     ph = _setup_phase(phase, model, teacher, dataset, tokenizer, tcfg, args, dd, scenes)
+    ph.meta["steps"] = ph.total_steps
     for epoch in range(ph.meta["epoch_done"], ph.epochs):
         ph.sampler.set_epoch(epoch)
         dataset.set_epoch(epoch)
@@ -423,7 +466,7 @@ def run_phase(
         ph.meta["losses"].append(loss)
         ph.meta["seconds_per_epoch"].append(seconds)
         monitor = ""
-        if ph.pruned:
+        if "distill" in ph.meta:
             ph.meta["distill"].append(distill)
             monitor = f"  distill@keep~U{tuple(tcfg.keep_ratio_range)} {distill:.4f}"
         if ph.query:
@@ -436,7 +479,7 @@ def run_phase(
             log.info(
                 "%s epoch %d/%d  loss %.4f  lr %.2e  %.1f s%s", phase, epoch + 1, ph.epochs, loss, lr, seconds, monitor
             )
-            save_state(_state_dir(args, phase), _trained_part(model, ph.pruned), ph.opt, ph.meta)
+            save_state(_state_dir(args, phase), _trained_part(model, phase), ph.opt, ph.meta)
         dd.barrier()
     return ph.meta
 
@@ -488,7 +531,7 @@ def remove_resume_state(out: Path, phases: list[str]) -> None:
 
 # ----------------------------------------------------------------------------- main
 
-PHASES = ("baseline", "pruned", "evaluate")
+PHASES = ("baseline", "pruned", "finetune", "evaluate")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -516,6 +559,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="epochs of contrastive training (default: the preset's)")  # fmt: skip
     p.add_argument("--pruned-epochs", type=cli.non_negative_int, default=None,
                    help="epochs of training the keep predictors (default: the preset's)")  # fmt: skip
+    p.add_argument("--finetune-steps", type=cli.non_negative_int, default=None,
+                   help="steps of fine-tuning pruned/'s image tower under learned's pruning, at most one epoch; "
+                        "0 keeps the baseline's (default: the preset's)")  # fmt: skip
     p.add_argument("--batch-size", type=cli.positive_int, default=None,
                    help="training batch, over all processes (default: the preset's)")  # fmt: skip
     p.add_argument("--precision", choices=PRECISIONS, default=None,
@@ -564,7 +610,7 @@ def _check_backbone_args(p: argparse.ArgumentParser, args: argparse.Namespace) -
     if not args.out:
         p.error(f"--backbone needs --out DIR, a new folder for the keep-predictor add-on ({addon.ADDON_FILES[0]} "
                 f"and {addon.ADDON_FILES[1]}; never the shipped checkpoints)")  # fmt: skip
-    for option in ("phases", "baseline_epochs", "eval_limit"):
+    for option in ("phases", "baseline_epochs", "finetune_steps", "eval_limit"):
         if getattr(args, option) is not None:
             p.error(f"--{option.replace('_', '-')} does not go with --backbone, which trains only the keep "
                     f"predictors; evaluate the add-on with python -m training.evaluate --backbone {args.out} "
@@ -584,6 +630,7 @@ def _schedule(args: argparse.Namespace) -> tuple[Preset, TrainConfig]:
         tcfg = dataclasses.replace(tcfg, hard_negative_mix=tuple(args.hard_negative_mix))
     args.baseline_epochs = args.baseline_epochs if args.baseline_epochs is not None else tcfg.baseline_epochs
     args.pruned_epochs = args.pruned_epochs if args.pruned_epochs is not None else tcfg.pruned_epochs
+    args.finetune_steps = args.finetune_steps if args.finetune_steps is not None else tcfg.finetune_steps
     return preset, tcfg
 
 
@@ -643,6 +690,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 summary["pruned"] = meta
                 dd.barrier()
                 clock.lap("pruned")
+
+            if "finetune" in phases:
+                summary["finetune"] = _finetune(out, data.dataset, tcfg, args, dd)
+                dd.barrier()
+                clock.lap("finetune")
 
             if "evaluate" in phases and dd.main:
                 from training.evaluate import evaluate
@@ -715,7 +767,7 @@ def _load_data(args: argparse.Namespace, preset: Preset, tcfg: TrainConfig, dd: 
     cfg = preset.model.replace(text=dataclasses.replace(preset.model.text, vocab_size=len(tokenizer)))
     scenes = _scenes(root, splits["train"])
     dataset = None
-    if {"baseline", "pruned"} & set(args.phases):
+    if {"baseline", "pruned", "finetune"} & set(args.phases):
         dataset = TrainDataset(splits["train"], cfg.vision.image_size, augment=True, seed=args.seed,
                                progress=dd.main and not args.quiet)  # fmt: skip
     return _Data(root, splits, tokenizer, cfg, dataset, scenes)
@@ -750,6 +802,35 @@ def _run_facts(phase: str, meta: dict[str, Any]) -> dict[str, Any]:
     seconds = meta["seconds_per_epoch"]
     return {"phase": phase, "epochs": meta["epoch_done"], "losses": meta["losses"],
             "seconds_per_epoch": _median(seconds), "epoch_seconds": seconds}  # fmt: skip
+
+
+def _finetune(
+    out: Path, dataset: TrainDataset, tcfg: TrainConfig, args: argparse.Namespace, dd: Dist
+) -> dict[str, Any]:  # fmt: skip
+    """The finetune phase: ``pruned/``'s image tower, started from the baseline's (so a second run gives the same
+    tower), learns under ``learned``'s pruning; written back to ``pruned/`` with its run under "finetune" in
+    training.json. Its keep predictors and text tower, trained or frozen in the pruned phase, are left as they are.
+    """
+    model, tokenizer = load_checkpoint(out / "pruned", args.device)
+    teacher, _ = load_checkpoint(out / "baseline", args.device)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    tower = {n: t for n, t in teacher.state_dict().items() if _trains("finetune", n)}
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if _trains("finetune", n):
+                p.copy_(tower.pop(n))
+    assert not tower, f"the baseline has image-tower tensors pruned/ lacks: {sorted(tower)}"
+    meta = run_phase("finetune", model, teacher, dataset, tokenizer, tcfg, args, dd)
+    if dd.main:
+        facts = json.loads((out / "pruned" / "training.json").read_text())
+        facts["finetune"] = {
+            "steps": meta["steps"],
+            "batch_size": tcfg.batch_size, "lr": tcfg.finetune_lr, "keep_ratio_range": list(tcfg.keep_ratio_range),
+            "precision": tcfg.precision, "losses": meta["losses"], "seconds": sum(meta["seconds_per_epoch"]),
+        }  # fmt: skip
+        save_checkpoint(model.cpu(), tokenizer, out / "pruned", **facts)
+    return meta
 
 
 def _train_predictors(args: argparse.Namespace, tcfg: TrainConfig, dd: Dist) -> dict[str, Any]:

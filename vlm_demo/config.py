@@ -144,8 +144,11 @@ class TrainConfig:
     baseline_epochs: int = 12  # epochs of contrastive training from scratch (times per epoch: training.json)
     pruned_epochs: int = 1  # epochs of training the keep predictors on the baseline's saliency
     lr: float = 1e-3  # peak AdamW learning rate for the baseline
-    pruned_lr: float = 1e-3  # peak learning rate of the keep predictors; the towers stay frozen in that phase, so
-    # the pruned checkpoint is the baseline plus trained predictors (see training/train.py)
+    pruned_lr: float = 1e-3  # peak learning rate of the keep predictors; the towers stay frozen in that phase
+    finetune_steps: int = 160  # steps (of batch_size, at most one epoch) of the finetune phase: pruned/'s image
+    # tower, started from the baseline's, learns under learned's pruning to give the baseline's embedding, as
+    # DynamicViT fine-tunes its backbone (training/train.py); 0: pruned/ keeps the baseline's image tower
+    finetune_lr: float = 1e-4  # peak learning rate of that fine-tune
     query_lr: float = 1e-2  # peak learning rate of text_guided's caption-conditioned predictors (pruned phase too):
     # their caption match is a product of two projections, which learns too slowly in one epoch at pruned_lr
     weight_decay: float = 0.05  # AdamW weight decay (not on norms, biases, embeddings)
@@ -157,7 +160,8 @@ class TrainConfig:
     hard_negative_mix: tuple[float, float, float, float] | None = None  # relative odds that a training hard
     # negative changes or swaps colour, shape, size, position; None: equal odds, drawn as the test set's are.
     # (2, 2, 1, 1), aimed at the shipped baseline's misses, trained a worse baseline (docs/training.md#runs)
-    keep_ratio_range: tuple[float, float] = (0.1, 1.0)  # keep ratios the pruned phase monitors (one per batch)
+    keep_ratio_range: tuple[float, float] = (0.1, 1.0)  # keep ratios the pruned phase monitors and the finetune
+    # phase trains at (one drawn per batch)
     num_images: int = 40000  # images in the generated synthetic dataset (75 % train): more scenes, better binding
     eval_images: int = 1000  # test images scored by the evaluation (the Flickr8k protocol uses 1,000)
     num_workers: int = 0  # DataLoader workers; 0 keeps CPU runs deterministic and light
@@ -192,6 +196,7 @@ PRESETS: dict[str, Preset] = {
             batch_size=16,
             baseline_epochs=2,
             pruned_epochs=1,
+            finetune_steps=2,
             warmup_steps=2,
             num_images=64,
             eval_images=16,

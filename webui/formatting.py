@@ -113,7 +113,9 @@ def method_note_text(method: Any) -> str:
         return ""
     info = pruning.get(method)
     paper = "" if info.paper == "-" else f" ({info.paper})"
-    weights = " Runs the *pruned* checkpoint: the baseline plus the trained predictors." if info.needs_predictor else ""
+    weights = ""
+    if info.needs_predictor:  # the shipped pruned/ fine-tuned its image tower; a CLIP's add-on runs the CLIP's
+        weights = " Runs the *pruned* checkpoint: its trained predictors, on its own image tower."
     return f"{info.summary}{paper}.{weights}"
 
 
