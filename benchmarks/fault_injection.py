@@ -59,6 +59,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from training import train
 from training.synthetic import IMAGE_DIR, OBJECTS_FILE
 from vlm_demo.config import get_preset
 from vlm_demo.model import DualEncoder, load_checkpoint
@@ -258,11 +259,14 @@ def train_phases() -> Classifier:
     The blocks' lines are read from the source now, so call it as the process to classify starts.
     """
     blocks = [(_line_of(TRAIN_PY, f'if "{name}" in phases'), name) for name in TRAIN_TARGETS[1:]]
+    done = _line_of(TRAIN_PY, "remove_resume_state(out, [p for p")  # every phase ran: what follows them
 
     def classify(frames: list[Frame]) -> str:
         main = next((f for f in frames if _is(f, TRAIN_PY, "main")), None)
         if main is None:
             return "startup"  # or past main: `sample` tells the two apart
+        if main.line >= done:  # removing the resume state, writing the build record: no phase's, not evaluate's
+            return "exit"
         return next((name for line, name in reversed(blocks) if main.line >= line), "data")
 
     return classify
@@ -408,8 +412,12 @@ def check_state(folder: Path) -> None:
     tensors = load_file(str(folder / "state.safetensors"))
     weights = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
     cfg = get_preset(PRESET).model
-    cfg = cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=weights["text.token_embed.weight"].shape[0]))
-    DualEncoder(cfg).load_state_dict(weights, strict=True)
+    vocab = weights.get("text.token_embed.weight")  # only the baseline's state holds the whole model
+    if vocab is not None:
+        cfg = cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=vocab.shape[0]))
+    model = DualEncoder(cfg)
+    model.enable_query_predictors()  # as the pruned phase builds them
+    train._trained_part(model, folder.name).load_state_dict(weights, strict=True)  # the part the phase saves
     if not any(k.startswith("optim.") for k in tensors):
         raise ValueError("no optimizer moments")
 
@@ -558,6 +566,8 @@ def inject_training(data: Path, work: Path, kills: int, seed: int, extra: Sequen
     lengths = {phase: last - first + INTERVAL_S for phase, (first, last) in r.windows.items()}
     epochs = {n: json.loads((ref / n / "training.json").read_text())["epochs"] for n in ("baseline", "pruned")
               if (ref / n).is_dir()}  # fmt: skip
+    if "pruned" in epochs and json.loads((ref / "pruned" / "training.json").read_text()).get("finetune"):
+        epochs["finetune"] = 1  # the finetune phase is one (short) epoch
 
     plan = plan_kills(lengths, kills, random.Random(seed))
     attempt = 0
