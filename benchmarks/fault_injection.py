@@ -5,7 +5,7 @@
 **Training.** ``python -m training.train --preset tiny --data DATA`` runs once uninterrupted into
 OUT_ref, then into OUT_faulty, where it is SIGKILLed ``--kills`` times and restarted with
 ``--resume`` after each kill until it completes. The kills are spread over the data, baseline,
-pruned and evaluate phases: each lands a seeded fraction of that phase's duration in the reference
+pruned, finetune and evaluate phases: each lands a seeded fraction of that phase's duration in the reference
 run after the attempt enters the phase, or, for some, at the phase's next checkpoint or metrics
 write, where atomicity is at stake. After every kill, everything visible in OUT_faulty must be
 whole: each checkpoint folder loads with `load_checkpoint`, each JSON parses, each safetensors file

@@ -260,7 +260,7 @@ def test_the_pair_pruning_benchmark_reports_what_evaluate_does_and_needs_hard_ne
     from training.evaluate import evaluate
 
     data, ckpt = _tiny_checkpoints(tmp_path, num_images=240)  # 30 test images
-    shutil.rmtree(ckpt / "baseline")  # as training makes them: pruned/ is the baseline plus its predictors
+    shutil.rmtree(ckpt / "baseline")  # one image tower for both checkpoints (no finetune phase): keep 1 is none
     shutil.copytree(ckpt / "pruned", ckpt / "baseline")
     result = pair_pruning.main(["--checkpoints", str(ckpt), "--data", str(data), "--keep-ratios", "1", "0.2"])
     m = evaluate(ckpt, tmp_path / "eval", data, methods=["text_guided"], keep_ratios=[1.0, 0.2],

@@ -46,6 +46,7 @@ def test_tiny_training_lowers_the_loss(data, tmp_path):
     assert facts["phase"] == "pruned" and facts["seconds_per_epoch"] > 0
     # text_guided's caption-conditioned predictors train in the same steps, with their own learning rate.
     assert len(facts["query_losses"]) == 2 and facts["query_lr"] > 0
+    assert facts["finetune"]["steps"] == 2  # the tiny preset's finetune_steps
     pruned = _weights(tmp_path / "ck" / "pruned")
     assert any(name.startswith("visual.query_predictors.") for name in pruned)
     assert facts["data"] == data.name  # the data lies outside the output's parent: its name, no absolute path
@@ -94,7 +95,19 @@ def _same(a: dict, b: dict, names) -> bool:
     return all((a[n] == b[n]).all() for n in names)
 
 
-def test_the_finetune_phase_trains_the_image_tower_alone_from_the_baselines(data, tmp_path):
+def test_each_phase_trains_its_own_parameters():
+    assert train._trains("baseline", "text.token_embed.weight") and train._trains("baseline", "visual.proj.weight")
+    assert not train._trains("baseline", "visual.predictors.0.head.0.weight")
+    assert train._trains("pruned", "visual.predictors.0.head.0.weight")
+    assert train._trains("pruned", "visual.query_predictors.1.match.0.weight")
+    assert not train._trains("pruned", "visual.proj.weight") and not train._trains("pruned", "logit_scale")
+    assert train._trains("finetune", "visual.proj.weight") and train._trains("finetune", "visual.blocks.0.attn.qkv.weight")
+    for frozen in ("visual.predictors.0.head.0.weight", "visual.query_predictors.0.query.0.weight",
+                   "text.token_embed.weight", "logit_scale"):  # fmt: skip
+        assert not train._trains("finetune", frozen), frozen
+
+
+def test_the_finetune_phase_trains_the_image_tower_alone_from_the_baselines(data, tmp_path, caplog):
     out = tmp_path / "ck"
     train.main(_cmd(data, out, "--phases", "baseline,pruned", "--baseline-epochs", "2"))
     base, pruned = _weights(out / "baseline"), _weights(out / "pruned")
@@ -118,8 +131,18 @@ def test_the_finetune_phase_trains_the_image_tower_alone_from_the_baselines(data
     train.main(_cmd(data, out, "--phases", "finetune", "--finetune-steps", "3"))
     again = _weights(out / "pruned")
     assert _same(again, tuned, tuned)
-    # No steps: pruned/ gets the baseline's tower back.
+    # More steps than an epoch has: one epoch (48 training images in batches of 16).
+    train.main(_cmd(data, out, "--phases", "finetune", "--finetune-steps", "1000"))
+    assert json.loads((out / "pruned" / "training.json").read_text())["finetune"]["steps"] == 3
+    # No steps: pruned/ gets the baseline's tower back, and no record of a fine-tune.
     train.main(_cmd(data, out, "--phases", "finetune", "--finetune-steps", "0"))
+    assert _same(_weights(out / "pruned"), pruned, pruned)
+    assert json.loads((out / "pruned" / "training.json").read_text()) == before
+    # The pruned phase alone writes the baseline's tower, and says how to fine-tune it.
+    train.main(_cmd(data, out, "--phases", "finetune"))
+    with caplog.at_level("WARNING", logger="training.train"):
+        train.main(_cmd(data, out, "--phases", "pruned"))
+    assert "--phases pruned,finetune" in caplog.text
     assert _same(_weights(out / "pruned"), pruned, pruned)
 
 

@@ -165,7 +165,7 @@ def ablation_table(metrics: dict[str, Any]) -> list[str]:
     base = next(r for r in rows if r["method"] == BASELINE)
     ordered = [base]
     for method in methods(rows):
-        # At keep 1 every method is the baseline, whatever its placement.
+        # At keep 1 nothing is pruned, whatever the placement: one row per method says it.
         keeps = sorted({r["keep_ratio"] for r in rows if r["method"] == method and r["keep_ratio"] < 1}, reverse=True)
         for keep in keeps:
             ordered += [r for p in measured for r in rows

@@ -9,7 +9,8 @@ definitions live in `training.metrics`; ``--placements paper shared`` adds the p
 ablation. On synthetic data ``metrics.json``'s ``"oracle"`` holds the split's R@1 ceiling
 (`training.oracle`), and the report compares methods at matched GMACs (`training.compare`).
 
-Checkpoints: ``learned`` runs the fine-tuned ``CKPT/pruned/`` model; every other
+Checkpoints: ``learned`` and ``text_guided`` run ``CKPT/pruned/`` (its trained keep predictors, on
+its image tower, which ``training.train``'s finetune phase fine-tunes under ``learned``); every other
 method runs ``CKPT/baseline/``. Text embeddings always come from the baseline's text
 tower (the pruned model's is frozen, hence identical).
 
@@ -698,6 +699,13 @@ def _backbone_note(backbone: dict[str, Any] | None) -> str:
     return f" of the HuggingFace CLIP `{backbone['source']}`" + (f" ({', '.join(pins)})" if pins else "")
 
 
+def _finetune_note(finetune: dict[str, Any] | None) -> str:
+    """The pruned checkpoint's image-tower fine-tune (`training.train`'s finetune phase), if it had one."""
+    if not finetune:
+        return ""
+    return f"; then `pruned/`'s image tower fine-tuned, {finetune['steps']} steps in {finetune['seconds']:.1f} s"
+
+
 def render_report(m: dict[str, Any]) -> str:
     """The markdown report of a metrics dict (as `evaluate` returns it)."""
     ds, mach, tr, mod = m["dataset"], m["machine"], m["training"], m["model"]
@@ -718,7 +726,8 @@ def render_report(m: dict[str, Any]) -> str:
         f"- **Machine:** {mach['platform']} ({mach['processor']}), {mach['cpu_count']} CPUs, "
         f"torch {mach['torch']} with {mach['torch_threads']} threads.",
         "- **Training, seconds per epoch:** "
-        + ", ".join(f"{m} ({'baseline' if m == BASELINE else 'pruned fine-tune'}) {_fmt(v)}" for m, v in spe.items())
+        + ", ".join(f"{m} ({'baseline' if m == BASELINE else 'keep predictors'}) {_fmt(v)}" for m, v in spe.items())
+        + _finetune_note((tr.get("pruned") or {}).get("finetune"))
         + ".",
         f"- **Evaluation took** {m.get('seconds', 0):.0f} s.",
         f"- {compare.ceiling_line(m)}",

@@ -301,10 +301,25 @@ def _trained_part(model: DualEncoder, phase: str) -> nn.Module:
     if phase == "baseline":
         return model
     if phase == "finetune":
-        return model.visual
+        return _image_tower(model)
     if not len(model.visual.query_predictors):
         return model.visual.predictors
     return nn.ModuleDict({"predictors": model.visual.predictors, "query_predictors": model.visual.query_predictors})
+
+
+def _image_tower(model: DualEncoder) -> nn.Module:
+    """The image tower without its keep predictors, which the finetune phase leaves frozen: the parameters it
+    trains, under the image tower's own names (the same tensors, not copies)."""
+    predictors = {prefix.removeprefix(IMAGE_TOWER).rstrip(".") for prefix in PREDICTOR_PREFIXES}
+    part = nn.Module()
+    for name, child in model.visual.named_children():
+        if name not in predictors:
+            part.add_module(name, child)
+    for name, param in model.visual.named_parameters(recurse=False):
+        part.register_parameter(name, param)
+    for name, buffer in model.visual.named_buffers(recurse=False):
+        part.register_buffer(name, buffer)
+    return part
 
 
 def _state_dir(args: argparse.Namespace, phase: str) -> Path:
@@ -452,7 +467,6 @@ def run_phase(
     ``text_guided``'s predictors on captions that name part of a scene (`training.query`).
     """
     ph = _setup_phase(phase, model, teacher, dataset, tokenizer, tcfg, args, dd, scenes)
-    ph.meta["steps"] = ph.total_steps
     for epoch in range(ph.meta["epoch_done"], ph.epochs):
         ph.sampler.set_epoch(epoch)
         dataset.set_epoch(epoch)
@@ -463,6 +477,7 @@ def run_phase(
         loss, distill, extra, lr = _train_epoch(ph, epoch, tokenizer, tcfg, args, dd)
         seconds = time.perf_counter() - t0
         ph.meta["epoch_done"] = epoch + 1
+        ph.meta["steps"] = ph.meta.get("steps", 0) + ph.steps  # done, whatever a resumed run asks for
         ph.meta["losses"].append(loss)
         ph.meta["seconds_per_epoch"].append(seconds)
         monitor = ""
@@ -565,7 +580,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=cli.positive_int, default=None,
                    help="training batch, over all processes (default: the preset's)")  # fmt: skip
     p.add_argument("--precision", choices=PRECISIONS, default=None,
-                   help="the baseline phase's matmuls: bf16 autocast or fp32 (default: the preset's)")  # fmt: skip
+                   help="the baseline and finetune phases' matmuls: bf16 autocast or fp32 (default: the "
+                        "preset's)")  # fmt: skip
     p.add_argument("--hard-negative-mix", type=float, nargs=len(HARD_NEGATIVE_ATTRS), default=None,
                    metavar=tuple(a.upper() for a in HARD_NEGATIVE_ATTRS),
                    help="relative odds that a baseline hard negative changes or swaps each attribute (default: the "
@@ -695,6 +711,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 summary["finetune"] = _finetune(out, data.dataset, tcfg, args, dd)
                 dd.barrier()
                 clock.lap("finetune")
+            elif "pruned" in phases and args.finetune_steps and dd.main:
+                log.warning("pruned/ keeps the baseline's image tower: --phases pruned,finetune also fine-tunes it "
+                            "under learned's pruning, as the default build does")  # fmt: skip
 
             if "evaluate" in phases and dd.main:
                 from training.evaluate import evaluate
@@ -811,24 +830,28 @@ def _finetune(
     tower), learns under ``learned``'s pruning; written back to ``pruned/`` with its run under "finetune" in
     training.json. Its keep predictors and text tower, trained or frozen in the pruned phase, are left as they are.
     """
+    if not (out / "pruned").is_dir():
+        raise ValueError(f"{out} has no pruned/ checkpoint to fine-tune; run --phases pruned,finetune.")
     model, tokenizer = load_checkpoint(out / "pruned", args.device)
     teacher, _ = load_checkpoint(out / "baseline", args.device)
     for p in teacher.parameters():
         p.requires_grad_(False)
-    tower = {n: t for n, t in teacher.state_dict().items() if _trains("finetune", n)}
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if _trains("finetune", n):
-                p.copy_(tower.pop(n))
-    assert not tower, f"the baseline has image-tower tensors pruned/ lacks: {sorted(tower)}"
+    base, own = (_image_tower(m).state_dict() for m in (teacher, model))
+    if {n: t.shape for n, t in base.items()} != {n: t.shape for n, t in own.items()}:
+        raise ValueError(f"{out / 'pruned'} and {out / 'baseline'} have different image towers; run --phases "
+                         "pruned,finetune to build pruned/ from this baseline.")  # fmt: skip
+    _image_tower(model).load_state_dict(base)
     meta = run_phase("finetune", model, teacher, dataset, tokenizer, tcfg, args, dd)
     if dd.main:
-        facts = json.loads((out / "pruned" / "training.json").read_text())
-        facts["finetune"] = {
-            "steps": meta["steps"],
-            "batch_size": tcfg.batch_size, "lr": tcfg.finetune_lr, "keep_ratio_range": list(tcfg.keep_ratio_range),
-            "precision": tcfg.precision, "losses": meta["losses"], "seconds": sum(meta["seconds_per_epoch"]),
-        }  # fmt: skip
+        record = out / "pruned" / "training.json"
+        facts = json.loads(record.read_text()) if record.is_file() else {}
+        facts.pop("finetune", None)  # no steps: the baseline's tower, as the pruned phase leaves it
+        if meta.get("steps"):
+            facts["finetune"] = {
+                "steps": meta["steps"], "batch_size": tcfg.batch_size, "lr": tcfg.finetune_lr,
+                "keep_ratio_range": list(tcfg.keep_ratio_range), "precision": tcfg.precision,
+                "losses": meta["losses"], "seconds": sum(meta["seconds_per_epoch"]),
+            }  # fmt: skip
         save_checkpoint(model.cpu(), tokenizer, out / "pruned", **facts)
     return meta
 

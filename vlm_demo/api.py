@@ -252,7 +252,7 @@ class Session:
         if info.needs_predictor and not self.has_predictors:
             raise ValueError(
                 f"{method!r} needs trained keep predictors, and {self.source or 'this model'} has none. "
-                f"Train them (the towers stay frozen): `{self.train_hint}`, then load DIR. "
+                f"Train them: `{self.train_hint}`, then load DIR. "
                 f"This model runs {', '.join(self.methods())}."
             )
         return info
@@ -653,5 +653,5 @@ def load(source: str | os.PathLike = "checkpoints", device: str = "cpu") -> Sess
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
     return Session(
         baseline, pruned, tokenizer, source=src, caption_bank=bank, metrics=metrics, has_predictors=has_pruned,
-        train_hint=f"python -m training.train --phases pruned --out {src}",
+        train_hint=f"python -m training.train --phases pruned,finetune --out {src}",
     )  # fmt: skip

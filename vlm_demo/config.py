@@ -145,6 +145,7 @@ class TrainConfig:
     pruned_epochs: int = 1  # epochs of training the keep predictors on the baseline's saliency
     lr: float = 1e-3  # peak AdamW learning rate for the baseline
     pruned_lr: float = 1e-3  # peak learning rate of the keep predictors; the towers stay frozen in that phase
+    # (the finetune phase then fine-tunes the image tower)
     finetune_steps: int = 160  # steps (of batch_size, at most one epoch) of the finetune phase: pruned/'s image
     # tower, started from the baseline's, learns under learned's pruning to give the baseline's embedding, as
     # DynamicViT fine-tunes its backbone (training/train.py); 0: pruned/ keeps the baseline's image tower
@@ -165,8 +166,8 @@ class TrainConfig:
     num_images: int = 40000  # images in the generated synthetic dataset (75 % train): more scenes, better binding
     eval_images: int = 1000  # test images scored by the evaluation (the Flickr8k protocol uses 1,000)
     num_workers: int = 0  # DataLoader workers; 0 keeps CPU runs deterministic and light
-    precision: str = "bf16"  # the baseline phase's matmuls: "bf16" (autocast; losses and attention in float32)
-    # or "fp32"; bf16 is 1.5x faster per step on CPUs with AMX (benchmarks.train_step), slower on CPUs without
+    precision: str = "bf16"  # the baseline and finetune phases' matmuls: "bf16" (autocast; losses and attention
+    # in float32) or "fp32"; bf16 is 1.5x faster per step on CPUs with AMX (benchmarks.train_step), slower on CPUs without
 
 
 PRECISIONS = ("fp32", "bf16")  # TrainConfig.precision

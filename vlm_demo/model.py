@@ -251,7 +251,7 @@ class VisionTransformer(nn.Module):
             raise ValueError(
                 "text_guided needs caption-conditioned keep predictors, and this model has none (a plain CLIP, or a "
                 "checkpoint or add-on saved before they existed). Train them into pruned/ with: python -m "
-                "training.train --phases pruned (a CLIP: python -m training.train --backbone SOURCE --out DIR)"
+                "training.train --phases pruned,finetune (a CLIP: python -m training.train --backbone SOURCE --out DIR)"
             )
         return self.query_predictors[index](patches, text)
 

@@ -519,8 +519,9 @@ for _info in (
     MethodInfo(
         "learned", learned, "Learned keep predictor",
         "A saliency-distilled keep predictor: a small MLP per stage, trained to rank patches like the frozen "
-        "baseline's caption saliency, keeps the top-k; the rest become one size-weighted background token. The "
-        "image tower it runs on was then fine-tuned under this pruning to give the baseline's embedding.",
+        "baseline's caption saliency, keeps the top-k; the rest become one size-weighted background token. In the "
+        "shipped model the image tower it runs on was then fine-tuned under this pruning to give the baseline's "
+        "embedding (a CLIP's add-on keeps the CLIP's).",
         "after DynamicViT's predictor and backbone fine-tuning (NeurIPS 2021); not DynamicViT's Gumbel-mask training",
         signals=("predictor",), fusion="background", scoring_macs=_learned_cost,
     ),  # its stages are the ones its predictors were trained for: the config's pruning.stages
