@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from training.saliency import stage_saliency
+from training.saliency import stage_effects, stage_saliency
 from vlm_demo.config import get_preset
 from vlm_demo.model import DualEncoder
 
@@ -39,3 +39,22 @@ def test_stage_saliency_is_the_gradient_norm_at_each_stage_input():
         assert (sal > 0).all()
     assert torch.allclose(image, model.encode_image(pixels), atol=1e-6)
     assert not any(b._forward_pre_hooks for b in model.visual.blocks)  # the hooks are removed
+
+
+def test_stage_effects_from_the_saliency_pass_states_are_bit_identical():
+    """The pruned phase shares one teacher forward between both teachers: the same effects, bit for bit."""
+    torch.manual_seed(1)
+    model = DualEncoder(get_preset("tiny").model).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    pixels = torch.randn(4, 3, 32, 32)
+    text = F.normalize(torch.randn(4, model.cfg.embed_dim), dim=-1)
+    states: list[torch.Tensor] = []
+    shared = stage_saliency(model, pixels, text, states)
+    alone = stage_saliency(model, pixels, text)
+    assert len(states) == model.cfg.vision.depth + 1 and not any(s.requires_grad for s in states)
+    for a, b in zip(shared[0] + shared[1] + [shared[2]], alone[0] + alone[1] + [alone[2]]):
+        assert torch.equal(a, b)
+    for a, b in zip(stage_effects(model, pixels, states), stage_effects(model, pixels)):
+        assert torch.equal(a, b)
+    assert not any(b._forward_pre_hooks or b._forward_hooks for b in model.visual.blocks)

@@ -18,7 +18,7 @@ from vlm_demo.model import DualEncoder
 
 
 def stage_saliency(
-    model: DualEncoder, pixels: torch.Tensor, text: torch.Tensor
+    model: DualEncoder, pixels: torch.Tensor, text: torch.Tensor, states: list[torch.Tensor] | None = None
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
     """The unpruned model's patch tokens at each stage's input, their saliency, and its embedding.
 
@@ -26,6 +26,8 @@ def stage_saliency(
         model: the frozen baseline.
         pixels: (B, 3, H, W) normalised images.
         text: (B, E) normalised embeddings of each image's caption.
+        states: a list that, if given, receives the (B, 1 + P, C) tokens at every block's input and, last, the
+            last block's output, detached: the forward `stage_effects` would otherwise run again.
 
     Returns:
         ``(tokens, saliency, image)``: per stage, (B, P, C) patch tokens (detached) and (B, P)
@@ -36,37 +38,47 @@ def stage_saliency(
     def grab(_module: torch.nn.Module, args: tuple) -> None:
         captured.append(args[0])
 
+    def grab_output(_module: torch.nn.Module, _args: tuple, output: tuple) -> None:
+        captured.append(output[0])
+
     blocks = model.visual.blocks
-    hooks = [blocks[s].register_forward_pre_hook(grab) for s in model.cfg.pruning.stages]
+    hooks = [block.register_forward_pre_hook(grab) for block in blocks]
+    hooks.append(blocks[-1].register_forward_hook(grab_output))
     try:
         with torch.enable_grad():
             pixels = pixels.detach().requires_grad_(True)  # the graph exists even with frozen weights
             image = model.encode_image(pixels)
             score = (image * text).sum()
-            grads = torch.autograd.grad(score, captured)
+            at_stages = [captured[s] for s in model.cfg.pruning.stages]
+            grads = torch.autograd.grad(score, at_stages)
     finally:
         for h in hooks:
             h.remove()
-    tokens = [x[:, 1:].detach() for x in captured]
+    if states is not None:
+        states.extend(x.detach() for x in captured)
+    tokens = [x[:, 1:].detach() for x in at_stages]
     return tokens, [g[:, 1:].norm(dim=-1) for g in grads], image.detach()
 
 
 @torch.no_grad()
-def _decompose(model: DualEncoder, pixels: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def _decompose(
+    model: DualEncoder, pixels: torch.Tensor, states: list[torch.Tensor] | None = None
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per block of the unpruned image tower: the (B, P, E) direct effects of the patch tokens at its input, and
-    its (B, N, N) attention averaged over heads (CLS first). See `direct_effects`."""
+    its (B, N, N) attention averaged over heads (CLS first). See `direct_effects`. `states`, from `stage_saliency`
+    on the same pixels, are the tokens at each block's input and after the last: the blocks are not run again."""
     v = model.visual
-    x = v.embed(pixels)  # (B, 1 + P, C)
+    x = v.embed(pixels) if states is None else states[0]  # (B, 1 + P, C)
     B, N, C = x.shape
     terms, attention = [], []
-    for block in v.blocks:
+    for i, block in enumerate(v.blocks):
         h = block.attn.heads
         q, k, val = block.attn.qkv(block.norm1(x)).reshape(B, N, 3, h, C // h).permute(2, 0, 3, 1, 4)  # (B, h, N, d)
         a = ((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5).softmax(-1)  # (B, h, N, N)
         per_token = (a[:, :, 0, :, None] * val).transpose(1, 2).reshape(B, N, C)  # (B, N, C) heads concatenated
         terms.append(per_token[:, 1:] @ block.attn.proj.weight.T)  # W_O, its bias belongs to no token
         attention.append(a.mean(1))
-        x, _ = block(x)
+        x = block(x)[0] if states is None else states[i + 1]
     cls = x[:, 0]  # (B, C) the CLS token before the final norm
     scale = (cls.var(-1, unbiased=False, keepdim=True) + v.norm.eps).sqrt()  # (B, 1)
     norm = v.proj(v.norm(cls)).norm(dim=-1, keepdim=True)  # (B, 1) the embedding's norm
@@ -100,7 +112,9 @@ def direct_effects(model: DualEncoder, pixels: torch.Tensor) -> torch.Tensor:
     return sum(_decompose(model, pixels)[0])
 
 
-def stage_effects(model: DualEncoder, pixels: torch.Tensor) -> list[torch.Tensor]:
+def stage_effects(
+    model: DualEncoder, pixels: torch.Tensor, states: list[torch.Tensor] | None = None
+) -> list[torch.Tensor]:
     """The teacher of ``text_guided``: the direct effects of `direct_effects`, carried back to each stage's input.
 
     A block's direct effects sit on the tokens at that block's input, and in a trained
@@ -116,12 +130,14 @@ def stage_effects(model: DualEncoder, pixels: torch.Tensor) -> list[torch.Tensor
     Args:
         model: the frozen baseline, unpruned.
         pixels: (B, 3, H, W) normalised images.
+        states: what `stage_saliency` put in its ``states`` for the same pixels and model, if it ran: the
+            same effects, bit for bit, without running the blocks again (the pruned phase needs both).
 
     Returns:
         Per stage of ``model.cfg.pruning.stages``, (B, P, E) vectors; ``effects @ t`` is
         each stage token's share of the cosine with the caption embedding ``t``.
     """
-    effects, attention = _decompose(model, pixels)
+    effects, attention = _decompose(model, pixels, states)
     B, P, E = effects[0].shape
     carried = torch.zeros(B, P + 1, E, dtype=effects[0].dtype, device=effects[0].device)  # at the next block's input
     at_input = []

@@ -360,13 +360,14 @@ def _saliency_loss(
     assert teacher is not None
     with torch.no_grad():
         text = teacher.encode_text(ids)
-    tokens, saliency, target = stage_saliency(teacher, images, text)
+    states: list[torch.Tensor] | None = [] if ph.query else None  # the teacher's forward, shared with stage_effects
+    tokens, saliency, target = stage_saliency(teacher, images, text, states)
     predictors = ph.model.visual.predictors
     loss = sum(keep_rank_loss(f(t), s) for f, t, s in zip(predictors, tokens, saliency)) / len(tokens)
     extra = None
     if ph.query:  # text_guided's predictors, on the same batch and stage tokens
         q_text, contrast = query_text(teacher, tokenizer, text, subset_captions(index, ph.scenes, seed, epoch))
-        effects = stage_effects(teacher, images)
+        effects = stage_effects(teacher, images, states)
         extra = query_loss(ph.model.visual.query_predictors, tokens, effects, q_text, contrast)
     with torch.no_grad():  # monitored, not trained on: top-k has no gradient
         distill = distill_loss(ph.model.encode_image(images, PruneSpec(_predictor_method(), keep)), target).item()
