@@ -208,3 +208,26 @@ def test_two_process_ddp_on_gloo(data, tmp_path):
     facts = json.loads((out / "pruned" / "training.json").read_text())
     assert facts["world_size"] == 2 and facts["finetune"]["steps"] > 0
     assert _weights(out / "baseline").keys() == _weights(out / "pruned").keys()
+    # The run passed Dist.check_replicas after every epoch of every phase: both processes held the same weights.
+
+
+_REPLICAS = """
+import sys, torch
+from training.train import init_distributed
+dd = init_distributed("cpu")
+torch.manual_seed(dd.rank if sys.argv[1] == "differ" else 0)
+dd.check_replicas(torch.nn.Linear(3, 2), "the test's layer")
+print("agree")
+"""
+
+
+@pytest.mark.parametrize("case", ["agree", "differ"])
+def test_check_replicas_stops_a_run_whose_processes_diverged(tmp_path, case):
+    script = tmp_path / "replicas.py"
+    script.write_text(_REPLICAS)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), case]
+    res = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    if case == "agree":
+        assert res.returncode == 0 and res.stdout.count("agree") == 2, res.stderr[-3000:]
+    else:
+        assert res.returncode != 0 and "the test's layer: the copies of ranks [1] differ from rank 0's" in res.stderr

@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -102,6 +103,24 @@ class Dist:
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
+
+    def check_replicas(self, module: nn.Module, what: str) -> None:
+        """Raise if the processes' copies of `module`'s parameters differ in any bit: only rank 0 saves them, so a
+        divergence (gradients not averaged alike) would otherwise go unseen. Compares a SHA-256 of each copy."""
+        if self.world <= 1:
+            return
+        digest = hashlib.sha256()
+        for name, p in module.named_parameters():
+            digest.update(name.encode())
+            digest.update(p.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+        device = next(module.parameters()).device
+        mine = torch.frombuffer(bytearray(digest.digest()[:8]), dtype=torch.int64).to(device)
+        every = [torch.empty_like(mine) for _ in range(self.world)]
+        dist.all_gather(every, mine)
+        differ = [r for r, d in enumerate(every) if not torch.equal(d, every[0])]
+        if differ:
+            raise RuntimeError(f"{what}: the copies of ranks {differ} differ from rank 0's; the processes did not "
+                               "train alike, so rank 0's checkpoint is not the run's result.")  # fmt: skip
 
 
 def init_distributed(device: str) -> Dist:
@@ -491,6 +510,7 @@ def run_phase(
         if ph.layout is not None:
             ph.meta["layout_losses"].append(extra)
             monitor += f"  layout loss {extra:.4f}"
+        dd.check_replicas(_trained_part(model, phase), f"{phase} epoch {epoch + 1}")
         if dd.main:
             log.info(
                 "%s epoch %d/%d  loss %.4f  lr %.2e  %.1f s%s", phase, epoch + 1, ph.epochs, loss, lr, seconds, monitor
