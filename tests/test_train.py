@@ -213,11 +213,15 @@ def test_two_process_ddp_on_gloo(data, tmp_path):
 
 _REPLICAS = """
 import sys, torch
+import torch.distributed as dist
 from training.train import init_distributed
 dd = init_distributed("cpu")
 torch.manual_seed(dd.rank if sys.argv[1] == "differ" else 0)
-dd.check_replicas(torch.nn.Linear(3, 2), "the test's layer")
-print("agree")
+try:
+    dd.check_replicas(torch.nn.Linear(3, 2), "the test's layer")
+    print("agree")
+finally:
+    dist.destroy_process_group()  # gloo aborts at exit without it
 """
 
 
