@@ -2,7 +2,9 @@ import math
 
 import torch
 
-from training.losses import contrastive_loss, distill_loss, keep_rank_loss
+import pytest
+
+from training.losses import contrastive_loss, distill_loss, keep_rank_loss, pair_loss
 
 
 def test_contrastive_loss_known_values():
@@ -15,6 +17,24 @@ def test_contrastive_loss_known_values():
     with_hard = contrastive_loss(e, e, zero, hard_text=e)
     i2t = math.log(2 * math.e + 4) - 1  # the hard row adds e + 1 + 1
     assert with_hard.item() == pytest_approx(0.5 * (i2t + expected))
+
+
+def test_pair_loss_scores_each_image_against_its_own_hard_negatives_only():
+    # Two images in 2-D, K = 2 negatives each, laid out as fresh_hard_negatives does: negative j of image i
+    # at row j * B + i.
+    img = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    txt = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    hard = torch.tensor([[0.0, 1.0], [1.0, 0.0], [-1.0, 0.0], [0.6, 0.8]])  # j=0: i=0, i=1; j=1: i=0, i=1
+    scale = torch.tensor(math.log(2.0))  # logits are twice the cosines
+    # image 0: true 1, its negatives 0 and -1; image 1: true 1, negatives 0 and 0.8
+    row0 = math.log(math.exp(2) + math.exp(0) + math.exp(-2)) - 2
+    row1 = math.log(math.exp(2) + math.exp(0) + math.exp(1.6)) - 2
+    assert pair_loss(img, txt, scale, hard).item() == pytest_approx(0.5 * (row0 + row1))
+    # An image's own negatives form a set; handing image 0 image 1's negatives changes the loss.
+    assert pair_loss(img, txt, scale, hard[[2, 3, 0, 1]]).item() == pytest_approx(0.5 * (row0 + row1))
+    assert pair_loss(img, txt, scale, hard[[1, 0, 3, 2]]).item() != pytest_approx(0.5 * (row0 + row1))
+    with pytest.raises(ValueError, match="hard negatives"):
+        pair_loss(img, txt, scale, hard[:3])
 
 
 def test_distill_loss():

@@ -65,7 +65,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from training.data import CaptionDataset, TrainDataset, load_objects, load_splits, make_collate
-from training.losses import contrastive_loss, distill_loss, keep_rank_loss
+from training.losses import contrastive_loss, distill_loss, keep_rank_loss, pair_loss
 from training.query import Scene, query_loss, query_text, subset_captions
 from training.layout import LayoutCode, layout_targets
 from training.synthetic import HARD_NEGATIVE_ATTRS, fresh_hard_negatives, hard_negative_odds
@@ -347,9 +347,10 @@ def _state_dir(args: argparse.Namespace, phase: str) -> Path:
 
 def _contrastive_loss(
     ph: _Phase, images: torch.Tensor, ids: torch.Tensor, hard: torch.Tensor | None, layout: torch.Tensor | None,
-    precision: str = "fp32",
+    precision: str = "fp32", pair_weight: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
-    """The baseline's losses: symmetric InfoNCE, with each image's hard-negative captions (ids) if any; and the
+    """The baseline's losses: symmetric InfoNCE, with each image's hard-negative captions (ids) if any, plus
+    `pair_weight` times each image's true caption against its own hard negatives (`pair_loss`); and the
     auxiliary layout loss of both embeddings where `layout` (targets, `training.layout`) is given, else None.
     ``precision="bf16"`` runs the towers under autocast; the losses are computed in float32."""
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
@@ -358,6 +359,8 @@ def _contrastive_loss(
     img, txt = img.float(), txt.float()
     hard_text = None if hard_text is None else hard_text.float()
     loss = contrastive_loss(img, txt, ph.model.logit_scale, hard_text)
+    if hard_text is not None and pair_weight > 0:
+        loss = loss + pair_weight * pair_loss(img, txt, ph.model.logit_scale, hard_text)
     if ph.layout is None or layout is None:
         return loss, None
     return loss, 0.5 * (ph.layout.loss(img, layout) + ph.layout.loss(txt, layout))
@@ -458,7 +461,9 @@ def _train_epoch(
                 if ph.layout is not None:
                     layout = layout_targets(ph.scenes, index.tolist())
                     layout = None if layout is None else layout.to(device)
-                loss, extra = _contrastive_loss(ph, images, ids, hard, layout, tcfg.precision)
+                loss, extra = _contrastive_loss(
+                    ph, images, ids, hard, layout, tcfg.precision, tcfg.hard_negative_weight
+                )
                 if extra is not None:
                     extra = tcfg.layout_weight * extra
             _optimise(ph, loss if extra is None else loss + extra, dd)
@@ -607,6 +612,9 @@ def _parser() -> argparse.ArgumentParser:
                    metavar=tuple(a.upper() for a in HARD_NEGATIVE_ATTRS),
                    help="relative odds that a baseline hard negative changes or swaps each attribute (default: the "
                         "preset's, equal odds; any equal odds draw the same)")  # fmt: skip
+    p.add_argument("--hard-negative-weight", type=cli.non_negative_float, default=None,
+                   help="weight of the baseline's loss of each image's true caption against its own hard "
+                        "negatives, on top of InfoNCE (default: the preset's; 0: InfoNCE alone)")  # fmt: skip
     p.add_argument("--threads", type=cli.positive_int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--phases", default=None,
                    help=f"comma list of phases to run, of {', '.join(PHASES)} (default: all; not with "
@@ -665,6 +673,8 @@ def _schedule(args: argparse.Namespace) -> tuple[Preset, TrainConfig]:
         tcfg = dataclasses.replace(tcfg, precision=args.precision)
     if args.hard_negative_mix:
         tcfg = dataclasses.replace(tcfg, hard_negative_mix=tuple(args.hard_negative_mix))
+    if args.hard_negative_weight is not None:
+        tcfg = dataclasses.replace(tcfg, hard_negative_weight=args.hard_negative_weight)
     args.baseline_epochs = args.baseline_epochs if args.baseline_epochs is not None else tcfg.baseline_epochs
     args.pruned_epochs = args.pruned_epochs if args.pruned_epochs is not None else tcfg.pruned_epochs
     args.finetune_steps = args.finetune_steps if args.finetune_steps is not None else tcfg.finetune_steps
@@ -696,7 +706,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             clock.lap("data")
             facts = {"preset": args.preset, "data": recorded_data(data.root, out), "seed": args.seed,
                      "world_size": dd.world, "precision": tcfg.precision, "hard_negatives": tcfg.hard_negatives,
-                     "hard_negative_mix": tcfg.hard_negative_mix}  # fmt: skip
+                     "hard_negative_mix": tcfg.hard_negative_mix,
+                     "hard_negative_weight": tcfg.hard_negative_weight}  # fmt: skip
             summary: dict[str, Any] = {"data": str(data.root), "out": str(out)}
 
             if "baseline" in phases:

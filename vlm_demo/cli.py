@@ -77,12 +77,18 @@ def placement(text: str) -> str | tuple[int, ...]:
     return blocks
 
 
-def positive_float(text: str) -> float:
-    """argparse type: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
+def _bounded_float(zero_ok: bool) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not ((0 <= value) if zero_ok else (0 < value)) or not value < float("inf"):
+            raise argparse.ArgumentTypeError(f"must be a {'non-negative' if zero_ok else 'positive'} number, got {text}")
+        return value
+
+    return parse
+
+
+positive_float = _bounded_float(False)  # argparse type: a finite number > 0
+non_negative_float = _bounded_float(True)  # argparse type: a finite number >= 0
