@@ -361,6 +361,14 @@ def card_training(src: Sources, name: str) -> str:
         f"- **Epochs:** {t['epochs']}, {_minutes(sum(secs))} in all ({', '.join(f'{s:.0f}' for s in secs)} s).",
         f"- **Loss per epoch:** {', '.join(f'{x:.3f}' for x in losses)}.",
     ]
+    if t.get("phase") == "baseline" and t.get("hard_negatives"):
+        w = t.get("hard_negative_weight", 0.0)  # a training.json from before the pair loss has none
+        lines.append(
+            f"- **Hard negatives:** {t['hard_negatives']} captions per image and step, each with one attribute changed "
+            "or swapped, drawn afresh each epoch, as extra wrong answers in InfoNCE"
+            + (f"; plus the loss of the true caption against them alone (`training.losses.pair_loss`), weight {w:g}, in the loss above."
+               if w else " (no pair loss: the recipe before `TrainConfig.hard_negative_weight`).")
+        )
     if "layout_losses" in t:
         lines.append(
             f"- **Auxiliary layout loss** (`training/layout.py`, weight {t['layout_weight']:g}; not in the loss above) "
