@@ -151,6 +151,11 @@ def test_cards_describe_their_own_checkpoint(src):
             "steps of 8 images at keep ratios drawn from [0.2, 0.7], peak learning rate 0.0001, 0.5 min; distillation "
             "loss to the baseline's embedding 0.0123") in report.card_training(src, "pruned")  # fmt: skip
     assert "layout" not in report.card_training(src, "baseline")
+    src.training["baseline"].update(phase="baseline", hard_negatives=2)  # a training.json from before the pair loss
+    assert "2 captions per image and step" in report.card_training(src, "baseline")
+    assert "(no pair loss: the recipe before" in report.card_training(src, "baseline")
+    src.training["baseline"]["hard_negative_weight"] = 1.0
+    assert "(`training.losses.pair_loss`), weight 1, in the loss above." in report.card_training(src, "baseline")
     src.training["baseline"].update(layout_losses=[1.5, 0.25], layout_weight=1.0)
     assert "(`training/layout.py`, weight 1; not in the loss above) per epoch: 1.500, 0.250." in report.card_training(
         src, "baseline")  # fmt: skip

@@ -75,7 +75,8 @@ def test_bf16_autocast_trains_the_baseline_and_is_recorded(data, tmp_path):
 def test_the_hard_negative_weight_adds_the_pair_loss_to_the_baselines(data, tmp_path):
     def first_loss(*extra: str) -> float:
         out = tmp_path / f"ck{len(extra)}"
-        return train.main(_cmd(data, out, "--phases", "baseline", "--baseline-epochs", "1", *extra))["baseline"]["losses"][0]
+        summary = train.main(_cmd(data, out, "--phases", "baseline", "--baseline-epochs", "1", *extra))
+        return summary["baseline"]["losses"][0]
 
     # Same start, same batches: the pair term (about log 3 at the start, 2 negatives) is added on top.
     assert first_loss() > first_loss("--hard-negative-weight", "0") + 0.1

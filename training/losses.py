@@ -29,7 +29,9 @@ def contrastive_loss(
     return 0.5 * (F.cross_entropy(i2t, labels) + F.cross_entropy(logits.t(), labels))
 
 
-def pair_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, hard_text: torch.Tensor) -> torch.Tensor:
+def pair_loss(
+    image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, hard_text: torch.Tensor
+) -> torch.Tensor:
     """Each image's true caption against its own hard negatives alone: a softmax over 1 + K captions.
 
     In `contrastive_loss` an image's K hard negatives are K of B + KB wrong answers, and the

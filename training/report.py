@@ -366,8 +366,8 @@ def card_training(src: Sources, name: str) -> str:
         lines.append(
             f"- **Hard negatives:** {t['hard_negatives']} captions per image and step, each with one attribute changed "
             "or swapped, drawn afresh each epoch, as extra wrong answers in InfoNCE"
-            + (f"; plus the loss of the true caption against them alone (`training.losses.pair_loss`), weight {w:g}, in the loss above."
-               if w else " (no pair loss: the recipe before `TrainConfig.hard_negative_weight`).")
+            + (f"; plus the loss of the true caption against them alone (`training.losses.pair_loss`), weight {w:g}, "
+               "in the loss above." if w else " (no pair loss: the recipe before `TrainConfig.hard_negative_weight`).")
         )
     if "layout_losses" in t:
         lines.append(

@@ -84,7 +84,8 @@ def _bounded_float(zero_ok: bool) -> Callable[[str], float]:
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
         if not ((0 <= value) if zero_ok else (0 < value)) or not value < float("inf"):
-            raise argparse.ArgumentTypeError(f"must be a {'non-negative' if zero_ok else 'positive'} number, got {text}")
+            what = "non-negative" if zero_ok else "positive"
+            raise argparse.ArgumentTypeError(f"must be a {what} number, got {text}")
         return value
 
     return parse
