@@ -77,8 +77,8 @@ def test_the_hard_negative_mix_reaches_the_training_config() -> None:
 
 
 def test_the_hard_negative_weight_reaches_the_training_config(capsys) -> None:
-    assert train._schedule(train.parse_args(["--hard-negative-weight", "0"]))[1].hard_negative_weight == 0.0
-    assert train._schedule(train.parse_args([]))[1].hard_negative_weight == 1.0  # the preset's
+    assert train._schedule(train.parse_args(["--hard-negative-weight", "1"]))[1].hard_negative_weight == 1.0
+    assert train._schedule(train.parse_args([]))[1].hard_negative_weight == 0.0  # the preset's
     with pytest.raises(SystemExit) as e:
         train.parse_args(["--hard-negative-weight", "-1"])
     assert e.value.code == 2 and "non-negative" in capsys.readouterr().err

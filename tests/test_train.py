@@ -67,7 +67,7 @@ def test_bf16_autocast_trains_the_baseline_and_is_recorded(data, tmp_path):
     assert facts["precision"] == "bf16" and facts["layout_weight"] > 0 and len(facts["layout_losses"]) == 3
     assert json.loads((tmp_path / "ck" / "training.json").read_text())["precision"] == "bf16"
     assert facts["hard_negatives"] == 2 and facts["hard_negative_mix"] is None  # the preset's: equal odds
-    assert facts["hard_negative_weight"] == 1.0
+    assert facts["hard_negative_weight"] == 0.0
     weights = _weights(tmp_path / "ck" / "baseline")
     assert {str(t.dtype) for t in weights.values()} == {"torch.float32"}  # autocast leaves the weights float32
 
@@ -79,7 +79,7 @@ def test_the_hard_negative_weight_adds_the_pair_loss_to_the_baselines(data, tmp_
         return summary["baseline"]["losses"][0]
 
     # Same start, same batches: the pair term (about log 3 at the start, 2 negatives) is added on top.
-    assert first_loss() > first_loss("--hard-negative-weight", "0") + 0.1
+    assert first_loss("--hard-negative-weight", "1") > first_loss() + 0.1
 
 
 def test_the_pruned_phase_on_other_data_keeps_the_baselines_tokenizer(data, tmp_path, monkeypatch):

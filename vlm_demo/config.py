@@ -161,8 +161,9 @@ class TrainConfig:
     hard_negative_mix: tuple[float, float, float, float] | None = None  # relative odds that a training hard
     # negative changes or swaps colour, shape, size, position; None: equal odds, drawn as the test set's are.
     # (2, 2, 1, 1), aimed at the shipped baseline's misses, trained a worse baseline (docs/training.md#runs)
-    hard_negative_weight: float = 1.0  # weight of the loss of each image's true caption against its own hard
-    # negatives alone (training.losses.pair_loss), on top of InfoNCE; 0: InfoNCE alone, the recipe before it
+    hard_negative_weight: float = 0.0  # weight of the loss of each image's true caption against its own hard
+    # negatives alone (training.losses.pair_loss), on top of InfoNCE; 0: InfoNCE alone. 1 trained a worse
+    # baseline (docs/training.md#runs)
     keep_ratio_range: tuple[float, float] = (0.1, 1.0)  # keep ratios the pruned phase monitors and the finetune
     # phase trains at (one drawn per batch)
     num_images: int = 40000  # images in the generated synthetic dataset (75 % train): more scenes, better binding
