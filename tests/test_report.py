@@ -153,7 +153,7 @@ def test_cards_describe_their_own_checkpoint(src):
     assert "layout" not in report.card_training(src, "baseline")
     src.training["baseline"].update(phase="baseline", hard_negatives=2)  # a training.json from before the pair loss
     assert "2 captions per image and step" in report.card_training(src, "baseline")
-    assert "(no pair loss: the recipe before" in report.card_training(src, "baseline")
+    assert "(no pair loss: `TrainConfig.hard_negative_weight` 0)." in report.card_training(src, "baseline")
     src.training["baseline"]["hard_negative_weight"] = 1.0
     assert "(`training.losses.pair_loss`), weight 1, in the loss above." in report.card_training(src, "baseline")
     src.training["baseline"].update(layout_losses=[1.5, 0.25], layout_weight=1.0)

@@ -362,12 +362,12 @@ def card_training(src: Sources, name: str) -> str:
         f"- **Loss per epoch:** {', '.join(f'{x:.3f}' for x in losses)}.",
     ]
     if t.get("phase") == "baseline" and t.get("hard_negatives"):
-        w = t.get("hard_negative_weight", 0.0)  # a training.json from before the pair loss has none
+        w = t.get("hard_negative_weight", 0.0)  # a training.json from before the option has none: 0
         lines.append(
             f"- **Hard negatives:** {t['hard_negatives']} captions per image and step, each with one attribute changed "
             "or swapped, drawn afresh each epoch, as extra wrong answers in InfoNCE"
             + (f"; plus the loss of the true caption against them alone (`training.losses.pair_loss`), weight {w:g}, "
-               "in the loss above." if w else " (no pair loss: the recipe before `TrainConfig.hard_negative_weight`).")
+               "in the loss above." if w else " (no pair loss: `TrainConfig.hard_negative_weight` 0).")
         )
     if "layout_losses" in t:
         lines.append(
