@@ -12,6 +12,7 @@ import pytest
 
 from training import evaluate, synthetic, train
 from vlm_demo import bench
+from vlm_demo.config import get_preset
 from vlm_demo.latency import Timing
 
 PARSERS: dict[str, Callable[[], argparse.ArgumentParser]] = {
@@ -74,6 +75,14 @@ def test_the_hard_negative_mix_reaches_the_training_config() -> None:
     args = train.parse_args(["--hard-negative-mix", "2", "2", "1", "1"])
     assert train._schedule(args)[1].hard_negative_mix == (2.0, 2.0, 1.0, 1.0)
     assert train._schedule(train.parse_args([]))[1].hard_negative_mix is None  # the preset's: equal odds
+
+
+def test_the_learning_rate_reaches_the_training_config(capsys) -> None:
+    assert train._schedule(train.parse_args(["--lr", "5e-4"]))[1].lr == 5e-4
+    assert train._schedule(train.parse_args([]))[1].lr == get_preset("default").train.lr
+    for bad in ("0", "-1e-3", "nan"):
+        with pytest.raises(SystemExit):
+            train.parse_args(["--lr", bad])
 
 
 def test_the_hard_negative_weight_reaches_the_training_config(capsys) -> None:

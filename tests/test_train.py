@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from training import train
 from training.synthetic import generate
+from vlm_demo.config import get_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,7 +68,7 @@ def test_bf16_autocast_trains_the_baseline_and_is_recorded(data, tmp_path):
     assert facts["precision"] == "bf16" and facts["layout_weight"] > 0 and len(facts["layout_losses"]) == 3
     assert json.loads((tmp_path / "ck" / "training.json").read_text())["precision"] == "bf16"
     assert facts["hard_negatives"] == 2 and facts["hard_negative_mix"] is None  # the preset's: equal odds
-    assert facts["hard_negative_weight"] == 0.0
+    assert facts["hard_negative_weight"] == 0.0 and facts["lr"] == get_preset("tiny").train.lr
     weights = _weights(tmp_path / "ck" / "baseline")
     assert {str(t.dtype) for t in weights.values()} == {"torch.float32"}  # autocast leaves the weights float32
 

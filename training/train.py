@@ -615,6 +615,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--hard-negative-weight", type=cli.non_negative_float, default=None,
                    help="weight of the baseline's loss of each image's true caption against its own hard "
                         "negatives, on top of InfoNCE (default: the preset's; 0: InfoNCE alone)")  # fmt: skip
+    p.add_argument("--lr", type=cli.positive_float, default=None,
+                   help="peak AdamW learning rate of the baseline phase (default: the preset's)")  # fmt: skip
     p.add_argument("--threads", type=cli.positive_int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--phases", default=None,
                    help=f"comma list of phases to run, of {', '.join(PHASES)} (default: all; not with "
@@ -675,6 +677,8 @@ def _schedule(args: argparse.Namespace) -> tuple[Preset, TrainConfig]:
         tcfg = dataclasses.replace(tcfg, hard_negative_mix=tuple(args.hard_negative_mix))
     if args.hard_negative_weight is not None:
         tcfg = dataclasses.replace(tcfg, hard_negative_weight=args.hard_negative_weight)
+    if args.lr is not None:
+        tcfg = dataclasses.replace(tcfg, lr=args.lr)
     args.baseline_epochs = args.baseline_epochs if args.baseline_epochs is not None else tcfg.baseline_epochs
     args.pruned_epochs = args.pruned_epochs if args.pruned_epochs is not None else tcfg.pruned_epochs
     args.finetune_steps = args.finetune_steps if args.finetune_steps is not None else tcfg.finetune_steps
@@ -707,7 +711,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             facts = {"preset": args.preset, "data": recorded_data(data.root, out), "seed": args.seed,
                      "world_size": dd.world, "precision": tcfg.precision, "hard_negatives": tcfg.hard_negatives,
                      "hard_negative_mix": tcfg.hard_negative_mix,
-                     "hard_negative_weight": tcfg.hard_negative_weight}  # fmt: skip
+                     "hard_negative_weight": tcfg.hard_negative_weight, "lr": tcfg.lr}  # fmt: skip
             summary: dict[str, Any] = {"data": str(data.root), "out": str(out)}
 
             if "baseline" in phases:
