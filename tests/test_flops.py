@@ -97,6 +97,16 @@ def test_text_tower_fvcore_matches_closed_form_with_every_op_handled(config):
     assert flops.text_gmacs(cfg, batch=3) == pytest.approx(3 * flops.closed_form_text_gmacs(cfg), rel=0.02)
 
 
+def test_a_conv_stem_costs_its_hand_worked_macs():
+    cfg = get_preset("tiny").model  # 32 px, 8-pixel patches, width 32: 16 patches
+    stemmed = cfg.replace(vision=dataclasses.replace(cfg.vision, stem=(4, 8)))
+    # 3x3 stride-2 layers: 16x16 outputs of 3 -> 4 channels, 8x8 of 4 -> 8; then 2x2 patches of 8 channels
+    # projected to the 32-wide tokens, beside the patch embedding
+    extra = 16 * 16 * 3 * 9 * 4 + 8 * 8 * 4 * 9 * 8 + 16 * 32 * 8 * 2 * 2
+    for count in (flops.gmacs, flops.closed_form_gmacs):
+        assert round((count(stemmed) - count(cfg)) * 1e9) == extra, count
+
+
 def test_vit_b_16_image_tower_matches_closed_form():
     cfg = hf_clip.model_config(hf_clip.CLIP_SHAPES["vit-b-16"].config)
     assert (cfg.vision.num_patches, cfg.vision.width, cfg.vision.depth) == (196, 768, 12)

@@ -61,6 +61,44 @@ def test_sincos_position_codes_start_the_patch_positions_and_stay_learnable():
         VisionConfig(pos_init="learned")
 
 
+def test_a_conv_stem_feeds_the_patch_projection_and_round_trips(tmp_path):
+    import dataclasses
+
+    from vlm_demo.config import VisionConfig
+
+    cfg = get_preset("tiny").model
+    cfg = cfg.replace(vision=dataclasses.replace(cfg.vision, stem=[4, 8]))  # a config.json's list
+    assert cfg.vision.stem == (4, 8) and cfg.vision.stem_patch == 2  # 8-pixel patches: 2 halvings, then 2x2
+    torch.manual_seed(0)
+    model = DualEncoder(cfg).eval()
+    convs = [m for m in model.visual.stem if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size, c.stride) for c in convs] == [
+        (3, 4, (3, 3), (2, 2)), (4, 8, (3, 3), (2, 2)), (8, 32, (2, 2), (2, 2))]  # fmt: skip
+    pixels = torch.randn(2, 3, 32, 32)
+    plain = model.visual.patch_embed(pixels)
+    assert model.visual.stem(pixels).shape == plain.shape
+    # zero-initialised projection: a new model's stem adds nothing, so training starts from the plain ViT
+    assert not model.visual.stem(pixels).any()
+    before = model.visual.embed(pixels)
+    torch.nn.init.normal_(convs[-1].weight)
+    after = model.visual.embed(pixels)
+    added = model.visual.stem(pixels).flatten(2).transpose(1, 2)  # (B, P, C), now non-zero
+    assert added.abs().mean() > 0.1
+    torch.testing.assert_close(after[:, 1:] - before[:, 1:], added)  # the stem's tokens add to the patches'
+    torch.testing.assert_close(after[:, 0], before[:, 0], rtol=0, atol=0)  # and not to the CLS token
+    tok = Tokenizer(["red"], cfg.text.context_length)
+    save_checkpoint(model, tok, tmp_path / "ck")
+    loaded, _ = load_checkpoint(tmp_path / "ck")
+    assert loaded.cfg == model.cfg
+    torch.testing.assert_close(loaded.encode_image(pixels), model.encode_image(pixels), rtol=0, atol=0)
+    assert "visual.stem.0.weight" in loaded.state_dict() and not any(
+        k.startswith("visual.stem") for k in DualEncoder(get_preset("tiny").model).state_dict()
+    )  # no stem, no tensor: older checkpoints keep their names
+    for bad in ({"stem": (4, 8, 16, 32)}, {"stem": (0,)}):  # 2 ** 4 does not divide 8; no channels
+        with pytest.raises(ValueError, match="stem"):
+            VisionConfig(**bad)
+
+
 def test_attention_under_cpu_autocast_runs_in_float32_and_matches_it():
     from vlm_demo.model import _attend
 

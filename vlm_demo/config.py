@@ -31,11 +31,24 @@ class VisionConfig:
     pos_init: str = "random"  # initial patch position embeddings, one of POS_INITS (learned either way): "random",
     # N(0, 0.02) as CLIP's; "sincos", MAE's 2-D sine-cosine codes, which let a small ViT trained from scratch
     # tell where things are early (the default preset's; docs/training.md)
+    stem: tuple[int, ...] = ()  # channels of a convolutional stem beside the patch embedding: 3x3 stride-2
+    # convolutions with GELU (after Xiao et al., "Early convolutions help transformers see better", NeurIPS 2021),
+    # then a projection of patch_size / 2 ** len(stem) pixels, zero-initialised, whose tokens are added to the
+    # patch embedding's: training starts from the plain ViT. (): the plain patch embedding alone (ViT's, CLIP's)
 
     def __post_init__(self) -> None:
         _check_act(self.act)
         if self.pos_init not in POS_INITS:
             raise ValueError(f"Unknown pos_init {self.pos_init!r}; choose one of {', '.join(POS_INITS)}.")
+        object.__setattr__(self, "stem", tuple(int(c) for c in self.stem))  # a config.json holds a list
+        if any(c < 1 for c in self.stem) or self.patch_size % 2 ** len(self.stem):
+            raise ValueError(f"stem {self.stem}: channels must be positive, and patch_size ({self.patch_size}) "
+                             f"must divide by 2 ** {len(self.stem)} (each stem layer halves the side).")
+
+    @property
+    def stem_patch(self) -> int:
+        """Side, in stem output pixels, of the square the patch projection spans (patch_size without a stem)."""
+        return self.patch_size // 2 ** len(self.stem)
 
     @property
     def mlp_width(self) -> int:
@@ -186,7 +199,8 @@ PRESETS: dict[str, Preset] = {
     # The current recipe, the shipped checkpoints' (how they were made and how long a build takes:
     # docs/training.md#runs).
     "default": Preset(
-        model=ModelConfig(vision=VisionConfig(pos_init="sincos"), text=TextConfig(depth=6)), train=TrainConfig()
+        model=ModelConfig(vision=VisionConfig(pos_init="sincos", stem=(32, 64, 128)), text=TextConfig(depth=6)),
+        train=TrainConfig(),
     ),
     # For tests: trains end to end in seconds.
     "tiny": Preset(

@@ -301,13 +301,19 @@ def closed_form_gmacs(
     Per block with N tokens at attention and M at the MLP (they differ where a stage
     prunes inside the block), width C, MLP width H: QKV ``3NC^2`` + projection ``NC^2``
     + attention matmuls ``2N^2 C`` + MLP ``2MCH`` + two layer norms ``5NC + 5MC``
-    (fvcore's convention for an affine norm). Plus the patch embedding, CLIP's pre-norm,
+    (fvcore's convention for an affine norm). Plus the patch embedding (and a convolutional stem), CLIP's pre-norm,
     the head, and each stage's scoring cost, which the method's registry entry states
     (`MethodInfo.scoring_macs`).
     """
     v, p = cfg.vision, cfg.pruning
     C, H, P, E = v.width, v.mlp_width, v.num_patches, cfg.embed_dim
-    macs = P * C * 3 * v.patch_size**2  # patch embedding
+    macs, side, c_in = P * C * 3 * v.patch_size**2, v.image_size, 3  # patch embedding
+    for c in v.stem:  # the convolutional stem: 3x3, stride 2, padding 1, then its projection to the patches
+        side = (side + 1) // 2
+        macs += side * side * c_in * 9 * c
+        c_in = c
+    if v.stem:
+        macs += P * C * c_in * v.stem_patch**2
     if v.pre_norm:
         macs += 5 * (1 + P) * C
     info = get(method)

@@ -188,6 +188,21 @@ def sincos_2d(grid: int, width: int) -> torch.Tensor:
     return torch.cat(parts, dim=1).float()
 
 
+def conv_stem(channels: tuple[int, ...], width: int, patch: int) -> nn.Sequential:
+    """`VisionConfig.stem`: 3x3 stride-2 convolutions with GELU from RGB to ``channels[-1]`` (He-initialised, so
+    the activations keep their scale), then a ``patch`` x ``patch`` projection to `width`, zero-initialised so
+    that the stem adds nothing to the patch embedding until training gives it weight."""
+    layers: list[nn.Module] = []
+    for c_in, c_out in zip((3, *channels[:-1]), channels):
+        conv = nn.Conv2d(c_in, c_out, 3, stride=2, padding=1)
+        nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+        nn.init.zeros_(conv.bias)
+        layers += [conv, nn.GELU()]
+    proj = nn.Conv2d(channels[-1], width, patch, patch, bias=False)
+    nn.init.zeros_(proj.weight)
+    return nn.Sequential(*layers, proj)
+
+
 class VisionTransformer(nn.Module):
     """A ViT with a CLS token and pruning stages before or inside its blocks."""
 
@@ -198,6 +213,8 @@ class VisionTransformer(nn.Module):
                 raise ValueError(f"pruning stage {s} must sit between blocks (1..{cfg.depth - 1}).")
         self.cfg, self.pruning = cfg, pruning
         self.patch_embed = nn.Conv2d(3, cfg.width, cfg.patch_size, cfg.patch_size, bias=cfg.patch_bias)
+        # None without a stem: no parameters, so configs without one keep their tensor names.
+        self.stem = conv_stem(cfg.stem, cfg.width, cfg.stem_patch) if cfg.stem else None
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
         pos = torch.randn(1, 1 + cfg.num_patches, cfg.width) * 0.02
         if cfg.pos_init == "sincos":
@@ -229,7 +246,10 @@ class VisionTransformer(nn.Module):
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) pixels -> (B, 1 + P, C) tokens that enter block 0 (pre-normed if configured)."""
-        x = self.patch_embed(pixels).flatten(2).transpose(1, 2)  # (B, P, C)
+        x = self.patch_embed(pixels)
+        if self.stem is not None:
+            x = x + self.stem(pixels)
+        x = x.flatten(2).transpose(1, 2)  # (B, P, C)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         return self.pre_norm(x + self.pos_embed)
 
