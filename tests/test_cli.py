@@ -77,6 +77,20 @@ def test_the_hard_negative_mix_reaches_the_training_config() -> None:
     assert train._schedule(train.parse_args([]))[1].hard_negative_mix is None  # the preset's: equal odds
 
 
+def test_the_stem_option_reaches_the_model_config(capsys) -> None:
+    def stem(*argv: str) -> tuple[int, ...]:
+        return train._schedule(train.parse_args(list(argv)))[0].model.vision.stem
+
+    assert stem() == get_preset("default").model.vision.stem
+    assert stem("--stem", "8", "16") == (8, 16)
+    assert stem("--stem") == ()  # the plain patch embedding
+    with pytest.raises(SystemExit):
+        train.parse_args(["--stem", "0"])
+    with pytest.raises(SystemExit):
+        train.parse_args(["--stem", "8", "8", "8", "8"])  # four halvings do not fit an 8-pixel patch
+    assert "patch_size (8) must divide by 2 ** 4" in capsys.readouterr().err
+
+
 def test_the_learning_rate_reaches_the_training_config(capsys) -> None:
     assert train._schedule(train.parse_args(["--lr", "5e-4"]))[1].lr == 5e-4
     assert train._schedule(train.parse_args([]))[1].lr == get_preset("default").train.lr

@@ -615,6 +615,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--hard-negative-weight", type=cli.non_negative_float, default=None,
                    help="weight of the baseline's loss of each image's true caption against its own hard "
                         "negatives, on top of InfoNCE (default: the preset's; 0: InfoNCE alone)")  # fmt: skip
+    p.add_argument("--stem", type=cli.positive_int, nargs="*", default=None, metavar="C",
+                   help="channels of the image tower's convolutional stem (VisionConfig.stem); --stem alone: none, "
+                        "the plain patch embedding (default: the preset's)")  # fmt: skip
     p.add_argument("--lr", type=cli.positive_float, default=None,
                    help="peak AdamW learning rate of the baseline phase (default: the preset's)")  # fmt: skip
     p.add_argument("--threads", type=cli.positive_int, default=None, help="torch threads (default: all cores)")
@@ -647,6 +650,11 @@ def parse_args(argv: list[str] | None, p: argparse.ArgumentParser | None = None)
         hard_negative_odds(args.hard_negative_mix)
     except ValueError as e:
         p.error(f"--hard-negative-mix: {e}")
+    if args.stem is not None:
+        try:
+            dataclasses.replace(get_preset(args.preset).model.vision, stem=tuple(args.stem))
+        except ValueError as e:
+            p.error(f"--stem: {e}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda, but torch sees no CUDA GPU; use --device cpu")
     return args
@@ -668,6 +676,9 @@ def _check_backbone_args(p: argparse.ArgumentParser, args: argparse.Namespace) -
 def _schedule(args: argparse.Namespace) -> tuple[Preset, TrainConfig]:
     """The preset, its training config with --batch-size applied, and --*-epochs defaulted (in `args`)."""
     preset: Preset = get_preset(args.preset)
+    if args.stem is not None:
+        vision = dataclasses.replace(preset.model.vision, stem=tuple(args.stem))
+        preset = dataclasses.replace(preset, model=preset.model.replace(vision=vision))
     tcfg = preset.train
     if args.batch_size:
         tcfg = dataclasses.replace(tcfg, batch_size=args.batch_size)
