@@ -17,7 +17,7 @@ import json
 import math
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -300,6 +300,15 @@ def training_time(src: Sources) -> str:
     )
 
 
+def _stem_words(stem: Sequence[int]) -> str:
+    """The card's words for `VisionConfig.stem`; nothing without one."""
+    if not stem:
+        return ""
+    return (f"; beside the patch embedding, a convolutional stem ({len(stem)} 3 × 3 stride-2 convolutions of "
+            f"{', '.join(map(str, stem))} channels, after Xiao et al. 2021) whose projected tokens add to the "
+            "patches'")  # fmt: skip
+
+
 def card_model(src: Sources, name: str) -> str:
     """The architecture of one checkpoint, from its config.json; parameters from its weights (else metrics.json)."""
     c = src.configs[name]
@@ -311,7 +320,7 @@ def card_model(src: Sources, name: str) -> str:
     lines = [
         f"- **Image encoder:** a ViT with a CLS token; {v['image_size']} px images, {v['patch_size']} px patches "
         f"({grid} × {grid} = {grid * grid} patch tokens), width {v['width']}, {v['depth']} blocks, {v['heads']} "
-        f"heads, MLP ratio {v['mlp_ratio']:g}.",
+        f"heads, MLP ratio {v['mlp_ratio']:g}{_stem_words(v.get('stem') or ())}.",
         f"- **Text encoder:** a transformer over a word-level vocabulary of {t['vocab_size']} tokens (`vocab.json`), "
         f"width {t['width']}, {t['depth']} blocks, {t['heads']} heads, at most {t['context_length']} tokens.",
         f"- **Embedding:** both towers project to {c['embed_dim']} dimensions, L2-normalised; a learnable logit "
