@@ -34,9 +34,9 @@ class VisionConfig:
     stem: tuple[int, ...] = ()  # channels of a convolutional stem beside the patch embedding: 3x3 stride-2
     # convolutions with GELU (after Xiao et al., "Early convolutions help transformers see better", NeurIPS 2021),
     # then a projection of patch_size / 2 ** len(stem) pixels, zero-initialised, whose tokens are added to the
-    # patch embedding's: training starts from the plain ViT. (): the plain patch embedding alone (ViT's, CLIP's;
-    # the default preset's: (32, 64, 128) trained a baseline with better retrieval and worse pair accuracy,
-    # docs/training.md#runs)
+    # patch embedding's: training starts from the plain ViT. (): the plain patch embedding alone (ViT's, CLIP's
+    # and the default preset's; a stem of (32, 64, 128) trained a baseline with better retrieval and worse pair
+    # accuracy, docs/training.md#runs)
 
     def __post_init__(self) -> None:
         _check_act(self.act)
