@@ -652,7 +652,7 @@ def parse_args(argv: list[str] | None, p: argparse.ArgumentParser | None = None)
         p.error(f"--hard-negative-mix: {e}")
     if args.stem is not None:
         try:
-            dataclasses.replace(get_preset(args.preset).model.vision, stem=tuple(args.stem))
+            _with_stem(get_preset(args.preset), args.stem)
         except ValueError as e:
             p.error(f"--stem: {e}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -673,12 +673,17 @@ def _check_backbone_args(p: argparse.ArgumentParser, args: argparse.Namespace) -
     args.phases = "pruned"
 
 
+def _with_stem(preset: Preset, stem: list[int]) -> Preset:
+    """`preset` with its image tower's `VisionConfig.stem` set (--stem); ValueError for one that does not fit."""
+    vision = dataclasses.replace(preset.model.vision, stem=tuple(stem))
+    return dataclasses.replace(preset, model=preset.model.replace(vision=vision))
+
+
 def _schedule(args: argparse.Namespace) -> tuple[Preset, TrainConfig]:
     """The preset, its training config with --batch-size applied, and --*-epochs defaulted (in `args`)."""
     preset: Preset = get_preset(args.preset)
     if args.stem is not None:
-        vision = dataclasses.replace(preset.model.vision, stem=tuple(args.stem))
-        preset = dataclasses.replace(preset, model=preset.model.replace(vision=vision))
+        preset = _with_stem(preset, args.stem)
     tcfg = preset.train
     if args.batch_size:
         tcfg = dataclasses.replace(tcfg, batch_size=args.batch_size)
