@@ -35,7 +35,7 @@ def test_fvcore_matches_closed_form_and_falls_with_keep_ratio(preset, method):
 @pytest.mark.parametrize("method", METHODS)
 def test_every_operator_is_handled(method):
     cfg = get_preset("default").model
-    model = DualEncoder(cfg)
+    model = DualEncoder(pruning.checkpoint_config(cfg, method))  # dynamicvit: its own checkpoint's predictors
     text = torch.nn.functional.normalize(torch.ones(1, cfg.embed_dim), dim=-1)
     spec = PruneSpec(method, 0.3, text=text if method == "text_guided" else None, fuse=method == "cls_attention")
     fca = flops.analysis(model, spec)

@@ -115,7 +115,7 @@ def test_every_method_is_identity_at_full_keep(method):
 @pytest.mark.parametrize("method", METHODS)
 def test_keep_ratio_one_gives_the_baseline_output(method):
     torch.manual_seed(0)
-    model = DualEncoder(get_preset("tiny").model).eval()
+    model = DualEncoder(pruning.checkpoint_config(get_preset("tiny").model, method)).eval()
     pixels = torch.randn(3, 3, 32, 32)
     text = torch.nn.functional.normalize(torch.randn(1, model.cfg.embed_dim), dim=-1)
     with torch.inference_mode():
@@ -127,14 +127,15 @@ def test_keep_ratio_one_gives_the_baseline_output(method):
 @pytest.mark.parametrize("method", METHODS[1:])
 def test_pruned_forward_keeps_cls_and_the_schedule(method):
     torch.manual_seed(0)
-    model = DualEncoder(get_preset("default").model).eval()
+    model = DualEncoder(pruning.checkpoint_config(get_preset("default").model, method)).eval()
     pixels = torch.randn(2, 3, 112, 112)
     text = torch.nn.functional.normalize(torch.randn(1, model.cfg.embed_dim), dim=-1)
     spec = PruneSpec(method, 0.3, text=text if method == "text_guided" else None)
     with torch.inference_mode():
         tokens_out, trace = model.visual.forward_features(pixels, spec)
-    # Paper placements on 6 blocks: EViT inside blocks 1, 3, 4; ToMe in all 6; the others before 1 and 3.
-    blocks = {"cls_attention": (1, 3, 4), "tome": tuple(range(6))}.get(method, (1, 3))
+    # Paper placements on 6 blocks: EViT inside blocks 1, 3, 4, DynamicViT before them (its own checkpoint's
+    # stages); ToMe in all 6; the others before 1 and 3.
+    blocks = {"cls_attention": (1, 3, 4), "dynamicvit": (1, 3, 4), "tome": tuple(range(6))}.get(method, (1, 3))
     assert trace.stage_blocks == blocks and [s.block for s in trace.stages] == list(blocks)
     info = pruning.get(method)
     fused = bool(info.fusion)  # learned, text_guided, cls_attention: a fused token rides along, its position -1

@@ -64,7 +64,10 @@ def test_registry_describes_every_method():
         assert info.name == name and info.label and info.summary and info.paper
     assert pruning.names(prunes_only=True) == tuple(m for m in pruning.names() if m != pruning.BASELINE)
     assert [m for m in pruning.names() if pruning.get(m).needs_caption] == ["text_guided"]
-    assert [m for m in pruning.names() if pruning.get(m).needs_predictor] == ["learned", "text_guided"]
+    assert [m for m in pruning.names() if pruning.get(m).needs_predictor] == ["learned", "text_guided", "dynamicvit"]
+    assert {m: pruning.get(m).checkpoint for m in pruning.names() if pruning.get(m).needs_predictor} == {
+        "learned": "pruned", "text_guided": "pruned", "dynamicvit": "dynamicvit"}  # fmt: skip
+    assert pruning.get("dynamicvit").predictor_kind == "lg" and pruning.get("learned").predictor_kind == "mlp"
     assert pruning.get("tome").reduction == "merge"
 
 
@@ -73,6 +76,8 @@ def test_bad_entries_and_names_are_refused():
         MethodInfo("x", _stripes, "X", "x", "-", signals=("telepathy",))
     with pytest.raises(ValueError, match="bad reduction"):
         MethodInfo("x", _stripes, "X", "x", "-", reduction="melt")
+    with pytest.raises(ValueError, match="unknown checkpoint"):
+        MethodInfo("x", _stripes, "X", "x", "-", checkpoint="elsewhere")
     with pytest.raises(ValueError, match="Unknown pruning method 'magic'"):
         pruning.get("magic")
 
@@ -82,7 +87,7 @@ def test_bad_entries_and_names_are_refused():
 @pytest.mark.parametrize("fuse", [False, True])
 def test_token_schedule_matches_the_model(method, placement, fuse):
     cfg = get_preset("default").model
-    model = DualEncoder(cfg).eval()
+    model = DualEncoder(pruning.checkpoint_config(cfg, method)).eval()  # dynamicvit: its own checkpoint's
     text = torch.nn.functional.normalize(torch.randn(1, cfg.embed_dim), dim=-1)
     spec = PruneSpec(method, 0.3, text=text, fuse=fuse, stages=placement)
     with torch.inference_mode():
@@ -97,6 +102,8 @@ def test_stage_shape_costs():
     assert pruning.get("tome").scoring_macs(shape) == (4 * 4 + 2 * 2) * 2
     assert pruning.get("cls_attention").scoring_macs(shape) == 9 * 4
     assert pruning.get("none").scoring_macs(shape) == 0
+    # DynamicViT's PredictorLG on width 4: norm 5 * 4, layers 4x4, 4x2, 2x1, 1x2, per token.
+    assert pruning.get("dynamicvit").scoring_macs(shape) == 8 * (20 + 16 + 8 + 2 + 2)
     # text_guided: the learned predictor's per-token cost, plus the match's norm and linear, plus the caption's MLP
     # (5 -> 2 -> 2), or in older checkpoints its one linear map.
     learned = 8 * (5 * 4 + 4 * 2 + 2 * 2 * 2 + 2)

@@ -42,7 +42,7 @@ def test_method_choices_and_notes_come_from_the_registry():
     for m in pruning.names():
         info = pruning.get(m)
         note = fmt.method_note_text(m)
-        assert note.startswith(info.summary) and ("*pruned* checkpoint" in note) == info.needs_predictor
+        assert note.startswith(info.summary) and (f"*{info.checkpoint}* checkpoint" in note) == info.needs_predictor
     for bad in ("magic", None, ["learned"], "<script>"):
         assert fmt.method_note_text(bad) == ""
 

@@ -56,7 +56,7 @@ from training.data import EvalData, eval_data, load_objects, load_splits
 from vlm_demo import addon, cli, flops
 from vlm_demo.atomic import atomic_path, write_text_atomic
 from vlm_demo.latency import LatencyProtocol, fixed_threads, interleaved
-from vlm_demo.model import DualEncoder, load_checkpoint
+from vlm_demo.model import DualEncoder, load_checkpoint, same_text_tower
 from vlm_demo import pruning
 from vlm_demo.pruning import BASELINE, PruneSpec, Trace
 from vlm_demo.tokenizer import TextTokenizer
@@ -293,10 +293,10 @@ def evaluate(
     with fixed_threads(threads):
         torch.manual_seed(seed)
         if backbone is None:
-            models = _load_models(Path(checkpoints), methods)
+            models = _load_models(Path(checkpoints), methods, explicit)
         else:
             models = _load_backbone(backbone, methods, explicit)
-            methods = [m for m in methods if models.pruned is not None or not pruning.get(m).needs_predictor]
+        methods = [m for m in methods if models.can_serve(pruning.get(m))]
         opts = _Options(
             methods, keep_ratios, limit, protocol, batch_size, seed, torch.get_num_threads(), progress, placements
         )
@@ -341,20 +341,36 @@ class _Models:
     record: str = "training.json"  # the file that records the dataset root, for messages
     preprocess: Preprocess | None = None  # a CLIP's resize, crop and normalisation; None: the shipped square resize
     backbone: dict[str, Any] | None = None  # a HuggingFace CLIP's source, revision and commit; None: the shipped model
+    others: dict[str, DualEncoder] = field(default_factory=dict)  # the other checkpoints loaded (dynamicvit/), by name
+    others_training: dict[str, dict[str, Any]] = field(default_factory=dict)  # and what their training recorded
 
     def serving(self, info: pruning.MethodInfo) -> DualEncoder:
-        """The checkpoint a method runs on."""
-        model = self.pruned if info.needs_predictor else self.base
-        assert model is not None, f"{info.name} needs the pruned checkpoint, which was not loaded"
+        """The checkpoint a method runs on (`MethodInfo.checkpoint`)."""
+        model = {"baseline": self.base, "pruned": self.pruned}.get(info.checkpoint) or self.others.get(info.checkpoint)
+        assert model is not None, f"{info.name} needs the {info.checkpoint} checkpoint, which was not loaded"
         return model
 
+    def can_serve(self, info: pruning.MethodInfo) -> bool:
+        """Whether the checkpoint `info` runs on is loaded."""
+        if info.checkpoint == "baseline":
+            return True
+        return self.pruned is not None if info.checkpoint == "pruned" else info.checkpoint in self.others
 
-def _load_models(checkpoints: Path, methods: Sequence[str]) -> _Models:
+    def training(self, info: pruning.MethodInfo) -> dict[str, Any]:
+        """What the training of the checkpoint `info` runs on recorded."""
+        if info.checkpoint == "baseline":
+            return self.base_training
+        return self.pruned_training if info.checkpoint == "pruned" else self.others_training.get(info.checkpoint, {})
+
+
+def _load_models(checkpoints: Path, methods: Sequence[str], explicit: bool = True) -> _Models:
     base_dir, pruned_dir = checkpoints / "baseline", checkpoints / "pruned"
     base, tokenizer = load_checkpoint(base_dir)
     record = base_dir / "training.json"
     models = _Models(base, tokenizer, _read_training(base_dir), folder=checkpoints, record=str(record))
-    need_pruned = [m for m in methods if pruning.get(m).needs_predictor]
+    for name in sorted({pruning.get(m).checkpoint for m in methods} - {"baseline", "pruned"}):
+        _load_other(models, checkpoints, name, [m for m in methods if pruning.get(m).checkpoint == name], explicit)
+    need_pruned = [m for m in methods if pruning.get(m).checkpoint == "pruned"]
     if need_pruned:
         if not pruned_dir.is_dir():
             raise ValueError(f"{pruned_dir} is missing: train the pruned model, or leave {need_pruned} out of --methods.")
@@ -363,6 +379,26 @@ def _load_models(checkpoints: Path, methods: Sequence[str]) -> _Models:
         if models.pruned.cfg.vision != base.cfg.vision or models.pruned.cfg.pruning.stages != base.cfg.pruning.stages:
             raise ValueError(f"{pruned_dir} and {base_dir} have different image encoders; re-train the pruned model.")
     return models
+
+
+def _load_other(models: _Models, checkpoints: Path, name: str, methods: list[str], explicit: bool) -> None:
+    """Load ``CHECKPOINTS/name`` (dynamicvit/) into `models.others`, if it is there and was trained from this
+    baseline. Missing or stale, it is an error when its methods were asked for by name, else they are left out."""
+    folder = checkpoints / name
+    problem = ""
+    if not folder.is_dir():
+        problem = f"{folder} is missing"
+    else:
+        model, _ = load_checkpoint(folder)
+        if model.cfg.vision != models.base.cfg.vision or not same_text_tower(model, models.base):
+            problem = f"{folder} was not trained from {checkpoints / 'baseline'} (its towers differ)"
+        else:
+            models.others[name], models.others_training[name] = model, _read_training(folder)
+    if problem:
+        hint = f"train it: python -m training.{name} --checkpoints {checkpoints}"
+        if explicit:
+            raise ValueError(f"{problem}; {hint}, or leave {', '.join(methods)} out of --methods.")
+        logger.info("Leaving out %s: %s (%s).", ", ".join(methods), problem, hint)
 
 
 def _load_backbone(source: str, methods: Sequence[str], explicit: bool) -> _Models:
@@ -479,7 +515,8 @@ class _Rows:
 
     def __init__(self, models: _Models, test: _TestSet, opts: _Options):
         self.models, self.test, self.opts = models, test, opts
-        # Costs from pruned/'s config where loaded: it has the keep predictors the trained methods run, as built.
+        # Costs from pruned/'s config where loaded: it has the keep predictors the trained methods run, as built;
+        # dynamicvit's from its own checkpoint's, which flops derives (`vlm_demo.pruning.checkpoint_config`).
         self.cfg = (models.pruned or models.base).cfg
         self.base_gmacs = flops.gmacs(self.cfg, BASELINE, 1.0, 1)
         self.reference: _Pass | None = None  # the baseline's pass, reused by rows that compute the same
@@ -506,8 +543,8 @@ class _Rows:
         return self.rows
 
     def _blocks(self, method: str, placement: str) -> list[int]:
-        v = self.cfg.vision
-        return list(pruning.resolve_stages(method, v.depth, self.cfg.pruning.stages, placement))
+        cfg = pruning.checkpoint_config(self.cfg, method)  # dynamicvit's stages are its own checkpoint's
+        return list(pruning.resolve_stages(method, cfg.vision.depth, cfg.pruning.stages, placement))
 
     def _copy(self, method: str, r: float, placement: str) -> dict[str, Any] | None:
         """The row of an earlier placement that puts `method`'s stages at the same blocks, relabelled; else None."""
@@ -530,7 +567,7 @@ class _Rows:
             "placement": placement,  # the baseline's one row serves every placement
             "stage_blocks": self._blocks(method, placement),
             "same_as_placement": None,  # the placement whose row this one copies (the same blocks)
-            "checkpoint": "pruned" if info.needs_predictor else "baseline",  # a backbone's are one model
+            "checkpoint": info.checkpoint,  # a backbone's are one model
             "tokens": tokens,
             "gmacs": g,
             "gmacs_ratio": g / self.base_gmacs,
@@ -665,13 +702,15 @@ def _metrics(models: _Models, test: _TestSet, rows: list[dict[str, Any]], opts: 
 def _training_summary(models: _Models) -> dict[str, Any]:
     """Training time and epochs per checkpoint, keyed by the methods each serves (none; learned, text_guided)."""
     by_method = {BASELINE: models.base_training}
-    by_method.update((m, models.pruned_training) for m in pruning.names() if pruning.get(m).needs_predictor)
+    by_method.update((m, models.training(pruning.get(m))) for m in pruning.names() if models.can_serve(pruning.get(m))
+                     and pruning.get(m).needs_predictor)  # fmt: skip
     return {
         "seconds_per_epoch": {m: t.get("seconds_per_epoch") for m, t in by_method.items()},
         "epochs": {m: t.get("epochs") for m, t in by_method.items()},
         "preset": models.base_training.get("preset") or models.pruned_training.get("preset"),
         "baseline": models.base_training,
         "pruned": models.pruned_training,
+        **models.others_training,
     }
 
 
@@ -814,7 +853,7 @@ def write_outputs(m: dict[str, Any], out: str | os.PathLike) -> None:
 def _parser() -> argparse.ArgumentParser:
     p = cli.parser("python -m training.evaluate", __doc__)
     models = p.add_mutually_exclusive_group()
-    models.add_argument("--checkpoints", default="checkpoints", help="folder that holds baseline/ and pruned/")
+    models.add_argument("--checkpoints", default="checkpoints", help="folder that holds baseline/, pruned/ and (optionally) dynamicvit/")
     models.add_argument("--backbone", default=None, metavar="SOURCE",
                         help="evaluate a HuggingFace CLIP (a folder or Hub id owner/name[@revision]), or the keep-"
                              "predictor add-on that python -m training.train --backbone wrote (default: none, use "

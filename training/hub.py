@@ -22,7 +22,7 @@ IGNORE = [".resume/*", ".*", "**/.*"]
 
 
 def push(folder: str | Path, repo_id: str, private: bool = False, token: str | None = None) -> str:
-    """Upload `folder` (baseline/, pruned/, metrics and report) to a model repo.
+    """Upload `folder` (baseline/, pruned/, dynamicvit/ where trained, metrics and report) to a model repo.
 
     Args:
         folder: a checkpoint folder written by `training.train`.

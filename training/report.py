@@ -30,7 +30,8 @@ from training.train import PHASES
 from vlm_demo.atomic import write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
-CHECKPOINTS = ("baseline", "pruned")
+CHECKPOINTS = ("baseline", "pruned")  # every build makes these
+OPTIONAL = ("dynamicvit",)  # made by their own command (`training.dynamicvit`); their blocks only where they are
 BASELINE = compare.BASELINE  # metrics.json's unpruned row, the reference of lossy-ness
 CONTROL = "random"  # the control every method must beat
 HEADLINE_KEEPS = (0.5, 0.3, 0.1)  # the keep ratios of the nominal table
@@ -43,6 +44,7 @@ TARGETS: dict[str, tuple[str, ...]] = {
     "docs/training.md": ("training-time",),
     "checkpoints/baseline/README.md": ("card-model", "card-metrics", "card-training"),
     "checkpoints/pruned/README.md": ("card-model", "card-metrics", "card-training"),
+    "checkpoints/dynamicvit/README.md": ("card-model", "card-metrics", "card-training"),
 }
 
 _BLOCK = re.compile(r"(<!-- ([a-z-]+):begin -->\n)(.*?)(<!-- \2:end -->)", re.S)
@@ -80,14 +82,20 @@ def load_sources(checkpoints: Path) -> Sources:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: invalid JSON ({e.msg}).") from None
 
+    names = [*CHECKPOINTS, *(n for n in OPTIONAL if (checkpoints / n / "training.json").is_file())]
     return Sources(
         metrics=read(checkpoints / "metrics.json"),
-        training={name: read(checkpoints / name / "training.json") for name in CHECKPOINTS},
-        configs={name: read(checkpoints / name / "config.json") for name in CHECKPOINTS},
+        training={name: read(checkpoints / name / "training.json") for name in names},
+        configs={name: read(checkpoints / name / "config.json") for name in names},
         build=read(checkpoints / "training.json") if (checkpoints / "training.json").is_file() else None,
-        params={name: _count_params(checkpoints / name / "model.safetensors") for name in CHECKPOINTS
+        params={name: _count_params(checkpoints / name / "model.safetensors") for name in names
                 if (checkpoints / name / "model.safetensors").is_file()},  # fmt: skip
     )
+
+
+def _targets(src: Sources) -> list[str]:
+    """The `TARGETS` to fill: a card of an optional checkpoint only where that checkpoint is."""
+    return [t for t in TARGETS if not (t.startswith("checkpoints/") and Path(t).parent.name not in src.training)]
 
 
 def _count_params(path: Path) -> dict[str, int]:
@@ -232,7 +240,10 @@ def findings(src: Sources) -> str:
             vs = (f", {x['mean_r1'] - control['mean_r1']:.1f} points above `{CONTROL}`; it keeps "
                   f"{x['object_recall']:.0%} of the object patches, against {control['object_recall']:.0%} for "
                   f"`{CONTROL}`")  # fmt: skip
-        tower = ", fine-tuned image tower" if "finetune" in src.training.get(x["lo"]["checkpoint"], {}) else ""
+        t = src.training.get(x["lo"]["checkpoint"], {})
+        tower = ", fine-tuned image tower" if "finetune" in t else ""
+        if t.get("phase") == "dynamicvit":
+            tower = ", trained with its image tower by DynamicViT's recipe"
         lines.append(
             f"- **`{meth}` (trained predictors{tower}), {where}** ({_between(x)}): mean R@1 {x['mean_r1']:.1f} "
             f"({base['mean_r1'] - x['mean_r1']:.1f} points below the baseline){vs}."
@@ -289,14 +300,20 @@ def training_time(src: Sources) -> str:
         total += evaluation
         parts.append(f"evaluation {evaluation:.0f} s")
     text = f"Training time, as the runs behind the shipped files recorded it: {'; '.join(parts)}; "
+    extra = "".join(
+        f" DynamicViT's checkpoint (`python -m training.{name}`, outside the build): {t['epochs']} epoch"
+        f"{'s' * (t['epochs'] != 1)} of {t['steps'] // t['epochs']} steps in {_minutes(t['seconds'])}."
+        for name, t in src.training.items() if t.get("phase") == "dynamicvit"
+    )  # fmt: skip
     b = src.build
     if b is None or b.get("phases") != list(PHASES) or b.get("resumed"):
-        return text + f"{_minutes(total)} in all. Dataset generation is not timed in these files."
+        return text + f"{_minutes(total)} in all. Dataset generation is not timed in these files." + extra
     steps = ", ".join(f"{k} {_minutes(v)}" for k, v in b["parts"].items())
     return (
         text + f"{_minutes(total)} in all. The whole build, `python -m training.train` in one run with nothing "
         f"resumed, took **{_minutes(b['seconds'])}** end to end on {b['threads']} threads of {b['cpu_count']} "
         f"cores ({steps}; data: generating and loading the dataset), as `checkpoints/training.json` records."
+        + extra
     )
 
 
@@ -317,6 +334,9 @@ def card_model(src: Sources, name: str) -> str:
     stages = " and ".join(map(str, p["stages"]))
     phase = src.training[name].get("phase")
     trained = "trained in this checkpoint" if phase == "pruned" else "left untrained here (`pruned/` trains them)"
+    kind = f"an MLP each, hidden width {p['predictor_hidden']}"
+    if p.get("predictor") == "lg":
+        kind, trained = "DynamicViT's PredictorLG each", "trained in this checkpoint with its image tower"
     lines = [
         f"- **Image encoder:** a ViT with a CLS token; {v['image_size']} px images, {v['patch_size']} px patches "
         f"({grid} × {grid} = {grid * grid} patch tokens), width {v['width']}, {v['depth']} blocks, {v['heads']} "
@@ -325,8 +345,8 @@ def card_model(src: Sources, name: str) -> str:
         f"width {t['width']}, {t['depth']} blocks, {t['heads']} heads, at most {t['context_length']} tokens.",
         f"- **Embedding:** both towers project to {c['embed_dim']} dimensions, L2-normalised; a learnable logit "
         f"scale starts at {c['init_logit_scale']:g} (log 1/0.07).",
-        f"- **Pruning stages:** keep predictors before blocks {stages} (counted from 0; an MLP each, hidden width "
-        f"{p['predictor_hidden']}), {trained}; the other methods' stages follow the `{p['placement']}` placement.",
+        f"- **Pruning stages:** keep predictors before blocks {stages} (counted from 0; {kind}), {trained}; the "
+        f"other methods' stages follow the `{p['placement']}` placement.",
     ]
     mod = (src.params or {}).get(name) or src.metrics.get("model", {})
     if mod.get("params"):
@@ -363,6 +383,8 @@ def card_metrics(src: Sources, name: str) -> str:
 def card_training(src: Sources, name: str) -> str:
     """One checkpoint's training run, from its training.json."""
     t = src.training[name]
+    if t.get("phase") == "dynamicvit":
+        return _dynamicvit_training(t)
     secs, losses = t["epoch_seconds"], t["losses"]
     lines = [
         f"- **Run:** preset `{t['preset']}`, seed {t['seed']}, {t['world_size']} process"
@@ -396,6 +418,26 @@ def card_training(src: Sources, name: str) -> str:
             f"baseline's embedding {', '.join(f'{x:.4f}' for x in ft['losses'])} (mean over the steps)."
         )
     return "\n".join(lines)
+
+
+def _dynamicvit_training(t: dict[str, Any]) -> str:
+    """The dynamicvit/ checkpoint's run (`training.dynamicvit`), from its training.json."""
+    losses = t["losses"]
+    rates = ", ".join(f"{r:.3f}" for r in t["stage_keep_rates"])
+    kept = "; ".join(", ".join(f"{k:.3f}" for k in epoch) for epoch in t["kept_per_epoch"])
+    return "\n".join([
+        f"- **Run:** `python -m training.dynamicvit`, seed {t['seed']}, data `{t['data']}`, teacher and starting "
+        f"point `{t['teacher']}/`; {t['epochs']} epochs, {t['steps']} steps of {t['batch_size']} images, "
+        f"{_minutes(t['seconds'])}, {t['precision']}.",
+        f"- **Recipe:** keep rates {rates} at the stages (rho {t['base_rate']:g}); ratio loss weight "
+        f"{t['ratio_weight']:g} / stages, distillation weight {t['distill_weight']:g} (KL and token MSE); "
+        f"predictors' peak learning rate {t['lr']:g}, the backbone's {t['backbone_lr_scale']:g} x it, frozen for "
+        f"the first {t['backbone_frozen_fraction']:.0%} of the steps; AdamW, weight decay {t['weight_decay']:g}.",
+        f"- **Loss per epoch:** {', '.join(f'{x:.3f}' for x in losses['loss'])} (task "
+        f"{', '.join(f'{x:.3f}' for x in losses['task'])}; ratio {', '.join(f'{x:.4f}' for x in losses['ratio'])}; "
+        f"KL {', '.join(f'{x:.3f}' for x in losses['kl'])}; tokens {', '.join(f'{x:.3f}' for x in losses['tokens'])}).",
+        f"- **Share of the patches the Gumbel masks kept,** per stage, mean per epoch: {kept}.",
+    ])  # fmt: skip
 
 
 BLOCKS: dict[str, Callable[[Sources], str]] = {
@@ -458,7 +500,7 @@ def stale(root: Path = ROOT) -> list[str]:
     """
     src = load_sources(root / "checkpoints")
     out = []
-    for target in TARGETS:
+    for target in _targets(src):
         text = _read_target(root, target)
         if fill(text, target, src) != text:
             out.append(target)
@@ -469,7 +511,7 @@ def write(root: Path = ROOT) -> list[str]:
     """Rewrite the generated blocks of every target; returns the targets that changed."""
     src = load_sources(root / "checkpoints")
     changed = []
-    for target in TARGETS:
+    for target in _targets(src):
         text = _read_target(root, target)
         new = fill(text, target, src)
         if new != text:

@@ -1,10 +1,11 @@
 """The one entry point for inference: `load` a `Session`, then `Session.analyze`.
 
-Which checkpoint serves which method is the registry's answer: a method that
-needs trained keep predictors (``learned``, and ``text_guided``'s caption-conditioned
-ones) runs the ``pruned/`` checkpoint, the training-free ones run ``baseline/``. Both checkpoints share the
-baseline's text tower (it is frozen in the pruned fine-tune), so every image
-embedding is scored against the same caption embedding.
+Which checkpoint serves which method is the registry's answer (`MethodInfo.checkpoint`): ``learned``
+and ``text_guided`` (trained keep predictors) run the ``pruned/`` checkpoint, ``dynamicvit`` its own
+``dynamicvit/`` (DynamicViT's predictors and fine-tuned tower, `training.dynamicvit`; offered when the
+folder is there), the training-free ones ``baseline/``. Every checkpoint shares the baseline's text tower
+(it is frozen in every fine-tune, and `load` checks it), so every image embedding is scored against the
+same caption embedding.
 
 A HuggingFace CLIP (a folder or Hub id, see `vlm_demo.hf_clip`) loads as one model
 serving both sides. It has no trained keep predictors (``Session.has_predictors`` is
@@ -34,7 +35,7 @@ from . import addon, flops, hf_clip, overlay
 from .flops import Placement
 from .images import load_image
 from .latency import LatencyProtocol, Timing, interleaved
-from .model import DualEncoder, load_checkpoint
+from .model import DualEncoder, load_checkpoint, same_text_tower
 from . import pruning
 from .pruning import BASELINE, PruneSpec, Trace
 from .tokenizer import TextTokenizer
@@ -44,7 +45,9 @@ log = logging.getLogger(__name__)
 
 CAPTION_BANK_FILE = "caption_bank.json"
 METRICS_FILE = "metrics.json"
-SHIPPED_HUB_FILES = ("baseline/*", "pruned/*", CAPTION_BANK_FILE, METRICS_FILE)  # what `load` reads of a Hub repo
+OTHER_CHECKPOINTS = tuple(c for c in pruning.CHECKPOINTS if c not in ("baseline", "pruned"))  # optional folders
+SHIPPED_HUB_FILES = ("baseline/*", "pruned/*", *(f"{c}/*" for c in OTHER_CHECKPOINTS), CAPTION_BANK_FILE,
+                     METRICS_FILE)  # what `load` reads of a Hub repo  # fmt: skip
 MAX_CAPTION_CHARS = 10_000
 
 
@@ -206,6 +209,8 @@ class Session:
         has_predictors: whether `pruned` has trained keep predictors (False for a plain HuggingFace CLIP);
             without them the methods that need one are refused.
         train_hint: the command that trains the missing predictors, for that refusal's message.
+        others: the other checkpoints, by folder name (``dynamicvit``); a method whose checkpoint is
+            missing is not offered.
     """
 
     def __init__(
@@ -219,6 +224,7 @@ class Session:
         preprocess: Preprocess | None = None,
         has_predictors: bool = True,
         train_hint: str = "",
+        others: dict[str, DualEncoder] | None = None,
     ):
         self.baseline, self.pruned, self.tokenizer = baseline.eval(), pruned.eval(), tokenizer
         self.source, self.metrics = source, metrics
@@ -226,6 +232,7 @@ class Session:
         self.preprocess = preprocess or Preprocess(self.cfg.vision.image_size)
         self._latency: dict[tuple[str, float, LatencyProtocol, str], dict[str, Timing]] = {}
         self.has_predictors = has_predictors
+        self.others = {name: m.eval() for name, m in (others or {}).items()}
         self.train_hint = train_hint or addon.train_command(source or "SOURCE")
         self.device = next(baseline.parameters()).device
         self.caption_bank = list(caption_bank or [])
@@ -236,10 +243,15 @@ class Session:
     def methods(self, prunes_only: bool = False, image_only: bool = False) -> tuple[str, ...]:
         """The registered methods this session can run, filtered as `vlm_demo.pruning.names` filters.
 
-        A method that needs trained keep predictors is in only when the session has them.
+        A method that needs trained keep predictors is in only when the session has its checkpoint.
         """
         names = pruning.names(prunes_only=prunes_only, image_only=image_only)
-        return tuple(m for m in names if self.has_predictors or not pruning.get(m).needs_predictor)
+        return tuple(m for m in names if self._has(pruning.get(m)))
+
+    def _has(self, info: pruning.MethodInfo) -> bool:
+        if info.checkpoint == "baseline":
+            return True
+        return self.has_predictors if info.checkpoint == "pruned" else info.checkpoint in self.others
 
     def method_info(self, method: str) -> pruning.MethodInfo:
         """The registry's entry for `method`.
@@ -249,6 +261,12 @@ class Session:
                 (the message gives the command that trains them).
         """
         info = pruning.get(method)
+        if info.checkpoint not in ("baseline", "pruned") and not self._has(info):
+            raise ValueError(
+                f"{method!r} runs its own checkpoint, {info.checkpoint}/, and {self.source or 'this model'} has none "
+                f"(or one trained from another baseline). Train it: `python -m training.{info.checkpoint} "
+                f"--checkpoints DIR`. This model runs {', '.join(self.methods())}."
+            )
         if info.needs_predictor and not self.has_predictors:
             raise ValueError(
                 f"{method!r} needs trained keep predictors, and {self.source or 'this model'} has none. "
@@ -259,7 +277,10 @@ class Session:
 
     def model_for(self, method: str) -> DualEncoder:
         """The checkpoint that serves `method` (refused as `method_info` refuses)."""
-        return self.pruned if self.method_info(method).needs_predictor else self.baseline
+        checkpoint = self.method_info(method).checkpoint
+        if checkpoint == "baseline":
+            return self.baseline
+        return self.pruned if checkpoint == "pruned" else self.others[checkpoint]
 
     @torch.inference_mode()
     def _embed_ids(self, ids: torch.Tensor, chunk: int = 512) -> torch.Tensor:
@@ -648,10 +669,23 @@ def load(source: str | os.PathLike = "checkpoints", device: str = "cpu") -> Sess
     baseline, tokenizer = load_checkpoint(folder / "baseline", device)
     has_pruned = (folder / "pruned").is_dir()
     pruned = load_checkpoint(folder / "pruned", device)[0] if has_pruned else baseline
+    others = {}
+    for name in OTHER_CHECKPOINTS:
+        if (folder / name).is_dir():
+            try:
+                model = load_checkpoint(folder / name, device)[0]
+            except ValueError as e:  # optional: the app still serves every other method
+                log.warning("Not serving %s: %s", folder / name, e)
+                continue
+            if model.cfg.vision == baseline.cfg.vision and same_text_tower(model, baseline):
+                others[name] = model
+            else:
+                log.warning("Not serving %s: it was not trained from %s (its towers differ); retrain it with "
+                            "python -m training.%s --checkpoints %s", folder / name, folder / "baseline", name, src)
     bank_file, metrics_file = folder / CAPTION_BANK_FILE, folder / METRICS_FILE
     bank = json.loads(bank_file.read_text())["captions"] if bank_file.is_file() else None
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
     return Session(
         baseline, pruned, tokenizer, source=src, caption_bank=bank, metrics=metrics, has_predictors=has_pruned,
-        train_hint=f"python -m training.train --phases pruned,finetune --out {src}",
+        train_hint=f"python -m training.train --phases pruned,finetune --out {src}", others=others,
     )  # fmt: skip

@@ -108,6 +108,9 @@ def _mlp_width(width: int, mlp_ratio: float, mlp_hidden: int | None) -> int:
     return int(width * mlp_ratio) if mlp_hidden is None else mlp_hidden
 
 
+PREDICTOR_KINDS = ("mlp", "lg")  # `PruningConfig.predictor`
+
+
 @dataclass(frozen=True)
 class PruningConfig:
     stages: tuple[int, ...] = (1, 3)  # the blocks the learned keep predictors run before (one predictor each), and
@@ -119,6 +122,12 @@ class PruningConfig:
     # the pruned phase); False in a config.json saved before they existed (see `ModelConfig.from_dict`)
     query_mlp: bool = True  # their caption side is an MLP (`vlm_demo.pruning.QueryKeepPredictor`); False, a linear
     # map, in a config.json saved before it existed
+    predictor: str = "mlp"  # the keep predictors' kind: "mlp", `vlm_demo.pruning.KeepPredictor` (pruned/), or "lg",
+    # DynamicViT's own `vlm_demo.pruning.PredictorLG` (dynamicvit/, whose stages are DynamicViT's)
+
+    def __post_init__(self) -> None:
+        if self.predictor not in PREDICTOR_KINDS:
+            raise ValueError(f"Unknown keep predictor {self.predictor!r}; choose one of {', '.join(PREDICTOR_KINDS)}.")
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ from torch import nn
 
 from .atomic import write_text_atomic
 from .config import ModelConfig
-from .pruning import BASELINE, PruneSpec, StageShape, get, plan, resolve_stages, token_schedule
+from .pruning import BASELINE, PruneSpec, StageShape, checkpoint_config, get, plan, resolve_stages, token_schedule
 
 # Ops that do no multiply-accumulate: counted as 0 MACs, explicitly.
 ZERO_MAC_OPS = (
@@ -199,7 +199,7 @@ def gmacs(
     Returns:
         Giga multiply-accumulates for the whole batch.
     """
-    get(method)  # a clear error for an unknown name
+    cfg = checkpoint_config(cfg, method)  # a clear error for an unknown name; dynamicvit prices its own checkpoint
     if isinstance(placement, list):
         placement = tuple(placement)
     # Only the image encoder is counted: the text tower's settings (its vocabulary, say) do not enter the key.
@@ -267,6 +267,7 @@ def block_tokens(
     cfg: ModelConfig, method: str, keep_ratio: float, fuse: bool = True, placement: Placement = None
 ) -> list[tuple[int, int]]:
     """(attention, MLP) tokens, CLS included, of each block; see `vlm_demo.pruning.token_schedule`."""
+    cfg = checkpoint_config(cfg, method)
     v, p = cfg.vision, cfg.pruning
     where = p.placement if placement is None else placement
     return token_schedule(v.num_patches, p.stages, v.depth, method, keep_ratio, fuse, where)
@@ -286,6 +287,7 @@ def tokens_per_stage(
 
     What `Trace.tokens_per_stage` reports for the same pass, without running the model.
     """
+    cfg = checkpoint_config(cfg, method)
     v, p = cfg.vision, cfg.pruning
     blocks = resolve_stages(method, v.depth, p.stages, p.placement if placement is None else placement)
     pairs = block_tokens(cfg, method, keep_ratio, fuse, placement)
@@ -303,8 +305,10 @@ def closed_form_gmacs(
     + attention matmuls ``2N^2 C`` + MLP ``2MCH`` + two layer norms ``5NC + 5MC``
     (fvcore's convention for an affine norm). Plus the patch embedding (and a convolutional stem), CLIP's pre-norm,
     the head, and each stage's scoring cost, which the method's registry entry states
-    (`MethodInfo.scoring_macs`).
+    (`MethodInfo.scoring_macs`). A method that runs its own checkpoint (``dynamicvit``) is priced on that
+    checkpoint's config (`vlm_demo.pruning.checkpoint_config`), as `gmacs` prices it.
     """
+    cfg = checkpoint_config(cfg, method)
     v, p = cfg.vision, cfg.pruning
     C, H, P, E = v.width, v.mlp_width, v.num_patches, cfg.embed_dim
     macs, side, c_in = P * C * 3 * v.patch_size**2, v.image_size, 3  # patch embedding

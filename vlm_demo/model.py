@@ -28,8 +28,8 @@ from torch import nn
 
 from .config import ModelConfig, PruningConfig, TextConfig, VisionConfig
 from .pruning import (
-    KeepPredictor, MethodInfo, PruneSpec, QueryKeepPredictor, Signals, Stage, StagePlan, Trace, get, plan,
-    resolve_stages,
+    KeepPredictor, MethodInfo, PredictorLG, PruneSpec, QueryKeepPredictor, Signals, Stage, StagePlan, Trace, get,
+    plan, resolve_stages,
 )
 from .tokenizer import VOCAB_FILE, Tokenizer
 
@@ -62,6 +62,7 @@ class Attention(nn.Module):
         x: torch.Tensor,
         bias: torch.Tensor | None = None,
         aux: tuple[bool, bool] = (False, False),
+        policy: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, BlockAux | None]:
         """Multi-head self-attention.
 
@@ -70,6 +71,8 @@ class Attention(nn.Module):
             bias: additive logit bias broadcastable to (B, h, N, N): padding masks, or
                 ToMe's log(size) for proportional attention.
             aux: (want CLS attention, want keys) for the next pruning stage.
+            policy: (B, N) DynamicViT's keep policy in training (1 kept, 0 dropped, differentiable): every
+                token attends only to kept tokens and itself (`policy_attention`); None attends to all.
 
         Returns:
             (B, N, C) output and the requested `BlockAux`, or None.
@@ -87,8 +90,37 @@ class Attention(nn.Module):
                 out_aux.cls_attn = logits.softmax(-1).mean(1)[:, 0, 1:]  # (B, n)
             if aux[1]:
                 out_aux.keys = k.mean(1)[:, 1:]  # (B, n, d)
-        y = _attend(q, k, v, bias)
+        y = _attend(q, k, v, bias) if policy is None else policy_attention(q, k, v, policy, bias)
         return self.proj(y.transpose(1, 2).reshape(B, N, C)), out_aux
+
+
+def policy_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, policy: torch.Tensor, bias: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:  # fmt: skip
+    """DynamicViT's attention under a keep policy, in float32: the softmax weights of dropped keys are zeroed and
+    the rest renormalised, ``w_ij = p'_j exp(a_ij) / sum_l p'_l exp(a_il)`` with ``p'`` the policy where ``j != i``
+    and 1 on the diagonal (a dropped token still sees itself), and ``eps`` keeping the sum positive. Written as a
+    product, not as a ``log(policy)`` bias, so the gradient reaches a policy that is exactly 0 or 1.
+
+    Args:
+        q, k, v: (B, h, N, d).
+        policy: (B, N) keep policy in [0, 1].
+        bias: an additive logit bias, as `Attention.forward` takes.
+
+    Returns:
+        (B, h, N, d), in the dtype of `q`.
+    """
+    N = q.shape[-2]
+    logits = (q.float() @ k.float().transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, h, N, N)
+    if bias is not None:
+        logits = logits + bias
+    eye = torch.eye(N, device=q.device, dtype=torch.float32)
+    keep = policy.float()[:, None, None, :]  # (B, 1, 1, N)
+    keep = keep + (1.0 - keep) * eye
+    w = (logits - logits.amax(-1, keepdim=True)).exp() * keep
+    w = (w + eps / N) / (w.sum(-1, keepdim=True) + eps)
+    return (w @ v.float()).to(q.dtype)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -135,9 +167,10 @@ class Block(nn.Module):
         x: torch.Tensor,
         bias: torch.Tensor | None = None,
         aux: tuple[bool, bool] = (False, False),
+        policy: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, BlockAux | None]:
         """The attention half, residual included: where EViT and ToMe prune, before the MLP."""
-        y, block_aux = self.attn(self.norm1(x), bias=bias, aux=aux)
+        y, block_aux = self.attn(self.norm1(x), bias=bias, aux=aux, policy=policy)
         return x + y, block_aux
 
     def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -149,8 +182,9 @@ class Block(nn.Module):
         x: torch.Tensor,
         bias: torch.Tensor | None = None,
         aux: tuple[bool, bool] = (False, False),
+        policy: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, BlockAux | None]:
-        x, block_aux = self.attend(x, bias=bias, aux=aux)
+        x, block_aux = self.attend(x, bias=bias, aux=aux, policy=policy)
         return self.feed_forward(x), block_aux
 
 
@@ -225,7 +259,10 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList(_blocks(cfg))
         self.norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
         self.proj = nn.Linear(cfg.width, embed_dim, bias=False)
-        self.predictors = nn.ModuleList(KeepPredictor(cfg.width, pruning.predictor_hidden) for _ in pruning.stages)
+        self.predictors = nn.ModuleList(
+            PredictorLG(cfg.width) if pruning.predictor == "lg" else KeepPredictor(cfg.width, pruning.predictor_hidden)
+            for _ in pruning.stages
+        )
         self.embed_dim = embed_dim
         self.query_predictors = nn.ModuleList()  # text_guided's, one per stage: see `add_query_predictors`
 
@@ -277,6 +314,12 @@ class VisionTransformer(nn.Module):
 
     def stage_plan(self, prune: PruneSpec) -> tuple[tuple[int, ...], list[StagePlan]]:
         """The blocks where `prune` runs its stages, and the stages it runs (see `vlm_demo.pruning.plan`)."""
+        kind = get(prune.method).predictor_kind
+        if kind and kind != self.pruning.predictor:
+            raise ValueError(
+                f"{prune.method} runs {kind!r} keep predictors, and this model has {self.pruning.predictor!r} ones: "
+                f"load its own checkpoint ({get(prune.method).checkpoint}/)."
+            )
         placement = self.pruning.placement if prune.stages is None else prune.stages
         args = (self.cfg.depth, self.pruning.stages, placement)
         blocks = resolve_stages(prune.method, *args)
@@ -327,7 +370,7 @@ class VisionTransformer(nn.Module):
         if aux is not None:
             sig.cls_attn, sig.keys = aux.cls_attn, aux.keys
         if "predictor" in walk.info.signals:
-            sig.predictor = self.predictors[index](x[:, 1:])
+            sig.predictor = self.predictors[index].keep_scores(x[:, 1:])
         if walk.info.needs_caption:
             sig.text = self.caption_keep_logits(index, x[:, 1:], prune.text.to(x.dtype))
         red = walk.info.fn(x, st.keep, sig)
@@ -482,6 +525,23 @@ class DualEncoder(nn.Module, PyTorchModelHubMixin):
         """(B, L) token ids -> (B, E) text embeddings."""
         z = self.text(ids)
         return F.normalize(z, dim=-1) if normalize else z
+
+
+def same_text_tower(a: DualEncoder, b: DualEncoder) -> bool:
+    """Whether two models embed every caption alike: equal text towers and logit scales, tensor for tensor.
+
+    The checkpoints the methods run (baseline/, pruned/, dynamicvit/) must share the baseline's caption
+    embedding, or their scores would not be comparable; one trained from an older baseline fails this.
+    """
+    sa, sb = a.state_dict(), b.state_dict()
+
+    def text(state: dict[str, torch.Tensor]) -> list[str]:
+        return [n for n in state if n.startswith("text.") or n == "logit_scale"]
+
+    names = text(sa)
+    return names == text(sb) and all(
+        sa[n].shape == sb[n].shape and torch.equal(sa[n].cpu(), sb[n].cpu()) for n in names
+    )
 
 
 def _init_weights(m: nn.Module) -> None:

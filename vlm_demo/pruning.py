@@ -23,9 +23,11 @@ ask the registry; adding a method is one `register` call.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -293,6 +295,17 @@ def random(x: torch.Tensor, k: int, sig: Signals) -> Reduction:
     return topk_keep(x, scores, k)
 
 
+def dynamicvit(x: torch.Tensor, k: int, sig: Signals) -> Reduction:
+    """DynamicViT at inference: `PredictorLG`'s keep probability ranks the patches; the top-k stay, the rest are gone.
+
+    As in DynamicViT's inference, the dropped tokens are removed outright (no fused token); its training
+    (Gumbel-softmax masks, attention masked by the keep policy, `training.dynamicvit`) taught the tower to do
+    without them.
+    """
+    scores = _need(sig.predictor, "dynamicvit", "PredictorLG keep scores")
+    return topk_keep(x, scores, k)
+
+
 def bipartite_merge(
     x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, r: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -373,6 +386,10 @@ Method = Callable[[torch.Tensor, int, Signals], Reduction]
 
 SIGNALS = ("cls_attn", "keys", "predictor", "text", "seed")  # what a stage can hand a method (see `Signals`)
 BASELINE = "none"  # the method that prunes nothing: every comparison's reference
+# The checkpoint folders a method can run on, and the kind of keep predictor each one's config builds
+# (`vlm_demo.config.PruningConfig.predictor`): the baseline none, pruned/ `KeepPredictor`s (and text_guided's
+# `QueryKeepPredictor`s), dynamicvit/ DynamicViT's own `PredictorLG`s on its own fine-tuned tower.
+CHECKPOINTS = {"baseline": "", "pruned": "mlp", "dynamicvit": "lg"}
 
 
 @dataclass(frozen=True)
@@ -418,6 +435,7 @@ class MethodInfo:
     counts: str = "geometric"  # "geometric": stage s of S keeps round(P * r ** (s / S)) patch tokens (a per-stage
     # keep rate r ** (1 / S), the DynamicViT / EViT convention); "constant_r": every stage merges the same number
     # of tokens, ToMe's r, chosen so that about round(P * r) are left
+    checkpoint: str = "baseline"  # the checkpoint folder whose weights it runs (a key of `CHECKPOINTS`)
 
     def __post_init__(self) -> None:
         unknown = set(self.signals) - set(SIGNALS)
@@ -427,6 +445,8 @@ class MethodInfo:
             raise ValueError(f"{self.name}: bad reduction {self.reduction!r} or fusion {self.fusion!r}.")
         if self.counts not in ("geometric", "constant_r"):
             raise ValueError(f"{self.name}: bad counts {self.counts!r}; choose geometric or constant_r.")
+        if self.checkpoint not in CHECKPOINTS:
+            raise ValueError(f"{self.name}: unknown checkpoint {self.checkpoint!r}; choose one of {list(CHECKPOINTS)}.")
 
     @property
     def needs_caption(self) -> bool:
@@ -435,11 +455,13 @@ class MethodInfo:
 
     @property
     def needs_predictor(self) -> bool:
-        """It runs on the checkpoint with trained keep predictors (``pruned/``), not the baseline.
+        """It runs trained keep predictors, so it runs on their checkpoint (`checkpoint`), not the baseline."""
+        return self.checkpoint != "baseline"
 
-        ``text`` is the caption-conditioned predictor's logits, also trained in ``pruned/``.
-        """
-        return "predictor" in self.signals or "text" in self.signals
+    @property
+    def predictor_kind(self) -> str:
+        """The kind of keep predictor its checkpoint's config must build (`PruningConfig.predictor`), or ""."""
+        return CHECKPOINTS[self.checkpoint]
 
     @property
     def prunes(self) -> bool:
@@ -463,6 +485,12 @@ def _query_cost(s: StageShape) -> int:
     # Per token: the learned predictor's layers plus the match projection (norm, linear); once: the caption's
     # linear map, and the MLP's second layer.
     return _learned_cost(s) + s.n_in * (5 * C + C * h) + s.embed_dim * h + (h * h if s.query_mlp else 0)
+
+
+def _lg_cost(s: StageShape) -> int:
+    C = s.width
+    # Per token: the norm and the C x C input layer, then the C -> C/2 -> C/4 -> 2 output layers (`PredictorLG`).
+    return s.n_in * (5 * C + C * C + C * (C // 2) + (C // 2) * (C // 4) + (C // 4) * 2)
 
 
 def _tome_cost(s: StageShape) -> int:
@@ -523,7 +551,7 @@ for _info in (
         "shipped model the image tower it runs on was then fine-tuned under this pruning to give the baseline's "
         "embedding (a CLIP's add-on keeps the CLIP's).",
         "after DynamicViT's predictor and backbone fine-tuning (NeurIPS 2021); not DynamicViT's Gumbel-mask training",
-        signals=("predictor",), fusion="background", scoring_macs=_learned_cost,
+        signals=("predictor",), fusion="background", scoring_macs=_learned_cost, checkpoint="pruned",
     ),  # its stages are the ones its predictors were trained for: the config's pruning.stages
     MethodInfo(
         "cls_attention", cls_attention, "CLS attention (EViT)",
@@ -542,7 +570,7 @@ for _info in (
         "it; the rest become one size-weighted background token.",
         "the query-aware idea of FastV / SparseVLM; teacher after Gandelsman et al.'s direct-effect "
         "decomposition of CLIP (ICLR 2024) and Abnar and Zuidema's attention rollout (ACL 2020)",
-        signals=("text",), fusion="background", scoring_macs=_query_cost,
+        signals=("text",), fusion="background", scoring_macs=_query_cost, checkpoint="pruned",
     ),  # a trained predictor too: it runs on pruned/ at the config's pruning.stages
     MethodInfo(
         "tome", tome, "ToMe merging",
@@ -552,6 +580,15 @@ for _info in (
         signals=("keys",), reduction="merge", inside=True, paper_stages=every_block, counts="constant_r",
         scoring_macs=_tome_cost,
     ),
+    MethodInfo(
+        "dynamicvit", dynamicvit, "DynamicViT",
+        "Before blocks at 1/4, 1/2 and 3/4 of the depth, DynamicViT's own predictor (PredictorLG: local and global "
+        "features, keep/drop log-probabilities) keeps the top-k patches and drops the rest outright. Its predictors "
+        "and image tower were trained together with DynamicViT's recipe: Gumbel-softmax masks, attention masked "
+        "by the keep policy, the keep-ratio loss and distillation from the baseline.",
+        "DynamicViT (NeurIPS 2021)",
+        signals=("predictor",), paper_stages=quarter_points, scoring_macs=_lg_cost, checkpoint="dynamicvit",
+    ),  # runs dynamicvit/: its config's pruning.stages are the paper's, the ones its predictors were trained for
     MethodInfo(
         "random", random, "Random", "Keeps a seeded random subset of patches: the control every method should beat.",
         "-", signals=("seed",),
@@ -605,6 +642,22 @@ def resolve_stages(
     if info.needs_predictor and stages != tuple(shared):
         raise ValueError(f"{method}'s predictors were trained for blocks {list(shared)}; it cannot prune at {list(stages)}.")
     return stages
+
+
+def checkpoint_config(cfg: Any, method: str) -> Any:
+    """The config of the checkpoint `method` runs on, derived from a baseline's (or pruned/'s) `cfg`.
+
+    ``dynamicvit`` runs its own checkpoint, whose `PredictorLG`s sit at DynamicViT's paper placement for the
+    depth (``pruning.stages``, `quarter_points`) and which has no caption-conditioned predictors;
+    `training.dynamicvit` builds it from this, and flops prices it with this. Any other method's (and an
+    already-derived config) is returned unchanged.
+    """
+    info = get(method)
+    if info.predictor_kind != "lg":
+        return cfg
+    stages = info.paper_stages(cfg.vision.depth, tuple(cfg.pruning.stages))
+    prune = dataclasses.replace(cfg.pruning, stages=stages, predictor="lg", query_predictors=False)
+    return cfg.replace(pruning=prune)
 
 
 def stage_counts(method: str, num_patches: int, keep_ratio: float, num_stages: int) -> list[int]:
@@ -697,6 +750,10 @@ class KeepPredictor(nn.Module):
         g = h.mean(1, keepdim=True)
         return self.head(torch.cat([h, g.expand_as(h)], dim=-1)).squeeze(-1)
 
+    def keep_scores(self, patches: torch.Tensor) -> torch.Tensor:
+        """(B, n) keep logits: what the model ranks by (the same call as `PredictorLG.keep_scores`)."""
+        return KeepPredictor.forward(self, patches)
+
 
 class QueryKeepPredictor(KeepPredictor):
     """The caption-conditioned keep predictor of ``text_guided``: `KeepPredictor` plus a caption match.
@@ -742,3 +799,50 @@ class QueryKeepPredictor(KeepPredictor):
         q = self.query(text)[:, None, :]  # (B or 1, 1, H)
         match = (self.match(patches) * q).sum(-1) * q.shape[-1] ** -0.5  # (B, n)
         return super().forward(patches) + match
+
+
+class PredictorLG(nn.Module):
+    """DynamicViT's score predictor ("PredictorLG"), as its paper and reference code define it.
+
+    A norm and a C x C layer with GELU; half the channels stay local, the other half are averaged over
+    the tokens the keep policy still holds (the global feature); then C -> C/2 -> C/4 -> 2 layers with
+    GELU and a log-softmax over (keep, drop).
+
+    Args:
+        width: token width C (divisible by 4).
+    """
+
+    def __init__(self, width: int):
+        super().__init__()
+        if width % 4:
+            raise ValueError(f"PredictorLG needs a token width divisible by 4, got {width}.")
+        self.in_conv = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.GELU())
+        self.out_conv = nn.Sequential(
+            nn.Linear(width, width // 2), nn.GELU(), nn.Linear(width // 2, width // 4), nn.GELU(),
+            nn.Linear(width // 4, 2), nn.LogSoftmax(dim=-1),
+        )  # fmt: skip
+
+    def forward(self, patches: torch.Tensor, policy: torch.Tensor | None = None) -> torch.Tensor:
+        """(keep, drop) log-probabilities.
+
+        Args:
+            patches: (B, n, C) patch tokens.
+            policy: (B, n) 1 where the token is still kept (training keeps every token and masks), else
+                None: every token counts (inference, where the dropped tokens are gone).
+
+        Returns:
+            (B, n, 2) log-probabilities; index 0 is keep.
+        """
+        h = self.in_conv(patches)  # (B, n, C)
+        half = h.shape[-1] // 2
+        local, rest = h[..., :half], h[..., half:]
+        if policy is None:
+            glob = rest.mean(1, keepdim=True)
+        else:
+            w = policy.unsqueeze(-1).to(rest.dtype)  # (B, n, 1)
+            glob = (rest * w).sum(1, keepdim=True) / w.sum(1, keepdim=True)
+        return self.out_conv(torch.cat([local, glob.expand_as(local)], dim=-1))
+
+    def keep_scores(self, patches: torch.Tensor) -> torch.Tensor:
+        """(B, n) keep log-probabilities of every token: what inference ranks by."""
+        return self.forward(patches)[..., 0]

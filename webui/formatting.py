@@ -115,7 +115,7 @@ def method_note_text(method: Any) -> str:
     paper = "" if info.paper == "-" else f" ({info.paper})"
     weights = ""
     if info.needs_predictor:  # the shipped pruned/ fine-tuned its image tower; a CLIP's add-on runs the CLIP's
-        weights = " Runs the *pruned* checkpoint: its trained predictors, on its own image tower."
+        weights = f" Runs the *{info.checkpoint}* checkpoint: its trained predictors, on its own image tower."
     return f"{info.summary}{paper}.{weights}"
 
 
@@ -197,6 +197,7 @@ def session_lines(session: api.Session) -> list[str]:
     models = [("baseline", session.baseline)]
     if session.pruned is not session.baseline:  # else api.load has warned that pruned/ is missing
         models.append(("pruned", session.pruned))
+    models += list(session.others.items())
     lines = [
         f"Loaded {name}/ from {session.source}: {sum(p.numel() for p in m.parameters()) / 1e6:.2f} M parameters, "
         f"{v.image_size} px images, {v.num_patches} patches"
