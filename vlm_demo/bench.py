@@ -146,6 +146,11 @@ def unrunnable(cfg: ModelConfig, methods: tuple[str, ...], placement: Placement)
     v, p = cfg.vision, cfg.pruning
     skipped = {}
     for method in methods:
+        kind = pruning.get(method).predictor_kind
+        if kind and kind != p.predictor:
+            skipped[method] = (f"{method} runs {kind!r} keep predictors ({pruning.get(method).checkpoint}/), and this "
+                               f"model has {p.predictor!r} ones.")  # fmt: skip
+            continue
         try:
             pruning.resolve_stages(method, v.depth, p.stages, p.placement if placement is None else placement)
         except ValueError as e:
