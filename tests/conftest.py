@@ -46,13 +46,19 @@ SMALL_CLIP = {
 
 
 def make_checkpoints(folder: Path, preset: str = "tiny") -> Path:
-    """baseline/ and pruned/ with random weights (different seeds), plus a caption bank."""
+    """baseline/ and pruned/ with random weights (different seeds), dynamicvit/ as `training.dynamicvit` starts it
+    from the baseline (untrained PredictorLGs), plus a caption bank."""
+    from training.dynamicvit import from_baseline
+
     tok = Tokenizer.build(CAPTIONS, get_preset(preset).model.text.context_length)
     cfg = get_preset(preset).model
     cfg = cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=len(tok)))
     for seed, name in ((0, "baseline"), (1, "pruned")):
         torch.manual_seed(seed)
-        save_checkpoint(DualEncoder(cfg), tok, folder / name, phase=name)
+        model = DualEncoder(cfg)
+        save_checkpoint(model, tok, folder / name, phase=name)
+        if name == "baseline":
+            save_checkpoint(from_baseline(model), tok, folder / "dynamicvit", phase="dynamicvit")
     (folder / "caption_bank.json").write_text(json.dumps({"split": "test", "captions": CAPTIONS}))
     return folder
 

@@ -109,11 +109,11 @@ def test_bad_inputs(session, image):
 
 def test_compare_every_method(session, image):
     rows = session.compare(image, "a red circle", keep_ratio=0.5)
-    assert [r.method for r in rows] == ["learned", "cls_attention", "text_guided", "tome", "random"]
+    assert [r.method for r in rows] == ["learned", "cls_attention", "text_guided", "tome", "dynamicvit", "random"]
     assert all(r.overlay.size == image.size for r in rows)
     # keep 0.5: round(16 * 0.5) = 8; learned, EViT and text_guided add a fused token; ToMe's r = 2 merges in each
-    # of 4 blocks.
-    assert [r.tokens_per_stage[-1] for r in rows] == [9, 9, 9, 8, 8]
+    # of 4 blocks; DynamicViT drops the rest outright.
+    assert [r.tokens_per_stage[-1] for r in rows] == [9, 9, 9, 8, 8, 8]
     assert "overlay" not in rows[0].to_dict()
 
 

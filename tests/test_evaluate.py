@@ -179,7 +179,8 @@ def test_main_writes_metrics_report_and_plot(tiny: tuple[Path, Path], tmp_path: 
     assert all(0 <= v["pair_acc"] <= 100 for v in kinds.values())
 
     rows = m["rows"]
-    assert {r["method"] for r in rows} == set(METHODS)
+    # Every method, but dynamicvit: this folder has no dynamicvit/, so the default evaluation leaves it out.
+    assert {r["method"] for r in rows} == set(METHODS) - {"dynamicvit"}
     assert [(r["method"], r["keep_ratio"]) for r in rows if r["method"] == "none"] == [("none", 1.0)]
     required = {
         "method", "keep_ratio", "tokens", "gmacs", "gmacs_ratio", "r1_i2t", "r5_i2t", "r10_i2t", "r1_t2i",
@@ -200,7 +201,7 @@ def test_main_writes_metrics_report_and_plot(tiny: tuple[Path, Path], tmp_path: 
     by = {(r["method"], r["keep_ratio"]): r for r in rows if r["placement"] == "paper"}  # the main placement
     none = by[("none", 1.0)]
     assert none["lossyness"] == 0.0 and none["gmacs_ratio"] == 1.0 and none["object_recall"] == 1.0
-    for method in METHODS[1:]:
+    for method in [m for m in METHODS[1:] if m != "dynamicvit"]:  # not in this folder (above)
         full, half = by[(method, 1.0)], by[(method, 0.5)]
         assert half["gmacs"] < full["gmacs"], method
         # Tiny: 4x4 patches, 4 blocks, each method at its paper placement (see test_api for the hand working).

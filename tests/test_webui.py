@@ -235,5 +235,8 @@ def test_placement_info_names_each_methods_blocks_from_the_registry(tiny_checkpo
     assert f"{pruning.get('cls_attention').label} in 1, 2, 3" in paper  # EViT at a quarter, half, three quarters
     assert f"{pruning.get('tome').label} in 0, 1, 2, 3" in paper  # ToMe in every block
     assert f"{pruning.get('learned').label} before 1, 2" in paper
+    # DynamicViT before a quarter, half and three quarters: its own checkpoint's stages, at either placement.
+    assert f"{pruning.get('dynamicvit').label} before 1, 2, 3" in paper
+    assert f"{pruning.get('dynamicvit').label} before 1, 2, 3" in shared
     assert f"{pruning.get('cls_attention').label} in 1, 2" in shared and f"{pruning.get('tome').label} in 1, 2" in shared
     assert [v for _, v in fmt.placement_choices()] == list(pruning.PLACEMENTS)

@@ -543,8 +543,7 @@ class _Rows:
         return self.rows
 
     def _blocks(self, method: str, placement: str) -> list[int]:
-        cfg = pruning.checkpoint_config(self.cfg, method)  # dynamicvit's stages are its own checkpoint's
-        return list(pruning.resolve_stages(method, cfg.vision.depth, cfg.pruning.stages, placement))
+        return list(pruning.blocks_for(self.cfg, method, placement))  # dynamicvit's: its own checkpoint's
 
     def _copy(self, method: str, r: float, placement: str) -> dict[str, Any] | None:
         """The row of an earlier placement that puts `method`'s stages at the same blocks, relabelled; else None."""

@@ -41,12 +41,12 @@ from torch import nn
 
 from .atomic import write_text_atomic
 from .config import ModelConfig
-from .pruning import BASELINE, PruneSpec, StageShape, checkpoint_config, get, plan, resolve_stages, token_schedule
+from .pruning import BASELINE, PruneSpec, StageShape, blocks_for, checkpoint_config, get, plan, token_schedule
 
 # Ops that do no multiply-accumulate: counted as 0 MACs, explicitly.
 ZERO_MAC_OPS = (
     "aten::add", "aten::add_", "aten::sub", "aten::rsub", "aten::mul", "aten::div", "aten::pow", "aten::neg",
-    "aten::gelu", "aten::softmax", "aten::log", "aten::exp", "aten::sigmoid", "aten::mean", "aten::sum",
+    "aten::gelu", "aten::softmax", "aten::log_softmax", "aten::log", "aten::exp", "aten::sigmoid", "aten::mean", "aten::sum",
     "aten::amax", "aten::max", "aten::linalg_vector_norm", "aten::clamp", "aten::clamp_min", "aten::expand_as",
     "aten::topk", "aten::sort", "aten::argsort", "aten::gather", "aten::scatter", "aten::scatter_",
     "aten::scatter_add", "aten::scatter_add_", "aten::clone", "aten::lt", "aten::gt", "aten::ge", "aten::eq",
@@ -287,11 +287,10 @@ def tokens_per_stage(
 
     What `Trace.tokens_per_stage` reports for the same pass, without running the model.
     """
-    cfg = checkpoint_config(cfg, method)
-    v, p = cfg.vision, cfg.pruning
-    blocks = resolve_stages(method, v.depth, p.stages, p.placement if placement is None else placement)
+    blocks = blocks_for(cfg, method, placement)
     pairs = block_tokens(cfg, method, keep_ratio, fuse, placement)
-    return [v.num_patches] + [pairs[b][1] - 1 for b in blocks]
+    P = cfg.vision.num_patches
+    return [P] + [pairs[b][1] - 1 for b in blocks]
 
 
 def closed_form_gmacs(

@@ -660,6 +660,14 @@ def checkpoint_config(cfg: Any, method: str) -> Any:
     return cfg.replace(pruning=prune)
 
 
+def blocks_for(cfg: Any, method: str, placement: str | tuple[int, ...] | None = None) -> tuple[int, ...]:
+    """`resolve_stages` for a model config: the blocks where `method` prunes on the checkpoint it runs
+    (`checkpoint_config`), at `placement` (None: the config's ``pruning.placement``)."""
+    cfg = checkpoint_config(cfg, method)
+    where = cfg.pruning.placement if placement is None else placement
+    return resolve_stages(method, cfg.vision.depth, tuple(cfg.pruning.stages), where)
+
+
 def stage_counts(method: str, num_patches: int, keep_ratio: float, num_stages: int) -> list[int]:
     """Patch tokens left after each of `num_stages` stages, by the method's counting rule.
 

@@ -57,13 +57,13 @@ def placement_choices() -> list[tuple[str, str]]:
 
 def placement_info(session: api.Session) -> str:
     """Where each method's stages sit under each placement, for this model (from the registry)."""
-    v, p = session.cfg.vision, session.cfg.pruning
+    v = session.cfg.vision
 
     def where(placement: str) -> str:
         parts = []
         for m in session.methods(prunes_only=True):
             info = pruning.get(m)
-            blocks = pruning.resolve_stages(m, v.depth, p.stages, placement)
+            blocks = pruning.blocks_for(session.cfg, m, placement)
             side = "in" if info.inside else "before"
             parts.append(f"{info.label} {side} {', '.join(str(b) for b in blocks)}")
         return "; ".join(parts)
