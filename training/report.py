@@ -237,7 +237,8 @@ def findings(src: Sources) -> str:
             continue
         vs = ""
         if control is not None:
-            vs = (f", {x['mean_r1'] - control['mean_r1']:.1f} points above `{CONTROL}`; it keeps "
+            gap = x["mean_r1"] - control["mean_r1"]
+            vs = (f", {abs(gap):.1f} points {'above' if gap >= 0 else 'below'} `{CONTROL}`; it keeps "
                   f"{x['object_recall']:.0%} of the object patches, against {control['object_recall']:.0%} for "
                   f"`{CONTROL}`")  # fmt: skip
         t = src.training.get(x["lo"]["checkpoint"], {})
