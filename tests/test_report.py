@@ -178,7 +178,7 @@ def test_fill_rewrites_only_inside_the_markers(src):
 
 def test_check_names_the_stale_file_in_one_line(tmp_path, capsys):
     for rel in [*report.TARGETS, "checkpoints/metrics.json", "checkpoints/training.json",
-                *(f"checkpoints/{c}/{f}" for c in report.CHECKPOINTS
+                *(f"checkpoints/{c}/{f}" for c in (*report.CHECKPOINTS, *report.OPTIONAL)
                   for f in ("training.json", "config.json", "model.safetensors"))]:  # a card counts its weights
         if (ROOT / rel).exists():  # checkpoints/training.json: only when one run made the shipped files
             (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -211,3 +211,18 @@ def test_a_cards_parameters_are_counted_from_its_own_weights(tmp_path):
         "params_image_encoder": sum(p.numel() for p in model.visual.parameters()),
         "params_text_encoder": sum(p.numel() for p in model.text.parameters()),
     }
+
+
+def test_an_optional_checkpoint_is_reported_only_where_it_is(tmp_path):
+    for rel in ["checkpoints/metrics.json", *(f"checkpoints/{c}/{f}" for c in report.CHECKPOINTS
+                                             for f in ("training.json", "config.json"))]:  # fmt: skip
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / rel, tmp_path / rel)
+    without = report.load_sources(tmp_path / "checkpoints")
+    assert "dynamicvit" not in without.training
+    assert "checkpoints/dynamicvit/README.md" not in report._targets(without)
+    assert "DynamicViT's checkpoint" not in report.training_time(without)
+    shipped = report.load_sources(ROOT / "checkpoints")
+    assert "checkpoints/dynamicvit/README.md" in report._targets(shipped)
+    assert "DynamicViT's checkpoint (`python -m training.dynamicvit`, outside the build)" in report.training_time(shipped)
+    assert "rho 0.7" in report.card_training(shipped, "dynamicvit")
