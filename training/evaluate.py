@@ -744,6 +744,13 @@ def _finetune_note(finetune: dict[str, Any] | None) -> str:
     return f"; then `pruned/`'s image tower fine-tuned, {finetune['steps']} steps in {finetune['seconds']:.1f} s"
 
 
+def _trained_part(method: str) -> str:
+    """What a method's training trained, for the report's seconds per epoch."""
+    info = pruning.REGISTRY.get(method)
+    checkpoint = info.checkpoint if info else "baseline" if method == BASELINE else "pruned"  # a method since removed
+    return {"baseline": "baseline", "pruned": "keep predictors"}.get(checkpoint, "predictors and image tower")
+
+
 def render_report(m: dict[str, Any]) -> str:
     """The markdown report of a metrics dict (as `evaluate` returns it)."""
     ds, mach, tr, mod = m["dataset"], m["machine"], m["training"], m["model"]
@@ -764,7 +771,7 @@ def render_report(m: dict[str, Any]) -> str:
         f"- **Machine:** {mach['platform']} ({mach['processor']}), {mach['cpu_count']} CPUs, "
         f"torch {mach['torch']} with {mach['torch_threads']} threads.",
         "- **Training, seconds per epoch:** "
-        + ", ".join(f"{m} ({'baseline' if m == BASELINE else 'keep predictors'}) {_fmt(v)}" for m, v in spe.items())
+        + ", ".join(f"{m} ({_trained_part(m)}) {_fmt(v)}" for m, v in spe.items())
         + _finetune_note((tr.get("pruned") or {}).get("finetune"))
         + ".",
         f"- **Evaluation took** {m.get('seconds', 0):.0f} s.",
@@ -852,7 +859,8 @@ def write_outputs(m: dict[str, Any], out: str | os.PathLike) -> None:
 def _parser() -> argparse.ArgumentParser:
     p = cli.parser("python -m training.evaluate", __doc__)
     models = p.add_mutually_exclusive_group()
-    models.add_argument("--checkpoints", default="checkpoints", help="folder that holds baseline/, pruned/ and (optionally) dynamicvit/")
+    models.add_argument("--checkpoints", default="checkpoints",
+                        help="folder that holds baseline/, pruned/ and (optionally) dynamicvit/")  # fmt: skip
     models.add_argument("--backbone", default=None, metavar="SOURCE",
                         help="evaluate a HuggingFace CLIP (a folder or Hub id owner/name[@revision]), or the keep-"
                              "predictor add-on that python -m training.train --backbone wrote (default: none, use "
