@@ -224,5 +224,6 @@ def test_an_optional_checkpoint_is_reported_only_where_it_is(tmp_path):
     assert "DynamicViT's checkpoint" not in report.training_time(without)
     shipped = report.load_sources(ROOT / "checkpoints")
     assert "checkpoints/dynamicvit/README.md" in report._targets(shipped)
-    assert "DynamicViT's checkpoint (`python -m training.dynamicvit`, outside the build)" in report.training_time(shipped)
+    said = report.training_time(shipped)
+    assert "DynamicViT's checkpoint (`python -m training.dynamicvit`, outside the build)" in said
     assert "rho 0.7" in report.card_training(shipped, "dynamicvit")

@@ -14,7 +14,7 @@ What it follows (Rao et al., NeurIPS 2021, and the reference code, raoyongming/D
 - **Loss.** The task loss + ``w / S`` x the keep-ratio loss (the squared gap between each stage's mean
   decision and its target rate, summed over the S stages) + ``0.5`` x the KL divergence of the student's
   predictions from the frozen teacher's + ``0.5`` x the MSE of the final kept tokens to the teacher's.
-- **Optimiser.** AdamW, weight decay 0.05, the class token and position embedding frozen; the predictors
+- **Optimiser** (the reference's DeiT script, ``main_dynamic_vit.py``). AdamW, weight decay 0.05, the class token and position embedding frozen; the predictors
   on a cosine schedule, the backbone at ``0.01`` x that, capped, and frozen for the first sixth of training.
 - **Inference.** Each stage keeps its top-k by the keep probability and drops the rest outright
   (`vlm_demo.pruning.dynamicvit`).
@@ -28,7 +28,9 @@ What differs, because this model is a CLIP-style dual encoder trained on CPU (do
   which left the stages keeping far more than their rates in this short schedule;
 - the schedule is ``--epochs`` passes over the synthetic training split, not 30 ImageNet epochs, and lr is
   ``--lr`` for the predictors (the reference scales 5e-4 by batch / 512, which over a short run leaves the
-  new predictors untrained); no mixup, cutmix, EMA or drop path, which the reference inherits from DeiT.
+  new predictors untrained); no mixup, cutmix, EMA or drop path, which the reference inherits from DeiT;
+- under ``--precision bf16`` the masked attention's matmuls and exponential run in bf16 (the reference's
+  exponential is float32).
 
 The text tower and logit scale are the baseline's, unchanged, so every checkpoint shares one caption
 embedding; `training.evaluate` and `vlm_demo.api.load` check that before they run ``dynamicvit/``.
@@ -251,7 +253,8 @@ def train(
                 sums[k] += float(terms[k].detach())
             kept += terms["kept"]
             step += 1
-            bar.set_postfix(loss=f"{float(terms['loss'].detach()):.3f}", kept=" ".join(f"{float(k):.2f}" for k in terms["kept"]))
+            kept_now = " ".join(f"{float(k):.2f}" for k in terms["kept"])
+            bar.set_postfix(loss=f"{float(terms['loss'].detach()):.3f}", kept=kept_now)
             bar.update()
         bar.close()
         for k in history:
@@ -264,7 +267,8 @@ def train(
     facts = {
         "phase": FOLDER, "method": "DynamicViT (Rao et al., NeurIPS 2021)", "stages": list(stages),
         "base_rate": base_rate, "stage_keep_rates": targets, "epochs": epochs, "steps": total,
-        "batch_size": batch_size, "lr": lr, "seconds_per_epoch": round(seconds / epochs, 1), "backbone_lr_scale": BACKBONE_SCALE,
+        "batch_size": batch_size, "lr": lr, "seconds_per_epoch": round(seconds / epochs, 1),
+        "backbone_lr_scale": BACKBONE_SCALE,
         "backbone_frozen_fraction": FROZEN_FRACTION, "ratio_weight": ratio_weight, "distill_weight": DISTILL_WEIGHT,
         "weight_decay": WEIGHT_DECAY, "precision": precision, "seed": seed, "seconds": seconds,
         "losses": history, "kept_per_epoch": kept_hist, "data": record.get("data"),
@@ -288,8 +292,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--base-rate", type=float, default=BASE_RATE,
                    help="rho: stage s keeps rho**s of the patches in training (default: 0.7, the paper's)")
     p.add_argument("--ratio-weight", type=cli.non_negative_float, default=RATIO_WEIGHT,
-                   help="weight of the keep-ratio loss, divided by the stages (default: 10, the reference's for ConvNeXt "
-                        "and Swin; its DeiT value, 2, left the keep rates unmet here)")
+                   help="weight of the keep-ratio loss, divided by the stages (default: 10, the reference's for "
+                        "ConvNeXt and Swin; its DeiT value, 2, left the keep rates unmet here)")
     p.add_argument("--precision", choices=PRECISIONS, default="bf16", help="the student's matmuls (default: bf16)")
     p.add_argument("--seed", type=int, default=0, help="seed of the predictors, data order and Gumbel noise")
     p.add_argument("--device", default="cpu", help="cpu or cuda")

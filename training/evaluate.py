@@ -56,7 +56,7 @@ from training.data import EvalData, eval_data, load_objects, load_splits
 from vlm_demo import addon, cli, flops
 from vlm_demo.atomic import atomic_path, write_text_atomic
 from vlm_demo.latency import LatencyProtocol, fixed_threads, interleaved
-from vlm_demo.model import DualEncoder, load_checkpoint, same_text_tower
+from vlm_demo.model import DualEncoder, load_checkpoint, load_optional
 from vlm_demo import pruning
 from vlm_demo.pruning import BASELINE, PruneSpec, Trace
 from vlm_demo.tokenizer import TextTokenizer
@@ -389,11 +389,11 @@ def _load_other(models: _Models, checkpoints: Path, name: str, methods: list[str
     if not folder.is_dir():
         problem = f"{folder} is missing"
     else:
-        model, _ = load_checkpoint(folder)
-        if model.cfg.vision != models.base.cfg.vision or not same_text_tower(model, models.base):
-            problem = f"{folder} was not trained from {checkpoints / 'baseline'} (its towers differ)"
-        else:
-            models.others[name], models.others_training[name] = model, _read_training(folder)
+        try:
+            models.others[name] = load_optional(folder, name, models.base)
+            models.others_training[name] = _read_training(folder)
+        except ValueError as e:  # unreadable, or not made from this baseline
+            problem = str(e)
     if problem:
         hint = f"train it: python -m training.{name} --checkpoints {checkpoints}"
         if explicit:
@@ -404,7 +404,7 @@ def _load_other(models: _Models, checkpoints: Path, name: str, methods: list[str
 def _load_backbone(source: str, methods: Sequence[str], explicit: bool) -> _Models:
     """A HuggingFace CLIP, or an add-on with its backbone: one model serves every method it can run."""
     b = addon.load_backbone(source)
-    need = [m for m in methods if pruning.get(m).needs_predictor]
+    need = [m for m in methods if pruning.get(m).checkpoint == "pruned"]  # an add-on's predictors
     if need and not b.has_predictors:
         train = f"train them with `{addon.train_command(source)}` and evaluate DIR"
         if explicit:

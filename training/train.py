@@ -205,7 +205,7 @@ def _progress(total: int, desc: str, enabled: bool) -> Iterator[tqdm]:
 
 def _predictor_method() -> str:
     """The registered method that runs the (caption-free) keep predictors the pruned phase trains (``learned``)."""
-    return next(m for m in pruning.names() if "predictor" in pruning.get(m).signals)
+    return next(m for m, i in pruning.REGISTRY.items() if "predictor" in i.signals and i.checkpoint == "pruned")
 
 
 @dataclasses.dataclass

@@ -4,8 +4,8 @@ Which checkpoint serves which method is the registry's answer (`MethodInfo.check
 and ``text_guided`` (trained keep predictors) run the ``pruned/`` checkpoint, ``dynamicvit`` its own
 ``dynamicvit/`` (DynamicViT's predictors and fine-tuned tower, `training.dynamicvit`; offered when the
 folder is there), the training-free ones ``baseline/``. Every checkpoint shares the baseline's text tower
-(it is frozen in every fine-tune, and `load` checks it), so every image embedding is scored against the
-same caption embedding.
+(it is frozen in every fine-tune; `load` checks ``dynamicvit/``'s, and leaves one from another baseline
+out), so every image embedding is scored against the same caption embedding.
 
 A HuggingFace CLIP (a folder or Hub id, see `vlm_demo.hf_clip`) loads as one model
 serving both sides. It has no trained keep predictors (``Session.has_predictors`` is
@@ -35,7 +35,7 @@ from . import addon, flops, hf_clip, overlay
 from .flops import Placement
 from .images import load_image
 from .latency import LatencyProtocol, Timing, interleaved
-from .model import DualEncoder, load_checkpoint, same_text_tower
+from .model import DualEncoder, load_checkpoint, load_optional
 from . import pruning
 from .pruning import BASELINE, PruneSpec, Trace
 from .tokenizer import TextTokenizer
@@ -264,10 +264,11 @@ class Session:
         if info.checkpoint not in ("baseline", "pruned") and not self._has(info):
             raise ValueError(
                 f"{method!r} runs its own checkpoint, {info.checkpoint}/, and {self.source or 'this model'} has none "
-                f"(or one trained from another baseline). Train it: `python -m training.{info.checkpoint} "
-                f"--checkpoints DIR`. This model runs {', '.join(self.methods())}."
+                f"(or one trained from another baseline). Train it from a checkpoints folder's baseline/ (not a "
+                f"HuggingFace CLIP): `python -m training.{info.checkpoint} --checkpoints DIR`. "
+                f"This model runs {', '.join(self.methods())}."
             )
-        if info.needs_predictor and not self.has_predictors:
+        if info.checkpoint == "pruned" and not self.has_predictors:
             raise ValueError(
                 f"{method!r} needs trained keep predictors, and {self.source or 'this model'} has none. "
                 f"Train them: `{self.train_hint}`, then load DIR. "
@@ -673,15 +674,10 @@ def load(source: str | os.PathLike = "checkpoints", device: str = "cpu") -> Sess
     for name in OTHER_CHECKPOINTS:
         if (folder / name).is_dir():
             try:
-                model = load_checkpoint(folder / name, device)[0]
+                others[name] = load_optional(folder / name, name, baseline, device)
             except ValueError as e:  # optional: the app still serves every other method
-                log.warning("Not serving %s: %s", folder / name, e)
-                continue
-            if model.cfg.vision == baseline.cfg.vision and same_text_tower(model, baseline):
-                others[name] = model
-            else:
-                log.warning("Not serving %s: it was not trained from %s (its towers differ); retrain it with "
-                            "python -m training.%s --checkpoints %s", folder / name, folder / "baseline", name, src)
+                log.warning("Not serving %s: %s; retrain it with python -m training.%s --checkpoints %s", name, e,
+                            name, folder)  # fmt: skip
     bank_file, metrics_file = folder / CAPTION_BANK_FILE, folder / METRICS_FILE
     bank = json.loads(bank_file.read_text())["captions"] if bank_file.is_file() else None
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None

@@ -46,7 +46,8 @@ from .pruning import BASELINE, PruneSpec, StageShape, blocks_for, checkpoint_con
 # Ops that do no multiply-accumulate: counted as 0 MACs, explicitly.
 ZERO_MAC_OPS = (
     "aten::add", "aten::add_", "aten::sub", "aten::rsub", "aten::mul", "aten::div", "aten::pow", "aten::neg",
-    "aten::gelu", "aten::softmax", "aten::log_softmax", "aten::log", "aten::exp", "aten::sigmoid", "aten::mean", "aten::sum",
+    "aten::gelu", "aten::softmax", "aten::log_softmax", "aten::log", "aten::exp", "aten::sigmoid", "aten::mean",
+    "aten::sum",
     "aten::amax", "aten::max", "aten::linalg_vector_norm", "aten::clamp", "aten::clamp_min", "aten::expand_as",
     "aten::topk", "aten::sort", "aten::argsort", "aten::gather", "aten::scatter", "aten::scatter_",
     "aten::scatter_add", "aten::scatter_add_", "aten::clone", "aten::lt", "aten::gt", "aten::ge", "aten::eq",
@@ -163,7 +164,7 @@ def _cached_gmacs(
     cfg = ModelConfig.from_dict(json.loads(config_json))
     torch.manual_seed(0)
     model = DualEncoder(cfg)
-    if get(method).needs_predictor:
+    if get(method).checkpoint == "pruned":
         model.enable_query_predictors()  # such methods run on pruned/, which has every predictor
     return analysis(model, _spec_for(cfg, method, keep_ratio, fuse, placement), batch).total() / 1e9
 

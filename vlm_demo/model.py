@@ -28,8 +28,8 @@ from torch import nn
 
 from .config import ModelConfig, PruningConfig, TextConfig, VisionConfig
 from .pruning import (
-    KeepPredictor, MethodInfo, PredictorLG, PruneSpec, QueryKeepPredictor, Signals, Stage, StagePlan, Trace, get,
-    plan, resolve_stages,
+    REGISTRY, KeepPredictor, MethodInfo, PredictorLG, PruneSpec, QueryKeepPredictor, Signals, Stage, StagePlan, Trace,
+    checkpoint_config, get, plan, resolve_stages,
 )
 from .tokenizer import VOCAB_FILE, Tokenizer
 
@@ -98,7 +98,7 @@ def policy_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, policy: torch.Tensor, bias: torch.Tensor | None = None,
     eps: float = 1e-6,
 ) -> torch.Tensor:  # fmt: skip
-    """DynamicViT's attention under a keep policy, in float32: the softmax weights of dropped keys are zeroed and
+    """DynamicViT's attention under a keep policy: the softmax weights of dropped keys are zeroed and
     the rest renormalised, ``w_ij = p'_j exp(a_ij) / sum_l p'_l exp(a_il)`` with ``p'`` the policy where ``j != i``
     and 1 on the diagonal (a dropped token still sees itself), and ``eps`` keeping the sum positive. Written as a
     product, not as a ``log(policy)`` bias, so the gradient reaches a policy that is exactly 0 or 1.
@@ -110,6 +110,10 @@ def policy_attention(
 
     Returns:
         (B, h, N, d), in the dtype of `q`.
+
+    The inputs are cast to float32, but under CPU autocast (bf16 training) the matmuls and the exponential
+    still run in bf16, as they did for the shipped ``dynamicvit/`` (the reference code does its exponential
+    in float32; the max is subtracted first, so every weight is in [0, 1] either way).
     """
     N = q.shape[-2]
     logits = (q.float() @ k.float().transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, h, N, N)
@@ -542,6 +546,25 @@ def same_text_tower(a: DualEncoder, b: DualEncoder) -> bool:
     return names == text(sb) and all(
         sa[n].shape == sb[n].shape and torch.equal(sa[n].cpu(), sb[n].cpu()) for n in names
     )
+
+
+def load_optional(folder: Path, name: str, baseline: DualEncoder, device: str | torch.device = "cpu") -> DualEncoder:
+    """Load the optional checkpoint `folder` (``dynamicvit/``) that serves beside `baseline`.
+
+    Raises:
+        ValueError: it cannot be read, or it was not made from this baseline for `name`: other image tower
+            shape, another caption embedding (`same_text_tower`), or not the keep predictors and stages
+            `vlm_demo.pruning.checkpoint_config` gives (what flops prices it with).
+    """
+    model, _ = load_checkpoint(folder, device)
+    own = next(checkpoint_config(baseline.cfg, m) for m, info in REGISTRY.items() if info.checkpoint == name)
+    if model.cfg.vision != baseline.cfg.vision or not same_text_tower(model, baseline):
+        raise ValueError(f"{folder} was not trained from {folder.parent / 'baseline'} (its towers differ)")
+    if (model.cfg.pruning.predictor, model.cfg.pruning.stages) != (own.pruning.predictor, own.pruning.stages):
+        raise ValueError(f"{folder} has {model.cfg.pruning.predictor!r} keep predictors before blocks "
+                         f"{list(model.cfg.pruning.stages)}, not {own.pruning.predictor!r} ones before "
+                         f"{list(own.pruning.stages)}")  # fmt: skip
+    return model
 
 
 def _init_weights(m: nn.Module) -> None:
