@@ -307,12 +307,17 @@ class Sample:
 
 
 def sample(p: Probed, classify: Classifier, order: Sequence[str], interval: float) -> Iterator[Sample]:
-    """Yield `p`'s phase every `interval` until it ends. Phases only move forward, so a step back is its exit."""
+    """Yield `p`'s phase every `interval` until it ends. Phases only move forward, so a step back to before the
+    program (`order[0]`, its main function gone) is its exit; a step back to an earlier phase of the program is a
+    late answer to an earlier probe, and is skipped."""
     last = order[0]
     while (frames := p.stack()) is not None:
         # Only a stack under runpy is the program's: not one from before it starts or from atexit handlers.
         if frames[-1:] and frames[-1].func == "_run_module_as_main":
             phase = classify(frames)
+            if order.index(phase) < order.index(last) and phase != order[0]:
+                time.sleep(interval)
+                continue
             phase = "exit" if order.index(phase) < order.index(last) else phase
             last = phase
             yield Sample(p.elapsed(), phase, where(frames))
