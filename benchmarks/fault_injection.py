@@ -315,12 +315,10 @@ def sample(p: Probed, classify: Classifier, order: Sequence[str], interval: floa
         # Only a stack under runpy is the program's: not one from before it starts or from atexit handlers.
         if frames[-1:] and frames[-1].func == "_run_module_as_main":
             phase = classify(frames)
-            if order.index(phase) < order.index(last) and phase != order[0]:
-                time.sleep(interval)
-                continue
-            phase = "exit" if order.index(phase) < order.index(last) else phase
-            last = phase
-            yield Sample(p.elapsed(), phase, where(frames))
+            if order.index(phase) >= order.index(last) or phase == order[0]:  # else a late answer: skipped
+                phase = "exit" if order.index(phase) < order.index(last) else phase
+                last = phase
+                yield Sample(p.elapsed(), phase, where(frames))
         time.sleep(interval)
 
 

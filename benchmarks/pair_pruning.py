@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from training.data import eval_data, load_objects, load_splits
-from training.evaluate import _encode_images, _encode_text, _read_training, resolve_data
+from training.evaluate import _encode_images, _encode_text, read_training, resolve_data
 from training.metrics import pair_accuracy, pair_right
 from vlm_demo import cli
 from vlm_demo.model import DualEncoder, load_checkpoint
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     with cli.user_errors(p):
         folder = args.checkpoints / "pruned"
-        recorded = _read_training(folder).get("data") if args.data is None else None
+        recorded = read_training(folder).get("data") if args.data is None else None
         data = resolve_data(args.data, recorded, args.checkpoints, "pruned/training.json")
         model, tokenizer = load_checkpoint(folder)
         model.eval()

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import math
 import time
@@ -53,7 +52,7 @@ from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
 
 from training.data import TrainDataset, load_splits, make_collate
-from training.evaluate import resolve_data
+from training.evaluate import read_training, resolve_data
 from training.losses import contrastive_loss
 from vlm_demo import cli, pruning
 from vlm_demo.config import PRECISIONS
@@ -213,7 +212,7 @@ def train(
         raise ValueError(f"{base_dir} is missing; train the baseline first: python -m training.train --phases baseline")
     teacher, tokenizer = load_checkpoint(base_dir, device)
     teacher.eval().requires_grad_(False)
-    record = json.loads((base_dir / "training.json").read_text()) if (base_dir / "training.json").is_file() else {}
+    record = read_training(base_dir)
     root = resolve_data(data, record.get("data"), checkpoints, str(base_dir / "training.json"))
     torch.manual_seed(seed)
     model = from_baseline(teacher, seed)

@@ -84,7 +84,8 @@ class _Pass:
 # ----------------------------------------------------------------------------- loading
 
 
-def _read_training(folder: Path) -> dict[str, Any]:
+def read_training(folder: Path) -> dict[str, Any]:
+    """A checkpoint folder's training.json ({} without one); a clear ValueError for one that is not JSON."""
     path = folder / "training.json"
     if not path.is_file():
         return {}
@@ -344,38 +345,40 @@ class _Models:
     others: dict[str, DualEncoder] = field(default_factory=dict)  # the other checkpoints loaded (dynamicvit/), by name
     others_training: dict[str, dict[str, Any]] = field(default_factory=dict)  # and what their training recorded
 
+    def _loaded(self) -> dict[str, DualEncoder]:
+        """The loaded checkpoints by `MethodInfo.checkpoint`."""
+        pruned = {} if self.pruned is None else {"pruned": self.pruned}
+        return {"baseline": self.base, **pruned, **self.others}
+
     def serving(self, info: pruning.MethodInfo) -> DualEncoder:
         """The checkpoint a method runs on (`MethodInfo.checkpoint`)."""
-        model = {"baseline": self.base, "pruned": self.pruned}.get(info.checkpoint) or self.others.get(info.checkpoint)
+        model = self._loaded().get(info.checkpoint)
         assert model is not None, f"{info.name} needs the {info.checkpoint} checkpoint, which was not loaded"
         return model
 
     def can_serve(self, info: pruning.MethodInfo) -> bool:
         """Whether the checkpoint `info` runs on is loaded."""
-        if info.checkpoint == "baseline":
-            return True
-        return self.pruned is not None if info.checkpoint == "pruned" else info.checkpoint in self.others
+        return info.checkpoint in self._loaded()
 
     def training(self, info: pruning.MethodInfo) -> dict[str, Any]:
         """What the training of the checkpoint `info` runs on recorded."""
-        if info.checkpoint == "baseline":
-            return self.base_training
-        return self.pruned_training if info.checkpoint == "pruned" else self.others_training.get(info.checkpoint, {})
+        recorded = {"baseline": self.base_training, "pruned": self.pruned_training, **self.others_training}
+        return recorded.get(info.checkpoint, {})
 
 
 def _load_models(checkpoints: Path, methods: Sequence[str], explicit: bool = True) -> _Models:
     base_dir, pruned_dir = checkpoints / "baseline", checkpoints / "pruned"
     base, tokenizer = load_checkpoint(base_dir)
     record = base_dir / "training.json"
-    models = _Models(base, tokenizer, _read_training(base_dir), folder=checkpoints, record=str(record))
-    for name in sorted({pruning.get(m).checkpoint for m in methods} - {"baseline", "pruned"}):
+    models = _Models(base, tokenizer, read_training(base_dir), folder=checkpoints, record=str(record))
+    for name in sorted({pruning.get(m).checkpoint for m in methods} & set(pruning.OPTIONAL_CHECKPOINTS)):
         _load_other(models, checkpoints, name, [m for m in methods if pruning.get(m).checkpoint == name], explicit)
     need_pruned = [m for m in methods if pruning.get(m).checkpoint == "pruned"]
     if need_pruned:
         if not pruned_dir.is_dir():
             raise ValueError(f"{pruned_dir} is missing: train the pruned model, or leave {need_pruned} out of --methods.")
         models.pruned, _ = load_checkpoint(pruned_dir)
-        models.pruned_training = _read_training(pruned_dir)
+        models.pruned_training = read_training(pruned_dir)
         if models.pruned.cfg.vision != base.cfg.vision or models.pruned.cfg.pruning.stages != base.cfg.pruning.stages:
             raise ValueError(f"{pruned_dir} and {base_dir} have different image encoders; re-train the pruned model.")
     return models
@@ -391,7 +394,7 @@ def _load_other(models: _Models, checkpoints: Path, name: str, methods: list[str
     else:
         try:
             models.others[name] = load_optional(folder, name, models.base)
-            models.others_training[name] = _read_training(folder)
+            models.others_training[name] = read_training(folder)
         except ValueError as e:  # unreadable, or not made from this baseline
             problem = str(e)
     if problem:

@@ -27,11 +27,12 @@ from safetensors import safe_open
 from training import compare
 from training.compare import DASH, table
 from training.train import PHASES
+from vlm_demo import pruning
 from vlm_demo.atomic import write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINTS = ("baseline", "pruned")  # every build makes these
-OPTIONAL = ("dynamicvit",)  # made by their own command (`training.dynamicvit`); their blocks only where they are
+OPTIONAL = pruning.OPTIONAL_CHECKPOINTS  # made by their own command (`training.dynamicvit`): blocks only where they are
 BASELINE = compare.BASELINE  # metrics.json's unpruned row, the reference of lossy-ness
 CONTROL = "random"  # the control every method must beat
 HEADLINE_KEEPS = (0.5, 0.3, 0.1)  # the keep ratios of the nominal table

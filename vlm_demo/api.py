@@ -45,8 +45,7 @@ log = logging.getLogger(__name__)
 
 CAPTION_BANK_FILE = "caption_bank.json"
 METRICS_FILE = "metrics.json"
-OTHER_CHECKPOINTS = tuple(c for c in pruning.CHECKPOINTS if c not in ("baseline", "pruned"))  # optional folders
-SHIPPED_HUB_FILES = ("baseline/*", "pruned/*", *(f"{c}/*" for c in OTHER_CHECKPOINTS), CAPTION_BANK_FILE,
+SHIPPED_HUB_FILES = ("baseline/*", "pruned/*", *(f"{c}/*" for c in pruning.OPTIONAL_CHECKPOINTS), CAPTION_BANK_FILE,
                      METRICS_FILE)  # what `load` reads of a Hub repo  # fmt: skip
 MAX_CAPTION_CHARS = 10_000
 
@@ -233,6 +232,9 @@ class Session:
         self._latency: dict[tuple[str, float, LatencyProtocol, str], dict[str, Timing]] = {}
         self.has_predictors = has_predictors
         self.others = {name: m.eval() for name, m in (others or {}).items()}
+        # The checkpoints this session serves, by `MethodInfo.checkpoint`; pruned/ only with trained predictors.
+        pruned_ok = {"pruned": self.pruned} if has_predictors else {}
+        self._serving = {"baseline": self.baseline, **pruned_ok, **self.others}
         self.train_hint = train_hint or addon.train_command(source or "SOURCE")
         self.device = next(baseline.parameters()).device
         self.caption_bank = list(caption_bank or [])
@@ -246,12 +248,7 @@ class Session:
         A method that needs trained keep predictors is in only when the session has its checkpoint.
         """
         names = pruning.names(prunes_only=prunes_only, image_only=image_only)
-        return tuple(m for m in names if self._has(pruning.get(m)))
-
-    def _has(self, info: pruning.MethodInfo) -> bool:
-        if info.checkpoint == "baseline":
-            return True
-        return self.has_predictors if info.checkpoint == "pruned" else info.checkpoint in self.others
+        return tuple(m for m in names if pruning.get(m).checkpoint in self._serving)
 
     def method_info(self, method: str) -> pruning.MethodInfo:
         """The registry's entry for `method`.
@@ -261,7 +258,7 @@ class Session:
                 (the message gives the command that trains them).
         """
         info = pruning.get(method)
-        if info.checkpoint not in ("baseline", "pruned") and not self._has(info):
+        if info.checkpoint in pruning.OPTIONAL_CHECKPOINTS and info.checkpoint not in self._serving:
             raise ValueError(
                 f"{method!r} runs its own checkpoint, {info.checkpoint}/, and {self.source or 'this model'} has none "
                 f"(or one trained from another baseline). Train it from a checkpoints folder's baseline/ (not a "
@@ -278,10 +275,7 @@ class Session:
 
     def model_for(self, method: str) -> DualEncoder:
         """The checkpoint that serves `method` (refused as `method_info` refuses)."""
-        checkpoint = self.method_info(method).checkpoint
-        if checkpoint == "baseline":
-            return self.baseline
-        return self.pruned if checkpoint == "pruned" else self.others[checkpoint]
+        return self._serving[self.method_info(method).checkpoint]
 
     @torch.inference_mode()
     def _embed_ids(self, ids: torch.Tensor, chunk: int = 512) -> torch.Tensor:
@@ -671,7 +665,7 @@ def load(source: str | os.PathLike = "checkpoints", device: str = "cpu") -> Sess
     has_pruned = (folder / "pruned").is_dir()
     pruned = load_checkpoint(folder / "pruned", device)[0] if has_pruned else baseline
     others = {}
-    for name in OTHER_CHECKPOINTS:
+    for name in pruning.OPTIONAL_CHECKPOINTS:
         if (folder / name).is_dir():
             try:
                 others[name] = load_optional(folder / name, name, baseline, device)

@@ -146,10 +146,9 @@ def unrunnable(cfg: ModelConfig, methods: tuple[str, ...], placement: Placement)
     v, p = cfg.vision, cfg.pruning
     skipped = {}
     for method in methods:
-        kind = pruning.get(method).predictor_kind
-        if kind and kind != p.predictor:
-            skipped[method] = (f"{method} runs {kind!r} keep predictors ({pruning.get(method).checkpoint}/), and this "
-                               f"model has {p.predictor!r} ones.")  # fmt: skip
+        mismatch = pruning.predictor_mismatch(method, p)
+        if mismatch:
+            skipped[method] = mismatch
             continue
         try:
             pruning.resolve_stages(method, v.depth, p.stages, p.placement if placement is None else placement)

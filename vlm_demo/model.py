@@ -29,7 +29,7 @@ from torch import nn
 from .config import ModelConfig, PruningConfig, TextConfig, VisionConfig
 from .pruning import (
     REGISTRY, KeepPredictor, MethodInfo, PredictorLG, PruneSpec, QueryKeepPredictor, Signals, Stage, StagePlan, Trace,
-    checkpoint_config, get, plan, resolve_stages,
+    checkpoint_config, get, plan, predictor_mismatch, resolve_stages,
 )
 from .tokenizer import VOCAB_FILE, Tokenizer
 
@@ -318,12 +318,9 @@ class VisionTransformer(nn.Module):
 
     def stage_plan(self, prune: PruneSpec) -> tuple[tuple[int, ...], list[StagePlan]]:
         """The blocks where `prune` runs its stages, and the stages it runs (see `vlm_demo.pruning.plan`)."""
-        kind = get(prune.method).predictor_kind
-        if kind and kind != self.pruning.predictor:
-            raise ValueError(
-                f"{prune.method} runs {kind!r} keep predictors, and this model has {self.pruning.predictor!r} ones: "
-                f"load its own checkpoint ({get(prune.method).checkpoint}/)."
-            )
+        mismatch = predictor_mismatch(prune.method, self.pruning)
+        if mismatch:
+            raise ValueError(mismatch)
         placement = self.pruning.placement if prune.stages is None else prune.stages
         args = (self.cfg.depth, self.pruning.stages, placement)
         blocks = resolve_stages(prune.method, *args)

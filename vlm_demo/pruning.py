@@ -390,6 +390,7 @@ BASELINE = "none"  # the method that prunes nothing: every comparison's referenc
 # (`vlm_demo.config.PruningConfig.predictor`): the baseline none, pruned/ `KeepPredictor`s (and text_guided's
 # `QueryKeepPredictor`s), dynamicvit/ DynamicViT's own `PredictorLG`s on its own fine-tuned tower.
 CHECKPOINTS = {"baseline": "", "pruned": "mlp", "dynamicvit": "lg"}
+OPTIONAL_CHECKPOINTS = ("dynamicvit",)  # made by their own command (`training.dynamicvit`), not by every build
 
 
 @dataclass(frozen=True)
@@ -658,6 +659,17 @@ def checkpoint_config(cfg: Any, method: str) -> Any:
     stages = info.paper_stages(cfg.vision.depth, tuple(cfg.pruning.stages))
     prune = dataclasses.replace(cfg.pruning, stages=stages, predictor="lg", query_predictors=False)
     return cfg.replace(pruning=prune)
+
+
+def predictor_mismatch(method: str, pruning: Any) -> str | None:
+    """Why a model whose `PruningConfig` is `pruning` cannot run `method`'s keep predictors (another kind: they
+    live in another checkpoint), or None when it can."""
+    info = get(method)
+    kind = pruning.predictor
+    if not info.predictor_kind or info.predictor_kind == kind:
+        return None
+    return (f"{method} runs {info.predictor_kind!r} keep predictors, and this model has {kind!r} ones: load its own "
+            f"checkpoint ({info.checkpoint}/).")
 
 
 def blocks_for(cfg: Any, method: str, placement: str | tuple[int, ...] | None = None) -> tuple[int, ...]:
