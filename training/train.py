@@ -72,7 +72,7 @@ from training.synthetic import HARD_NEGATIVE_ATTRS, fresh_hard_negatives, hard_n
 from training.saliency import stage_effects, stage_saliency
 from vlm_demo import addon, cli, pruning
 from vlm_demo.atomic import write_text_atomic
-from vlm_demo.config import PRECISIONS, PRESETS, ModelConfig, Preset, TrainConfig, get_preset
+from vlm_demo.config import PRECISIONS, PRESETS, TEXT_INITS, ModelConfig, Preset, TrainConfig, get_preset
 from vlm_demo.model import PREDICTOR_PREFIXES, DualEncoder, atomic_folder, load_checkpoint, save_checkpoint
 from vlm_demo.pruning import PruneSpec
 from vlm_demo.tokenizer import TextTokenizer, Tokenizer
@@ -618,6 +618,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--stem", type=cli.positive_int, nargs="*", default=None, metavar="C",
                    help="channels of the image tower's convolutional stem (VisionConfig.stem); --stem alone: none, "
                         "the plain patch embedding (default: the preset's)")  # fmt: skip
+    p.add_argument("--text-init", choices=TEXT_INITS, default=None,
+                   help="how the baseline's text tower starts (TextConfig.init; default: the preset's)")
     p.add_argument("--lr", type=cli.positive_float, default=None,
                    help="peak AdamW learning rate of the baseline phase (default: the preset's)")  # fmt: skip
     p.add_argument("--threads", type=cli.positive_int, default=None, help="torch threads (default: all cores)")
@@ -684,6 +686,9 @@ def _schedule(args: argparse.Namespace) -> tuple[Preset, TrainConfig]:
     preset: Preset = get_preset(args.preset)
     if args.stem is not None:
         preset = _with_stem(preset, args.stem)
+    if args.text_init is not None:
+        text = dataclasses.replace(preset.model.text, init=args.text_init)
+        preset = dataclasses.replace(preset, model=preset.model.replace(text=text))
     tcfg = preset.train
     if args.batch_size:
         tcfg = dataclasses.replace(tcfg, batch_size=args.batch_size)

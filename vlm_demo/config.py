@@ -12,6 +12,7 @@ from typing import Any
 
 ACTIVATIONS = ("gelu", "quick_gelu")  # MLP activations: exact (erf) GELU, and CLIP's x * sigmoid(1.702 x)
 TEXT_POOLS = ("cls", "eos")  # how the text encoder picks the token it projects
+TEXT_INITS = ("trunc_normal", "clip")  # TextConfig.init: how a text tower trained from scratch starts
 POS_INITS = ("random", "sincos")  # VisionConfig.pos_init
 
 
@@ -85,11 +86,16 @@ class TextConfig:
     # rule, the position of the largest id (old CLIP configs say 2, and their <|endoftext|> is the largest id)
     pad_id: int | None = 0  # keys with this id are never attended to; None masks nothing, as for CLIP, whose
     # causal mask already hides the padding after <|endoftext|> from the pooled token (and whose pad may equal it)
+    init: str = "trunc_normal"  # the weights of a tower trained from scratch (loaded weights replace them):
+    # "trunc_normal", std 0.02 everywhere, as the image tower; "clip", OpenAI CLIP's text-tower initialisation
+    # (attention in-projection std width^-0.5 and depth-scaled output projections, `model.clip_text_init`)
 
     def __post_init__(self) -> None:
         _check_act(self.act)
         if self.pool not in TEXT_POOLS:
             raise ValueError(f"Unknown text pool {self.pool!r}; choose one of {', '.join(TEXT_POOLS)}.")
+        if self.init not in TEXT_INITS:
+            raise ValueError(f"Unknown text init {self.init!r}; choose one of {', '.join(TEXT_INITS)}.")
         if self.pool == "eos" and self.eos_token_id is None:
             raise ValueError("pool='eos' needs eos_token_id, the id of the end-of-text token.")
 

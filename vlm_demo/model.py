@@ -475,6 +475,8 @@ class DualEncoder(nn.Module, PyTorchModelHubMixin):
         self.text = TextTransformer(cfg.text, cfg.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(cfg.init_logit_scale))
         self.apply(_init_weights)
+        if cfg.text.init == "clip":
+            clip_text_init(self.text)
         if cfg.pruning.query_predictors:
             self.visual.add_query_predictors()  # after the initialisation above, which they leave unchanged
 
@@ -562,6 +564,29 @@ def load_optional(folder: Path, name: str, baseline: DualEncoder, device: str | 
                          f"{list(model.cfg.pruning.stages)}, not {own.pruning.predictor!r} ones before "
                          f"{list(own.pruning.stages)}")  # fmt: skip
     return model
+
+
+def clip_text_init(text: TextTransformer) -> None:
+    """OpenAI CLIP's initialisation of its text transformer (``CLIP.initialize_parameters``), in place.
+
+    Token embedding std 0.02, positions 0.01; per block the attention's q, k, v projection std width^-0.5, its
+    output projection and the MLP's second layer width^-0.5 * (2 depth)^-0.5, the MLP's first layer
+    (2 width)^-0.5; the final projection width^-0.5; biases 0. At this project's width of 128, the trunc_normal
+    init's std 0.02 leaves the attention logits near 0, so attention starts uniform and the tower reads its
+    caption as a bag of words for thousands of steps (``python -m benchmarks.text_binding``).
+    """
+    width = text.cfg.width
+    attn_std, fc_std = width**-0.5, (2 * width) ** -0.5
+    proj_std = attn_std * (2 * len(text.blocks)) ** -0.5
+    with torch.no_grad():
+        nn.init.normal_(text.token_embed.weight, std=0.02)
+        nn.init.normal_(text.pos_embed, std=0.01)
+        for block in text.blocks:
+            nn.init.normal_(block.attn.qkv.weight, std=attn_std)
+            nn.init.normal_(block.attn.proj.weight, std=proj_std)
+            nn.init.normal_(block.mlp[0].weight, std=fc_std)
+            nn.init.normal_(block.mlp[-1].weight, std=proj_std)
+        nn.init.normal_(text.proj.weight, std=attn_std)
 
 
 def _init_weights(m: nn.Module) -> None:
