@@ -77,6 +77,17 @@ def test_the_hard_negative_mix_reaches_the_training_config() -> None:
     assert train._schedule(train.parse_args([]))[1].hard_negative_mix is None  # the preset's: equal odds
 
 
+def test_the_text_init_option_reaches_the_model_config(capsys) -> None:
+    def init(*argv: str) -> str:
+        return train._schedule(train.parse_args(list(argv)))[0].model.text.init
+
+    assert init() == get_preset("default").model.text.init == "trunc_normal"
+    assert init("--text-init", "clip") == "clip"
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--text-init", "xavier"])
+    assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
 def test_the_stem_option_reaches_the_model_config(capsys) -> None:
     def stem(*argv: str) -> tuple[int, ...]:
         return train._schedule(train.parse_args(list(argv)))[0].model.vision.stem

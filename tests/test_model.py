@@ -190,3 +190,35 @@ def test_no_pickle_is_ever_loaded():
             text = path.read_text()
             assert "torch.load(" not in text, path
             assert "import torchvision" not in text and "from torchvision" not in text, path
+
+
+def test_clip_text_init_sets_clips_stds_and_leaves_the_image_tower_alone():
+    import dataclasses
+
+    from vlm_demo.config import TextConfig
+
+    cfg = get_preset("default").model  # width 128, depth 6: large enough tensors for the stds to settle
+    models = {}
+    for init in ("trunc_normal", "clip"):
+        torch.manual_seed(0)
+        models[init] = DualEncoder(cfg.replace(text=dataclasses.replace(cfg.text, init=init)))
+    text, width, depth = models["clip"].text, cfg.text.width, cfg.text.depth
+    proj_std = width**-0.5 * (2 * depth) ** -0.5
+    expected = {"token_embed.weight": 0.02, "pos_embed": 0.01, "proj.weight": width**-0.5}
+    for i in range(depth):
+        expected |= {f"blocks.{i}.attn.qkv.weight": width**-0.5, f"blocks.{i}.attn.proj.weight": proj_std,
+                     f"blocks.{i}.mlp.0.weight": (2 * width) ** -0.5, f"blocks.{i}.mlp.2.weight": proj_std}  # fmt: skip
+    params = dict(text.named_parameters())
+    for name, std in expected.items():
+        assert params[name].std().item() == pytest.approx(std, rel=0.05), name
+    assert all(not p.any() for n, p in params.items() if n.endswith("bias") and "norm" not in n)
+    # trunc_normal's attention starts near uniform: its q, k, v weights have std 0.02, not width^-0.5
+    plain = dict(models["trunc_normal"].text.named_parameters())["blocks.0.attn.qkv.weight"]
+    assert plain.std().item() == pytest.approx(0.02, rel=0.05)
+    a, b = models["trunc_normal"].visual.state_dict(), models["clip"].visual.state_dict()
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    with pytest.raises(ValueError, match="text init"):
+        TextConfig(init="xavier")
+    old = cfg.to_dict()
+    del old["text"]["init"]  # a config.json written before the setting existed
+    assert ModelConfig.from_dict(old).text.init == "trunc_normal"

@@ -49,7 +49,7 @@ def test_every_template_parses_and_fits_its_own_scene() -> None:
     seen: set[str] = set()
     for index in range(60):
         rng = np.random.default_rng(np.random.SeedSequence(5, spawn_key=(index,)))
-        objects = synthetic._sample_objects(rng, 112)
+        objects = synthetic.sample_objects(rng, 112)
         for template in range(synthetic._NUM_TEMPLATES):
             caption = synthetic._caption(rng, objects, template)
             assert consistent(caption, objects), caption

@@ -108,7 +108,7 @@ _MAX_OVERLAP = 0.1  # largest intersection of two object boxes, as a fraction of
 # ----------------------------------------------------------------------------- scene sampling
 
 
-def _sample_objects(rng: np.random.Generator, size: int) -> list[dict[str, Any]]:
+def sample_objects(rng: np.random.Generator, size: int) -> list[dict[str, Any]]:
     """1-3 objects in distinct cells whose boxes overlap at most `_MAX_OVERLAP`."""
     n = int(rng.integers(1, 4))
     cell = size / 3
@@ -456,7 +456,7 @@ def make_scene(seed: int, index: int, size: int = 112) -> tuple[Image.Image, dic
         (image, record, captions): the RGB image, its ``objects.json`` record and its captions.
     """
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(index,)))
-    objects = _sample_objects(rng, size)
+    objects = sample_objects(rng, size)
     image = _render(rng, objects, size)
     captions = _captions(rng, objects)
     negative, kind = hard_negative(rng, objects)
