@@ -143,6 +143,9 @@ def test_cards_describe_their_own_checkpoint(src):
     assert "stem" not in report.card_model(src, "baseline")  # the tiny preset has none
     src.configs["baseline"]["vision"]["stem"] = [4, 8]
     assert "a convolutional stem (2 3 × 3 stride-2 convolutions of 4, 8 channels" in report.card_model(src, "baseline")
+    assert "CLIP's initialisation" not in report.card_model(src, "baseline")  # the tiny preset's is trunc_normal
+    src.configs["baseline"]["text"]["init"] = "clip"
+    assert "trained from OpenAI CLIP's initialisation of its text tower." in report.card_model(src, "baseline")
     pruned = report.card_metrics(src, "pruned")
     assert "| learned | 0.3 |" in pruned and "| tome |" not in pruned
     assert "| tome | 0.3 |" in report.card_metrics(src, "baseline")

@@ -344,7 +344,8 @@ def card_model(src: Sources, name: str) -> str:
         f"({grid} × {grid} = {grid * grid} patch tokens), width {v['width']}, {v['depth']} blocks, {v['heads']} "
         f"heads, MLP ratio {v['mlp_ratio']:g}{_stem_words(v.get('stem') or ())}.",
         f"- **Text encoder:** a transformer over a word-level vocabulary of {t['vocab_size']} tokens (`vocab.json`), "
-        f"width {t['width']}, {t['depth']} blocks, {t['heads']} heads, at most {t['context_length']} tokens.",
+        f"width {t['width']}, {t['depth']} blocks, {t['heads']} heads, at most {t['context_length']} tokens"
+        + ("; trained from OpenAI CLIP's initialisation of its text tower." if t.get("init") == "clip" else "."),
         f"- **Embedding:** both towers project to {c['embed_dim']} dimensions, L2-normalised; a learnable logit "
         f"scale starts at {c['init_logit_scale']:g} (log 1/0.07).",
         f"- **Pruning stages:** keep predictors before blocks {stages} (counted from 0; {kind}), {trained}; the "
