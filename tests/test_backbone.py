@@ -204,6 +204,9 @@ def test_bad_inputs_exit_2_with_one_error_line(work, tmp_path, capsys):
     assert "--finetune-steps" in _exit_2(
         train.main, ["--backbone", clip, "--out", str(tmp_path / "a"), "--finetune-steps", "5"], capsys
     )
+    # Nor is there a text tower or a patch embedding to build: the backbone brings its own.
+    for option in (["--text-init", "clip"], ["--stem", "8"]):
+        assert option[0] in _exit_2(train.main, ["--backbone", clip, "--out", str(tmp_path / "a"), *option], capsys)
     line = _exit_2(evaluate.main, ["--backbone", clip, "--data", data, "--out", str(tmp_path / "e"), "--methods",
                                    "learned"], capsys)  # fmt: skip
     assert "python -m training.train --backbone" in line

@@ -337,7 +337,8 @@ def _captions(rng: np.random.Generator, objects: list[dict[str, Any]]) -> list[s
     return captions
 
 
-def _scene_key(objects: list[dict[str, Any]]) -> list[tuple[str, str, str, str]]:
+def scene_key(objects: list[dict[str, Any]]) -> list[tuple[str, str, str, str]]:
+    """What a caption can say of a scene: each object's (size, colour, shape, position), sorted."""
     return sorted((o["size"], o["color"], o["shape"], o["position"]) for o in objects)
 
 
@@ -382,7 +383,7 @@ def hard_negative(
     attrs = HARD_NEGATIVE_ATTRS
     p = hard_negative_odds(mix)
     values = {"color": list(COLORS), "shape": list(SHAPES), "size": list(SIZES), "position": list(POSITIONS)}
-    truth = _scene_key(objects)
+    truth = scene_key(objects)
     for _ in range(100):
         attr = attrs[int(rng.integers(len(attrs)))] if p is None else attrs[int(rng.choice(len(attrs), p=p))]
         fake = [dict(o) for o in objects]
@@ -396,7 +397,7 @@ def hard_negative(
             choices = [v for v in values[attr] if v not in taken]  # a new position stays in a free cell
             fake[i][attr] = _pick(rng, choices)
             kind = f"change_{attr}"
-        if _scene_key(fake) == truth:
+        if scene_key(fake) == truth:
             continue  # e.g. swapped two equal colours
         text = _caption(rng, fake, int(rng.integers(_NUM_TEMPLATES)))
         if _words(text) <= MAX_CAPTION_WORDS:

@@ -138,6 +138,15 @@ def init_distributed(device: str) -> Dist:
 # ----------------------------------------------------------------------------- schedule
 
 
+ADAMW = {"betas": (0.9, 0.98), "eps": 1e-6}  # every phase's AdamW settings but the learning rate and weight decay
+GRAD_CLIP = 1.0  # the largest gradient norm a step applies, per clipped set of parameters
+
+
+def warmup_for(tcfg: TrainConfig, total: int) -> int:
+    """Linear warm-up steps of a phase of `total` steps: the config's, at most a quarter of the phase (+1)."""
+    return min(tcfg.warmup_steps, total // 4 + 1)
+
+
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     """Linear warm-up, then cosine decay to zero."""
     if step < warmup:
@@ -280,7 +289,7 @@ def _setup_phase(
     if query:
         groups += [{**g, "lr_scale": tcfg.query_lr / peak} for g in param_groups(query, tcfg.weight_decay)]
     clip_sets = [[p for _, p in ps] for ps in (rest, query) if ps]
-    opt = torch.optim.AdamW(groups, lr=peak, betas=(0.9, 0.98), eps=1e-6)
+    opt = torch.optim.AdamW(groups, lr=peak, **ADAMW)
     net: nn.Module = model
     if dd.world > 1 and phase == "baseline":  # the other phases' gradients are averaged by hand (`_optimise`)
         cuda = torch.device(args.device).type == "cuda"
@@ -419,7 +428,7 @@ def _optimise(ph: _Phase, loss: torch.Tensor, dd: Dist) -> None:
                 dist.all_reduce(p.grad)
                 p.grad /= dd.world
     for clip in ph.clip_sets:
-        nn.utils.clip_grad_norm_(clip, 1.0)
+        nn.utils.clip_grad_norm_(clip, GRAD_CLIP)
     ph.opt.step()
     with torch.no_grad():
         ph.model.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
@@ -437,7 +446,7 @@ def _train_epoch(
     loss_sum, distill_sum, extra_sum, lr = 0.0, 0.0, 0.0, ph.peak
     with _progress(steps, f"{ph.name} {epoch + 1}/{ph.epochs}", dd.main and not args.quiet) as bar:
         for step, (images, ids, index) in zip(range(steps), ph.loader):
-            lr = lr_at(epoch * steps + step, ph.total_steps, ph.peak, min(tcfg.warmup_steps, ph.total_steps // 4 + 1))
+            lr = lr_at(epoch * steps + step, ph.total_steps, ph.peak, warmup_for(tcfg, ph.total_steps))
             for g in ph.opt.param_groups:
                 g["lr"] = lr * g.get("lr_scale", 1.0)
             images, ids = images.to(device), ids.to(device)
@@ -667,7 +676,7 @@ def _check_backbone_args(p: argparse.ArgumentParser, args: argparse.Namespace) -
     if not args.out:
         p.error(f"--backbone needs --out DIR, a new folder for the keep-predictor add-on ({addon.ADDON_FILES[0]} "
                 f"and {addon.ADDON_FILES[1]}; never the shipped checkpoints)")  # fmt: skip
-    for option in ("phases", "baseline_epochs", "finetune_steps", "eval_limit"):
+    for option in ("phases", "baseline_epochs", "finetune_steps", "eval_limit", "stem", "text_init"):
         if getattr(args, option) is not None:
             p.error(f"--{option.replace('_', '-')} does not go with --backbone, which trains only the keep "
                     f"predictors; evaluate the add-on with python -m training.evaluate --backbone {args.out} "
