@@ -67,9 +67,9 @@ def swap_words(caption: str, objects: list[dict[str, Any]], attr: str) -> str | 
     top`` inside the other's ``at the top left``); None when either is not found exactly once, or the two are
     the same value (a swap that changes nothing).
     """
-    a, b = (_spans(caption.lower(), _words(o, attr)) for o in objects)
     if objects[0][attr] == objects[1][attr]:
         return None
+    a, b = (_spans(caption.lower(), _words(o, attr)) for o in objects)
 
     def own(mine: set[tuple[int, int]], other: set[tuple[int, int]]) -> set[tuple[int, int]]:
         free = {m for m in mine if not any(o[0] <= m[0] and m[1] <= o[1] and o != m for o in other)}

@@ -573,9 +573,11 @@ def clip_text_init(text: TextTransformer) -> None:
     output projection and the MLP's second layer width^-0.5 * (2 depth)^-0.5, the MLP's first layer
     (2 width)^-0.5; the final projection width^-0.5; biases 0 (CLIP zeroes its attention biases too, but leaves
     its MLP biases at nn.Linear's default uniform init: a deliberate deviation, of about 1 % of the MLP output's
-    variance at this width, that keeps the project's convention of zero biases). At this project's width of 128, the trunc_normal
-    init's std 0.02 leaves the attention logits near 0, so attention starts uniform and the tower reads its
-    caption as a bag of words for thousands of steps (``python -m benchmarks.text_binding``).
+    variance at this width, that keeps the project's convention of zero biases).
+
+    At this project's width of 128, the trunc_normal init's std 0.02 leaves the attention logits near 0, so
+    attention starts uniform and the tower reads its caption as a bag of words for thousands of steps
+    (``python -m benchmarks.text_binding``).
     """
     width = text.cfg.width
     attn_std, fc_std = width**-0.5, (2 * width) ** -0.5
