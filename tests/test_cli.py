@@ -81,8 +81,8 @@ def test_the_text_init_option_reaches_the_model_config(capsys) -> None:
     def init(*argv: str) -> str:
         return train._schedule(train.parse_args(list(argv)))[0].model.text.init
 
-    assert init() == get_preset("default").model.text.init == "trunc_normal"
-    assert init("--text-init", "clip") == "clip"
+    assert init() == get_preset("default").model.text.init == "clip"
+    assert init("--text-init", "trunc_normal") == "trunc_normal"
     with pytest.raises(SystemExit) as e:
         train.parse_args(["--text-init", "xavier"])
     assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err

@@ -167,7 +167,7 @@ def test_training_writes_a_checkpoint_of_dynamicvits_own(trained: Path):
     assert same_text_tower(model, base)
     record = json.loads((trained / "dynamicvit" / "training.json").read_text())
     assert record["steps"] == 2 and record["stage_keep_rates"] == pytest.approx([0.7, 0.49, 0.343])
-    assert record["ratio_weight"] == dv.RATIO_WEIGHT == 10.0 and record["distill_weight"] == 0.5
+    assert record["ratio_weight"] == dv.RATIO_WEIGHT == 40.0 and record["distill_weight"] == 0.5
     assert record["backbone_lr_scale"] == 0.01
     assert all(math.isfinite(v) for v in record["losses"]["loss"])
     with torch.inference_mode():

@@ -216,7 +216,8 @@ PRESETS: dict[str, Preset] = {
     # The current recipe, the shipped checkpoints' (how they were made and how long a build takes:
     # docs/training.md#runs).
     "default": Preset(
-        model=ModelConfig(vision=VisionConfig(pos_init="sincos"), text=TextConfig(depth=6)), train=TrainConfig()
+        model=ModelConfig(vision=VisionConfig(pos_init="sincos"), text=TextConfig(depth=6, init="clip")),
+        train=TrainConfig(),
     ),
     # For tests: trains end to end in seconds.
     "tiny": Preset(
