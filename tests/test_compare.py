@@ -97,3 +97,8 @@ def test_ceiling_line(metrics: dict) -> None:
     line = compare.ceiling_line(metrics)
     assert "baseline mean R@1 40.0 of a ceiling of 95.0 (42%)" in line
     assert "image→text 96.0, text→image 94.0" in line
+
+
+def test_fmt_drops_the_sign_of_a_negative_value_that_rounds_to_zero() -> None:
+    assert compare.fmt(-0.00004, ".3f") == "0.000" and compare.fmt(-0.0004, ".0%") == "0%"
+    assert compare.fmt(-0.004, ".3f") == "-0.004" and compare.fmt(None, ".1f") == compare.DASH

@@ -105,6 +105,12 @@ def test_findings_compute_every_figure_and_comparison(src):
     assert "**`learned` (trained predictors, fine-tuned image tower), at 0.50×" in report.findings(src)
 
 
+def test_findings_say_level_or_above_where_a_method_does_not_lose(src):
+    assert report._below(0.04) == report._below(-0.04) == "level with the baseline, to 0.1 point"
+    assert report._below(-0.3) == "0.3 points above the baseline"
+    assert report._below(0.9) == "0.9 points below the baseline"
+
+
 def test_findings_put_the_baseline_against_the_ceiling(src):
     src.metrics["oracle"] = {"r1_i2t": 80.0, "r1_t2i": 80.0, "mean_r1": 80.0}
     assert "(chance is 0.5%, 50% of the test split's R@1 ceiling (80.0))" in report.findings(src)

@@ -46,8 +46,11 @@ MATCHED_NOTE = (
 
 
 def fmt(value: float | None, spec: str) -> str:
-    """`value` formatted, or `DASH` for None."""
-    return DASH if value is None else format(value, spec)
+    """`value` formatted, or `DASH` for None; a negative value that rounds to zero loses its sign ("0.000")."""
+    if value is None:
+        return DASH
+    text = format(value, spec)
+    return text[1:] if text.startswith("-") and not any(c in "123456789" for c in text) else text
 
 
 def table(header: list[str], align: str, rows: Iterable[list[str]]) -> list[str]:

@@ -199,6 +199,13 @@ def _between(x: dict[str, Any]) -> str:
     return f"interpolated between keep ratios {_keep(hi['keep_ratio'])} and {_keep(lo['keep_ratio'])}"
 
 
+def _below(drop: float) -> str:
+    """How far a method's mean R@1 is below the baseline's, in words, to 0.1 point."""
+    if _f(drop, ".1f") == "0.0":
+        return "level with the baseline, to 0.1 point"
+    return f"{abs(drop):.1f} points {'below' if drop > 0 else 'above'} the baseline"
+
+
 def findings(src: Sources) -> str:
     """What the tables say, every method compared at `FOCUS_GMACS`; every figure and comparison computed."""
     m, g = src.metrics, FOCUS_GMACS
@@ -248,7 +255,7 @@ def findings(src: Sources) -> str:
             tower = ", trained with its image tower by DynamicViT's recipe"
         lines.append(
             f"- **`{meth}` (trained predictors{tower}), {where}** ({_between(x)}): mean R@1 {x['mean_r1']:.1f} "
-            f"({base['mean_r1'] - x['mean_r1']:.1f} points below the baseline){vs}."
+            f"({_below(base['mean_r1'] - x['mean_r1'])}){vs}."
         )
     if free:
         best = max(free, key=lambda meth: at[meth]["mean_r1"])
