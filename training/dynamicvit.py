@@ -285,7 +285,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoints", default="checkpoints",
                    help="folder with baseline/ (the teacher and starting point); dynamicvit/ is written there")
     p.add_argument("--data", default=None, help="dataset root (default: the one baseline/training.json records)")
-    p.add_argument("--epochs", type=cli.positive_int, default=EPOCHS, help="passes over the training split (default: 4)")
+    p.add_argument("--epochs", type=cli.positive_int, default=EPOCHS,
+                   help=f"passes over the training split (default: {EPOCHS})")
     p.add_argument("--steps", type=cli.positive_int, default=None, help="steps per epoch, if fewer (default: all)")
     p.add_argument("--batch-size", type=cli.positive_int, default=64, help="training batch (default: 64)")
     p.add_argument("--lr", type=cli.positive_float, default=1e-3,
@@ -293,8 +294,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--base-rate", type=float, default=BASE_RATE,
                    help="rho: stage s keeps rho**s of the patches in training (default: 0.7, the paper's)")
     p.add_argument("--ratio-weight", type=cli.non_negative_float, default=RATIO_WEIGHT,
-                   help="weight of the keep-ratio loss, divided by the stages (default: 40; the reference's: 2 for "
-                        "DeiT, 10 for ConvNeXt and Swin, which left the keep rates further from their targets here)")
+                   help=f"weight of the keep-ratio loss, divided by the stages (default: {RATIO_WEIGHT:g}; the "
+                        "reference's: 2 for DeiT, 10 for ConvNeXt and Swin, which left the keep rates further from "
+                        "their targets here)")
     p.add_argument("--precision", choices=PRECISIONS, default="bf16", help="the student's matmuls (default: bf16)")
     p.add_argument("--seed", type=int, default=0, help="seed of the predictors, data order and Gumbel noise")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
